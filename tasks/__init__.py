@@ -1,0 +1,1 @@
+"""Science of slimmoe: one module per kind of DAG node, each runnable on its own."""

@@ -1,0 +1,55 @@
+"""Writing outputs so that nothing half-written is ever taken for complete.
+
+Every output directory is written under a temporary sibling name and renamed into place only
+when whole; single files likewise. Markers and manifests are written last by the callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def ensure_free_output(path: str | Path) -> None:
+    """Refuse an output path that already holds something, before any work is done."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not empty; choose another output path or remove it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block finishes.
+
+    With `overwrite`, an existing `path` is replaced only after the new one is complete; without
+    it, an existing non-empty `path` is an error (nothing is touched)."""
+    path = Path(path)
+    if not overwrite:
+        ensure_free_output(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
