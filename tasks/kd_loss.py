@@ -26,6 +26,16 @@ def bucket_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tenso
     return torch.cat([topk, rest], dim=-1)
 
 
+@torch.no_grad()
+def topk_with_rest(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the teacher cache stores per position, from full logits [..., V]:
+    top-k ids, their log-probs over the full vocabulary, and the exact float32 log-mass of the rest."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
+    rest = torch.logsumexp(logprobs.scatter(-1, topk_ids, float("-inf")), dim=-1)
+    return topk_ids, topk_logprobs, rest
+
+
 def teacher_buckets(topk_logprobs: torch.Tensor, rest_logprob: torch.Tensor) -> torch.Tensor:
     return torch.cat([topk_logprobs.float(), rest_logprob.float().unsqueeze(-1)], dim=-1)
 
