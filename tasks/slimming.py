@@ -30,14 +30,17 @@ class SlimTargets:
     shared_expert_intermediate_size: int | None = None
 
 
-def validate_targets(config, targets: SlimTargets) -> None:
-    """Raise SlimTargetError naming the field and the fix; nothing is built before this passes."""
+def validate_targets(config, targets: SlimTargets, strict: bool = True) -> None:
+    """Raise SlimTargetError naming the field and the fix; nothing is built before this passes.
+
+    `strict` requires the expert size to shrink (a slimming step that keeps everything is a
+    mistake in a user's config); the identity surgery in tests passes strict=False."""
     adapter = get_adapter(config)
     current = adapter.expert_size(config)
     t = targets.expert_intermediate_size
     if t is None or t <= 0:
         raise SlimTargetError(f"expert_intermediate_size must be a positive integer, got {t}")
-    if t > current:
+    if t > current or (strict and t == current):
         raise SlimTargetError(
             f"expert_intermediate_size={t} is not smaller than the model's current {adapter.expert_size_key}={current}; "
             f"choose a size in 1..{current}"
@@ -63,8 +66,8 @@ def validate_targets(config, targets: SlimTargets) -> None:
             raise SlimTargetError(f"num_key_value_heads must be a positive integer, got {kv}")
         if kv > n_kv:
             raise SlimTargetError(
-                f"num_key_value_heads={kv} is not smaller than the model's current num_key_value_heads={n_kv}; "
-                f"choose a value in 1..{n_kv}"
+                f"num_key_value_heads={kv} is larger than the model's current num_key_value_heads={n_kv}; "
+                f"choose a value in 1..{n_kv} (or leave it unset to keep attention as it is)"
             )
         if n_h % n_kv:
             raise SlimTargetError(f"the model's num_attention_heads={n_h} is not a multiple of num_key_value_heads={n_kv}")
@@ -168,10 +171,10 @@ def build_from_state(config, state: dict[str, torch.Tensor], buffers_from: nn.Mo
 
 
 @torch.no_grad()
-def slim_model(model: nn.Module, scores: Scores, targets: SlimTargets) -> nn.Module:
+def slim_model(model: nn.Module, scores: Scores, targets: SlimTargets, strict: bool = True) -> nn.Module:
     """A new model with `targets` sizes, keeping the best-scoring neurons per expert and KV groups per layer."""
     config = model.config
-    validate_targets(config, targets)
+    validate_targets(config, targets, strict=strict)
     adapter = get_adapter(model)
     names = _module_names(model)
     state = {k: v for k, v in model.state_dict().items()}
