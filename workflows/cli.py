@@ -59,6 +59,252 @@ def slim(
     print(f"scores: {report['scores']}; wrote {out_dir}")
 
 
+@app.command()
+def trim(
+    model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
+    out_dir: Path = typer.Argument(..., help="where the trimmed checkpoint is written (must not exist or be empty)"),
+    method: str = typer.Option(..., "--method", help="expert-drop | layer-drop | block-drop"),
+    n: int = typer.Option(..., "--n", help="experts per layer (expert-drop), MoE blocks (layer-drop) or layers (block-drop) to remove"),
+    data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
+    expert_score: str = typer.Option("frequency", "--expert-score", help="expert-drop score: frequency | reconstruction"),
+    calibration_batches: int = typer.Option(8, "--calibration-batches"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    text_field: str = typer.Option("text", "--text-field"),
+    scores_only: bool = typer.Option(False, "--scores-only", help="write only trim_report.json with the ranking, no checkpoint"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Remove whole experts, MoE blocks or decoder layers, scored on calibration data (expert trimming)."""
+    from pydantic import ValidationError
+
+    from slimmoe.tasks.params import format_count
+    from slimmoe.tasks.trim import TrimConfig, run_trim
+
+    try:
+        cfg = TrimConfig(method=method, n=n, expert_score=expert_score, calibration_batches=calibration_batches,
+                         batch_size=batch_size, seq_len=seq_len, text_field=text_field, scores_only=scores_only,
+                         trust_remote_code=trust_remote_code)
+        report = run_trim(cfg, model_dir, data, out_dir, log=(lambda _m: None) if as_json else print)
+    except ValidationError as err:
+        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if "after" in report:
+        b, a = report["before"], report["after"]
+        print(f"{'':10}{'total':>12}{'active':>12}")
+        print(f"{'before':10}{format_count(b['total']):>12}{format_count(b['active']):>12}")
+        print(f"{'after':10}{format_count(a['total']):>12}{format_count(a['active']):>12}")
+    print(f"scores and the structures {'to remove' if report['scores_only'] else 'removed'}: {out_dir / report['report']}")
+
+
+# --- workflow driver: run / status / rerun / submit -------------------------------------------
+
+
+def _workflow_source(config: Path, config_package: Optional[str]):
+    if config_package:
+        from slimmoe.workflows.submit import resolve_config_package
+
+        return resolve_config_package(config_package, str(config))
+    return config
+
+
+def _driver_call(fn):
+    """Run a driver function; config problems exit 2, a failed node exits 1 (tracebacks stay in the log)."""
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.driver import NodeFailed
+
+    try:
+        return fn()
+    except WorkflowConfigError as err:
+        _fail(err)
+    except NodeFailed as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to (default: RAY_ADDRESS, else a local one)"),
+    config_package: Optional[str] = typer.Option(None, "--config-package", hidden=True,
+                                                 help="CONFIG is a file in this importable package (set by `submit`)"),
+):
+    """Run a workflow: every node whose output is not complete, in order."""
+    from slimmoe.workflows.driver import run_workflow
+
+    _driver_call(lambda: run_workflow(_workflow_source(config, config_package), address=address))
+
+
+@app.command()
+def status(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+):
+    """Each node: done / missing / running / failed / stale, key, path, time, headline metric."""
+    from slimmoe.workflows.driver import format_status, workflow_status
+
+    rows = _driver_call(lambda: workflow_status(config))
+    print(json.dumps(rows, indent=2) if as_json else format_status(rows))
+
+
+@app.command()
+def rerun(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    node: str = typer.Argument(..., help="the node to recompute"),
+    downstream: bool = typer.Option(False, "--downstream", help="recompute the nodes after it too"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to"),
+):
+    """Recompute one node even though it is complete; the old output stays until the new one is."""
+    from slimmoe.workflows.driver import rerun_node
+
+    _driver_call(lambda: rerun_node(config, node, downstream=downstream, address=address))
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    address: str = typer.Option(..., "--address", help="the cluster's Jobs API, e.g. http://127.0.0.1:8265 (port-forwarded)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="print the job id and return"),
+    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env", help="YAML merged over cluster/runtime_env.yaml"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id"),
+    entrypoint_num_gpus: float = typer.Option(0, "--entrypoint-num-gpus",
+                                              help="GPUs reserved for the driver (evaluate/trim/quantize run in it)"),
+):
+    """Submit the driver as a Ray job (project as working_dir); stream its logs and exit with its status."""
+    from slimmoe.workflows.submit import SubmitError, submit_workflow
+
+    try:
+        job_id, state = _driver_call(lambda: submit_workflow(config, address, wait=not no_wait,
+                                                             runtime_env_file=runtime_env, submission_id=submission_id,
+                                                             entrypoint_num_gpus=entrypoint_num_gpus))
+    except SubmitError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1)
+    if state not in ("SUCCEEDED", "SUBMITTED"):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory"),
+    data: Path = typer.Option(..., "--data", help="a tokenize-node output (its validation split is used) or one token-shards directory"),
+    teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="teacher-logits output or one logit cache: adds KL and top-1 agreement"),
+    out: Optional[Path] = typer.Option(None, "--out", help="directory for report.json (new or empty); default: a fresh temporary directory"),
+    max_rows: int = typer.Option(256, "--max-rows", help="validation rows scored (0 = all)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="comma-separated lm-eval-harness tasks (needs lm_eval)"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole report as JSON"),
+):
+    """Perplexity, KL / top-1 agreement with the teacher, parameters, tokens/s and peak memory of a model."""
+    import tempfile
+
+    from slimmoe.tasks.evaluate import EvaluateConfig, run_evaluate
+    from slimmoe.tasks.params import format_count
+
+    try:
+        cfg = EvaluateConfig(max_rows=max_rows or None, batch_size=batch_size, device=device,
+                             lm_eval_tasks=lm_eval_tasks or [])
+        out_dir = out if out is not None else Path(tempfile.mkdtemp(prefix="slimmoe-eval-"))
+        run_evaluate(cfg, model_dir, data, teacher_logits, out_dir)
+    except USER_ERRORS as err:
+        _fail(err)
+    report = json.loads((out_dir / "report.json").read_text())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    p, tp = report["parameters"], report["throughput"]
+    print(f"perplexity       {report['perplexity']:.3f}  ({report['tokens_scored']} tokens, {report['rows']} rows)")
+    if report["kl_to_teacher"] is not None:
+        print(f"KL to teacher    {report['kl_to_teacher']:.5f}")
+        print(f"top-1 agreement  {report['top1_agreement']:.4f}")
+    elif report.get("teacher_cache_note"):
+        print(f"KL to teacher    n/a: {report['teacher_cache_note']}")
+    print(f"parameters       {format_count(p['total'])} total, {format_count(p['active'])} active")
+    print(f"forward          {tp['tokens_per_s']:,.0f} tokens/s (batch {tp['batch_size']} x seq {tp['seq_len']}, {tp['device']}, {tp['dtype']})")
+    mem = report["memory"]["evaluation"]
+    above = f", {mem['above_start_bytes'] / 2**20:,.0f} MiB above the start" if "above_start_bytes" in mem else ""
+    print(f"peak memory      {mem['peak_bytes'] / 2**20:,.0f} MiB{above} ({mem['label']})")
+    for task, res in report["lm_eval"].items():
+        print(f"lm-eval {task}: {res.get('metrics') if res['status'] == 'ok' else res['message']}")
+    print(f"report: {out_dir / 'report.json'}")
+
+
+@app.command()
+def quantize(
+    model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
+    out_dir: Path = typer.Argument(..., help="where the packed quantized checkpoint is written (must not exist or be empty)"),
+    avg_bits: float = typer.Option(2.5, "--avg-bits", help="average expert width per MoE layer (PMQ budget)"),
+    data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
+    bits: str = typer.Option("1,2,3,4", "--bits", help="candidate expert widths, comma-separated (a single width = uniform)"),
+    paper_constraints: bool = typer.Option(True, "--paper-constraints/--no-paper-constraints",
+                                           help="at least one expert at the highest and one at the second-highest width"),
+    method: str = typer.Option("gptq", "--method", help="gptq | rtn"),
+    group_size: int = typer.Option(128, "--group-size"),
+    attention_bits: int = typer.Option(16, "--attention-bits", help="16 = keep, or 2..8"),
+    shared_expert_bits: int = typer.Option(16, "--shared-expert-bits", help="16 = keep, or 2..8"),
+    calibration_batches: int = typer.Option(8, "--calibration-batches"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    text_field: str = typer.Option("text", "--text-field"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """MC-MoE PMQ: mixed-precision expert quantization under an average-bit budget (load with load_quantized)."""
+    from pydantic import ValidationError
+
+    from slimmoe.tasks.quantize import QuantizeConfig, run_quantize
+    from slimmoe.tasks.storage import atomic_output_dir
+
+    try:
+        widths = [int(b) for b in bits.split(",") if b.strip()]
+        cfg = QuantizeConfig(avg_bits=avg_bits, candidate_bits=widths, paper_constraints=paper_constraints,
+                             method=method, group_size=group_size, attention_bits=attention_bits,
+                             shared_expert_bits=shared_expert_bits, calibration_batches=calibration_batches,
+                             batch_size=batch_size, seq_len=seq_len, text_field=text_field,
+                             trust_remote_code=trust_remote_code)
+        with atomic_output_dir(out_dir) as tmp:
+            report = run_quantize(cfg, model_dir, data, tmp, log=(lambda _m: None) if as_json else print)
+    except ValidationError as err:
+        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    mib = 2 ** 20
+    print(f"expert bits      {report['avg_bits_experts']:.3f} average (target {report['avg_bits_target']}), "
+          f"histogram {report['bits_histogram']}; {report['expert_bits_per_weight']:.3f} bits/weight with scales")
+    print(f"on disk          {report['disk_bytes'] / mib:,.2f} MiB (original {report['original_disk_bytes'] / mib:,.2f} MiB)")
+    print(f"in memory        {report['memory_resident_bytes_16bit'] / mib:,.2f} MiB resident + "
+          f"{report['memory_peak_transient_bytes_16bit'] / mib:,.2f} MiB transient (16-bit compute, on-the-fly dequantization)")
+    print(f"wrote {out_dir}; load with slimmoe.tasks.quantize.load_quantized")
+
+
+@logits_app.command("inspect")
+def logits_inspect(
+    path: Path = typer.Argument(..., help="a logit cache split, or a teacher_logits node output (every split)"),
+    samples: int = typer.Option(5, "--samples", help="token positions to decode"),
+    as_json: bool = typer.Option(False, "--json", help="print the numbers as JSON"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory (default: the one the manifest records)"),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="inspect a random subset of rows (big caches)"),
+):
+    """Manifest, bytes per token, and the teacher's top-1 probability, top-k entropy and tail mass over all tokens."""
+    from slimmoe.tasks.inspect_logits import format_report, inspect_cache
+
+    try:
+        report = inspect_cache(path, samples=samples, tokenizer_dir=tokenizer, max_rows=max_rows)
+    except USER_ERRORS as err:
+        _fail(err)
+    print(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,206 @@
+"""Workflow config validation: every problem is named with its file, line and field, before any work."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_driver import STANDINS, make_teacher, workflow_dict, write_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    (tmp_path / "standins.py").write_text(STANDINS)
+    make_teacher(tmp_path / "teacher")
+    monkeypatch.setenv("STANDIN_CALLS", str(tmp_path / "calls.txt"))
+    return tmp_path
+
+
+def fails_before_work(ws: Path, cfg_path: Path, *patterns: str) -> str:
+    """Run the workflow; it must raise WorkflowConfigError matching every pattern, having run nothing."""
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.driver import run_workflow
+
+    with pytest.raises(WorkflowConfigError) as err:
+        run_workflow(cfg_path, log=lambda s: None)
+    msg = str(err.value)
+    for p in patterns:
+        assert re.search(p, msg), f"{p!r} not in:\n{msg}"
+    assert not (ws / "calls.txt").exists(), "a node ran"
+    store = ws / "store" / "wf"
+    assert not store.exists() or not [p for p in store.iterdir() if not p.name.startswith(".")]
+    return msg
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_unknown_keys_are_named_with_their_line(ws):
+    cfg = workflow_dict(ws)
+    cfg["stagez"] = []
+    path = write_config(ws, cfg)
+    msg = fails_before_work(ws, path, r"stagez: unknown field 'stagez'", r"valid fields here: .*stages")
+    assert f"wf.yaml:{line_of(path, 'stagez')}: " in msg
+
+    cfg = workflow_dict(ws)
+    cfg["resources"]["gpus"] = 2
+    fails_before_work(ws, write_config(ws, cfg), r"resources\.gpus: unknown field 'gpus'.*gpus_per_worker")
+
+    cfg = workflow_dict(ws)
+    cfg["stages"][1]["learning_rate"] = 0.1  # the task's config class (here the stand-in's) rejects it
+    cfg["data"]["colour"] = "blue"
+    path = write_config(ws, cfg)
+    msg = fails_before_work(ws, path, r"stages\[1\]\.learning_rate: unknown field 'learning_rate'.*lr",
+                            r"data\.colour: unknown field 'colour'")
+    assert f"wf.yaml:{line_of(path, 'learning_rate')}: stages[1].learning_rate" in msg
+    assert f"wf.yaml:{line_of(path, 'colour')}: data.colour" in msg
+
+
+def test_negative_budget(ws):
+    cfg = workflow_dict(ws)
+    cfg["stages"][2]["token_budget"] = -1000
+    path = write_config(ws, cfg)
+    msg = fails_before_work(ws, path, r"stages\[2\]\.token_budget: .*greater than 0.*-1000")
+    assert f":{line_of(path, '-1000')}: " in msg
+
+
+def test_stage_target_must_shrink(ws):
+    cfg = workflow_dict(ws)
+    cfg["stages"][1]["expert_intermediate_size"] = 40  # stage_1 targets 32
+    path = write_config(ws, cfg)
+    fails_before_work(ws, path, r"stages\[1\]\.expert_intermediate_size: expert_intermediate_size=40 is not smaller "
+                                r"than the previous stage's 32")
+
+    cfg = workflow_dict(ws)
+    cfg["stages"][0]["expert_intermediate_size"] = 48  # the teacher's experts are 48 wide
+    cfg["stages"][2]["num_key_value_heads"] = 2  # stage_2 went to 1
+    msg = fails_before_work(ws, write_config(ws, cfg),
+                            r"stages\[0\]\.expert_intermediate_size: .*not smaller than the teacher's 48",
+                            r"stages\[2\]\.num_key_value_heads: .*larger than the previous stage's 1")
+    assert "2 problems" in msg
+
+
+def test_storage_not_writable(ws):
+    blocker = ws / "a_file"
+    blocker.write_text("not a directory")
+    path = write_config(ws, workflow_dict(ws, storage=str(blocker / "store")))
+    fails_before_work(ws, path, r"storage: storage '.*a_file/store/wf' is not writable")
+
+
+def test_teacher_missing_or_not_a_model_directory(ws):
+    path = write_config(ws, workflow_dict(ws, teacher={"path": str(ws / "no_such_teacher")}))
+    fails_before_work(ws, path, r"teacher\.path: teacher directory .*no_such_teacher does not exist")
+
+    (ws / "empty_teacher").mkdir()
+    path = write_config(ws, workflow_dict(ws, teacher={"path": "empty_teacher"}))  # relative to the config
+    fails_before_work(ws, path, r"teacher\.path: teacher directory .*empty_teacher has no config\.json")
+
+
+def test_structure_errors_are_all_reported_together(ws):
+    cfg = workflow_dict(ws)
+    cfg["pretrain_teacher"] = {"seed": 0}  # and `teacher` is set too
+    cfg["stages"][1]["name"] = "stage_1"
+    cfg["stages"][0]["name"] = "stage_1"
+    cfg["evaluate"] = {"models": ["stage_9"]}
+    cfg["baselines"].append({"name": "trimmed", "kind": "trim", "from": "nowhere"})
+    cfg["kinds"]["stage"] = "no_such_kind"
+    msg = fails_before_work(ws, write_config(ws, cfg),
+                            r"set exactly one of `teacher`", r"stage name 'stage_1' is used twice",
+                            r"evaluate\.models\[0\]: unknown model 'stage_9'", r"baselines\[1\]\.from: unknown model 'nowhere'",
+                            r"kinds\.stage: unknown node kind 'no_such_kind'")
+    assert "problems" in msg
+
+
+def test_yaml_syntax_error_and_missing_fields(ws):
+    from slimmoe.workflows.config import WorkflowConfigError, load_workflow
+
+    bad = ws / "bad.yaml"
+    bad.write_text("name: wf\nstorage: x\nstages:\n  - {expert_intermediate_size: 3\n")
+    with pytest.raises(WorkflowConfigError, match=r"bad\.yaml:\d+: .*not valid YAML"):
+        load_workflow(bad)
+    missing = ws / "missing.yaml"
+    missing.write_text("name: wf\nstorage: store\nstages:\n  - expert_intermediate_size: 3\n")
+    with pytest.raises(WorkflowConfigError) as err:
+        load_workflow(missing)
+    msg = str(err.value)
+    assert "missing.yaml:1: data: required field is missing" in msg
+    assert "missing.yaml:4: stages[0].token_budget: required field is missing" in msg
+    with pytest.raises(WorkflowConfigError, match="does not exist"):
+        load_workflow(ws / "nope.yaml")
+
+
+def test_cli_reports_config_errors_with_exit_code_2(ws):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+
+    cfg = workflow_dict(ws)
+    cfg["stages"][0]["token_budget"] = -5
+    result = CliRunner().invoke(app, ["run", str(write_config(ws, cfg))])
+    assert result.exit_code == 2
+    assert "stages[0].token_budget" in result.output and "greater than 0" in result.output
+    assert not (ws / "calls.txt").exists()
+
+
+def test_yaml_line_lookup():
+    from slimmoe.workflows.config import yaml_line
+
+    root = yaml.compose("a: 1\nb:\n  c: [1, 2]\n  d:\n    - x: 1\n      y: 2\n")
+    assert yaml_line(root, ("a",)) == 1
+    assert yaml_line(root, ("b", "d", 0, "y")) == 6
+    assert yaml_line(root, ("b", "d", 0, "zzz")) == 5  # a missing key: its parent's line
+    assert yaml_line(root, ("b", "c", 1)) == 3
+
+
+def test_keys_depend_on_config_and_inputs_not_on_storage(ws):
+    from slimmoe.workflows.dag import build_dag
+
+    a = build_dag(write_config(ws, workflow_dict(ws)))
+    b = build_dag(write_config(ws, workflow_dict(ws, storage=str(ws / "elsewhere")), "b.yaml"))
+    assert {n: x.key for n, x in a.nodes.items()} == {n: x.key for n, x in b.nodes.items()}
+    cfg = workflow_dict(ws)
+    cfg["logits"]["k"] = 8
+    c = build_dag(write_config(ws, cfg, "c.yaml"))
+    changed = {n for n in a.nodes if a.nodes[n].key != c.nodes[n].key}
+    assert changed == {"teacher_logits", "stage_1", "stage_2", "stage_3", "one_stage", "evaluate_stage_3",
+                       "evaluate_one_stage"}
+    # Changing the teacher's weights changes everything that reads it, but not the tokenization.
+    (ws / "teacher" / "model.safetensors").write_bytes(b"other weights")
+    d = build_dag(write_config(ws, workflow_dict(ws), "d.yaml"))
+    assert d.nodes["tokenize"].key == a.nodes["tokenize"].key
+    assert d.nodes["teacher_logits"].key != a.nodes["teacher_logits"].key
+    # the one-stage baseline: the final targets, the summed budget, straight from the teacher
+    one = a.nodes["one_stage"]
+    assert one.inputs["model"] == "teacher" and one.config["token_budget"] == 9
+    assert one.config["expert_intermediate_size"] == 8
+
+
+def _missing_task_modules() -> set[str]:
+    mods = ["tokenize_data", "teacher_logits", "stage", "evaluate", "pretrain_teacher", "trim", "quantize"]
+    return {m for m in mods if importlib.util.find_spec(f"slimmoe.tasks.{m}") is None}
+
+
+@pytest.mark.parametrize("name", ["demo", "phi-mini-moe", "phi-tiny-moe", "qwen3-moe"])
+def test_example_configs_validate_against_the_task_configs(name):
+    """The shipped configs pass the workflow schema and every task config whose module exists."""
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.dag import build_dag
+
+    path = CONFIGS / f"{name}.yaml"
+    try:
+        dag = build_dag(path, check_env=False)
+    except WorkflowConfigError as err:
+        missing = _missing_task_modules()
+        unexplained = [p for p in err.problems if not any(f"slimmoe.tasks.{m}'" in p.message for m in missing)]
+        assert not unexplained, "\n".join(map(str, unexplained))
+        return
+    assert "tokenize" in dag.nodes and "teacher_logits" in dag.nodes
+    stages = [n for n in dag.nodes.values() if n.role == "stage"]
+    assert len(stages) >= 2 and all(n.key for n in dag.nodes.values())

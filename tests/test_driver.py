@@ -1,0 +1,471 @@
+"""The workflow driver with stand-in node kinds: caching, keys, resume after SIGKILL, rerun, status.
+
+The stand-ins are small but real tasks: they read their inputs, write outputs, and the stage
+stand-in checkpoints its progress to the stable work dir, so a killed run can resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+STANDINS = r'''
+"""Stand-in node kinds for the driver tests (registered from a workflow config's `plugins`)."""
+import hashlib, json, os, time
+from pathlib import Path
+from typing import Optional
+from pydantic import BaseModel, ConfigDict, Field
+from slimmoe.workflows.nodes import NodeKind, register_node_kind
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _record(ctx):
+    calls = os.environ.get("STANDIN_CALLS")
+    if calls:
+        with open(calls, "a") as f:
+            f.write(ctx.name + "\n")
+    if os.environ.get("STANDIN_FAIL") == ctx.name:
+        raise RuntimeError(f"stand-in {ctx.name} told to fail")
+
+
+def _read_dir(path) -> str:
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".txt", ".json"))
+    return _digest(*[(f.name, f.read_text()) for f in files])
+
+
+class TokCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    seq_len: int = Field(8, gt=0)
+
+
+class LogitsCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(4, gt=0)
+    actor_pool_size: int = 1
+
+
+class StageCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expert_intermediate_size: int = Field(gt=0)
+    num_key_value_heads: Optional[int] = None
+    token_budget: int = Field(gt=0)
+    lr: float = 1e-3
+    step_seconds: float = 0.0
+    num_workers: int = 1
+
+
+class EvalCfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_rows: int = Field(4, gt=0)
+
+
+def run_tok(ctx):
+    _record(ctx)
+    text = _digest(ctx.config.source, ctx.config.seq_len, _read_dir(ctx.inputs["tokenizer"]))
+    (ctx.out_dir / "tokens.txt").write_text(text)
+    return {"tokens": 64 * ctx.config.seq_len}
+
+
+def run_logits(ctx):
+    _record(ctx)
+    tokens = (Path(ctx.inputs["tokens"]) / "tokens.txt").read_text()
+    (ctx.out_dir / "logits.txt").write_text(_digest(tokens, ctx.config.k, _read_dir(ctx.inputs["teacher"])))
+    return {"rows": 64}
+
+
+def run_stage(ctx):
+    _record(ctx)
+    cfg, work = ctx.config, Path(ctx.work_dir)
+    state_file = work / "progress.json"
+    state = {"step": 0, "acc": _digest(_read_dir(ctx.inputs["model"]), _read_dir(ctx.inputs["logits"]),
+                                       cfg.expert_intermediate_size, cfg.num_key_value_heads, cfg.lr)}
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        ctx.log(f"stand-in {ctx.name} resumed from step {state['step']} in {work}")
+    while state["step"] < cfg.token_budget:
+        time.sleep(cfg.step_seconds)
+        state = {"step": state["step"] + 1, "acc": _digest(state["acc"], state["step"])}
+        tmp = work / "progress.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, state_file)
+    (ctx.out_dir / "model.txt").write_text(state["acc"])
+    return {"val_loss": int(state["acc"][:6], 16) / 16**6, "steps": state["step"]}
+
+
+def run_eval(ctx):
+    _record(ctx)
+    text = _digest(_read_dir(ctx.inputs["model"]), _read_dir(ctx.inputs["tokens"]), ctx.config.max_rows)
+    (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
+    return {"perplexity": 1 + int(text[:6], 16) / 16**6}
+
+
+def run_ray_eval(ctx):
+    """Like run_eval, but computes its digest in a Ray task (proves the driver reached the cluster)."""
+    import ray
+
+    def digest_remote(a, b):
+        return _digest(a, b)
+
+    _record(ctx)
+    text = ray.get(ray.remote(digest_remote).remote(_read_dir(ctx.inputs["model"]), ctx.config.max_rows))
+    (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
+    return {"perplexity": 1 + int(text[:6], 16) / 16**6, "ray_nodes": len(ray.nodes())}
+
+
+for kind in (
+    NodeKind("standin_tokenize", 1, run_tok, TokCfg, uses_ray=False),
+    NodeKind("standin_logits", 1, run_logits, LogitsCfg, uses_ray=False, key_ignore=frozenset({"actor_pool_size"})),
+    NodeKind("standin_stage", 1, run_stage, StageCfg, uses_ray=False, uses_work_dir=True,
+             key_ignore=frozenset({"step_seconds"}), headline=("val_loss",)),
+    NodeKind("standin_eval", 1, run_eval, EvalCfg, uses_ray=False, headline=("perplexity",)),
+    NodeKind("standin_ray_eval", 1, run_ray_eval, EvalCfg, uses_ray=True, headline=("perplexity",)),
+):
+    register_node_kind(kind, replace=True)
+'''
+
+KINDS = {"tokenize": "standin_tokenize", "teacher_logits": "standin_logits", "stage": "standin_stage",
+         "evaluate": "standin_eval"}
+ALL_NODES = ["tokenize", "teacher_logits", "stage_1", "stage_2", "stage_3", "one_stage",
+             "evaluate_stage_3", "evaluate_one_stage"]
+
+
+def make_teacher(path: Path) -> Path:
+    """A teacher directory as the driver sees it: a PhiMoE config.json, weights and tokenizer files."""
+    from tiny import tiny_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_config("phimoe").to_json_file(path / "config.json")
+    (path / "model.safetensors").write_bytes(b"stand-in weights")
+    (path / "tokenizer.json").write_text('{"stand-in": true}')
+    return path
+
+
+def workflow_dict(root: Path, storage: str | None = None, **changes) -> dict:
+    cfg = {
+        "name": "wf",
+        "storage": storage or str(root / "store"),
+        "plugins": [str(root / "standins.py")],
+        "kinds": dict(KINDS),
+        "teacher": {"path": str(root / "teacher")},
+        "data": {"source": "hello"},
+        "logits": {"k": 4},
+        "resources": {"actor_pool_size": 1},
+        "stages": [
+            {"expert_intermediate_size": 32, "token_budget": 3},
+            {"expert_intermediate_size": 16, "num_key_value_heads": 1, "token_budget": 3},
+            {"expert_intermediate_size": 8, "token_budget": 3},
+        ],
+        "baselines": [{"name": "one_stage", "kind": "one_stage"}],
+        "evaluate": {"models": ["stage_3", "one_stage"]},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write_config(root: Path, cfg: dict, name: str = "wf.yaml") -> Path:
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def wf(tmp_path, monkeypatch):
+    """A workspace: stand-in plugin, teacher, config; stand-in calls are logged to calls.txt."""
+    (tmp_path / "standins.py").write_text(STANDINS)
+    make_teacher(tmp_path / "teacher")
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls))
+    monkeypatch.delenv("STANDIN_FAIL", raising=False)
+
+    class W:
+        root = tmp_path
+
+        @staticmethod
+        def calls() -> list[str]:
+            out = calls.read_text().split() if calls.exists() else []
+            calls.unlink(missing_ok=True)
+            return out
+
+        @staticmethod
+        def config(**changes) -> Path:
+            return write_config(tmp_path, workflow_dict(tmp_path, **changes))
+
+    return W
+
+
+def outputs(store: Path, workflow: str = "wf") -> dict[str, dict[str, str]]:
+    """node -> {file: content} of each complete output (the _SUCCESS marker's run-specific fields dropped)."""
+    out = {}
+    for node_dir in sorted((store / workflow).iterdir()):
+        if node_dir.name.startswith("_"):
+            continue
+        for key_dir in node_dir.iterdir():
+            if key_dir.name.startswith((".", "_")) or not (key_dir / "_SUCCESS").exists():
+                continue
+            files = {f.name: f.read_text() for f in key_dir.iterdir() if f.name != "_SUCCESS"}
+            files["_key"] = json.loads((key_dir / "_SUCCESS").read_text())["key"]
+            out[node_dir.name] = files
+    return out
+
+
+def test_second_run_runs_no_node_and_markers_are_complete(wf):
+    from slimmoe.workflows.driver import run_workflow
+
+    cfg = wf.config()
+    lines: list[str] = []
+    res = run_workflow(cfg, log=lines.append)
+    assert wf.calls() == ALL_NODES
+    assert [r.state for r in res.values()] == ["skipped"] + ["finished"] * len(ALL_NODES)  # the external teacher
+    assert any(line.startswith("finished stage_2 in ") and "val_loss=" in line for line in lines)
+
+    store = wf.root / "store" / "wf"
+    for name in ALL_NODES:
+        key = res[name].key
+        marker = json.loads((store / name / key / "_SUCCESS").read_text())
+        assert marker["key"] == key and marker["node"] == name
+        assert set(marker) >= {"kind", "config", "inputs", "started", "finished", "duration_s", "metrics", "files"}
+        assert marker["files"] and all((store / name / key / f).exists() for f in marker["files"])
+        assert not (store / name / "_work" / key).exists()  # a stage's work dir goes once it succeeded
+    assert json.loads((store / "stage_2" / res["stage_2"].key / "_SUCCESS").read_text())["inputs"]["model"] == \
+        {"node": "stage_1", "key": res["stage_1"].key}
+    logs = list((store / "_logs").iterdir())
+    assert logs and "started stage_1" in logs[0].read_text()
+
+    lines.clear()
+    res2 = run_workflow(cfg, log=lines.append)
+    assert wf.calls() == []
+    assert all(r.state == "skipped" for r in res2.values())
+    assert f"skipped stage_2 (key {res['stage_2'].key})" in lines
+    assert {n: r.key for n, r in res2.items()} == {n: r.key for n, r in res.items()}
+
+
+def test_changing_one_stage_reruns_it_and_what_follows_only(wf):
+    from slimmoe.workflows.driver import run_workflow, workflow_status
+
+    run_workflow(wf.config(), log=lambda s: None)
+    wf.calls()
+    stages = workflow_dict(wf.root)["stages"]
+    stages[1]["lr"] = 5e-4
+    cfg = wf.config(stages=stages)
+    states = {r["node"]: r["state"] for r in workflow_status(cfg)}
+    assert states["stage_1"] == "done" and states["stage_2"] == "stale" and states["stage_3"] == "stale"
+    assert states["one_stage"] == "done"
+
+    run_workflow(cfg, log=lambda s: None)
+    assert wf.calls() == ["stage_2", "stage_3", "evaluate_stage_3"]
+    assert {r["state"] for r in workflow_status(cfg)} == {"done"}
+
+    # Placement settings are not part of a key: more teacher actors recompute nothing.
+    run_workflow(wf.config(stages=stages, resources={"actor_pool_size": 3}), log=lambda s: None)
+    assert wf.calls() == []
+    # The first stage's target changes every stage after it (their input changed), not the data nodes.
+    stages[0]["expert_intermediate_size"] = 40
+    run_workflow(wf.config(stages=stages), log=lambda s: None)
+    assert wf.calls() == ["stage_1", "stage_2", "stage_3", "evaluate_stage_3"]
+
+
+def _run_cli(args: list[str], out_path: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "slimmoe.workflows.cli", *args], stdout=open(out_path, "w"),
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf, tmp_path):
+    from slimmoe.workflows.driver import run_workflow, workflow_status
+
+    stages = workflow_dict(wf.root)["stages"]
+    stages[1].update(token_budget=8, step_seconds=0.4)
+    cfg = wf.config(stages=stages)
+    env = dict(os.environ, STANDIN_CALLS=str(tmp_path / "calls.txt"))
+
+    first = _run_cli(["run", str(cfg)], tmp_path / "first.log", env)
+    work = wf.root / "store" / "wf" / "stage_2" / "_work"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        progress = list(work.glob("*/progress.json"))
+        if progress and json.loads(progress[0].read_text())["step"] >= 3:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = json.loads(list(work.glob("*/progress.json"))[0].read_text())["step"]
+    assert 3 <= killed_at < 8
+    state = {r["node"]: r for r in workflow_status(cfg)}
+    assert state["stage_1"]["state"] == "done"
+    assert state["stage_2"]["state"] == "failed" and "interrupted" in state["stage_2"]["error"]
+    assert state["stage_3"]["state"] == "missing"
+    assert list((wf.root / "store" / "wf" / "stage_2").glob(".*.partial-*"))  # the killed attempt's leftovers
+    assert wf.calls() == ["tokenize", "teacher_logits", "stage_1", "stage_2"]
+
+    second = _run_cli(["run", str(cfg)], tmp_path / "second.log", env)
+    assert second.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()
+    log = (tmp_path / "second.log").read_text()
+    assert "skipped stage_1" in log and "skipped tokenize" in log
+    assert "started stage_2" in log and "resuming" in log
+    assert f"resumed from step {killed_at}" in log
+    assert wf.calls() == ["stage_2", "stage_3", "one_stage", "evaluate_stage_3", "evaluate_one_stage"]
+    assert not list((wf.root / "store" / "wf" / "stage_2").glob(".*.partial-*"))  # cleaned up
+    assert not any(work.iterdir())
+    driver_logs = "".join(p.read_text() for p in (wf.root / "store" / "wf" / "_logs").iterdir())
+    assert "resuming" in driver_logs
+
+    # The same workflow, never interrupted (the steps' pace is not part of any key).
+    stages[1]["step_seconds"] = 0.0
+    reference = wf.root / "reference"
+    run_workflow(wf.config(stages=stages), overrides={"storage": str(reference)}, log=lambda s: None)
+    assert outputs(wf.root / "store") == outputs(reference)
+    assert set(outputs(reference)) == set(ALL_NODES)
+
+
+def test_rerun_keeps_old_output_when_new_run_fails(wf, monkeypatch):
+    from slimmoe.workflows.driver import NodeFailed, rerun_node, run_workflow, workflow_status
+
+    cfg = wf.config()
+    res = run_workflow(cfg, log=lambda s: None)
+    wf.calls()
+    out = wf.root / "store" / "wf" / "stage_2" / res["stage_2"].key
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    monkeypatch.setenv("STANDIN_FAIL", "stage_2")
+    with pytest.raises(NodeFailed, match="stage_2"):
+        rerun_node(cfg, "stage_2", log=lambda s: None)
+    assert wf.calls() == ["stage_2"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    row = {r["node"]: r for r in workflow_status(cfg)}["stage_2"]
+    assert row["state"] == "done" and "last rerun failed" in row["error"]
+
+    # A rerun must not resume from stale state in the stable work dir (Ray Train would, silently).
+    monkeypatch.delenv("STANDIN_FAIL")
+    stale = out.parent / "_work" / res["stage_2"].key
+    stale.mkdir(parents=True)
+    (stale / "progress.json").write_text(json.dumps({"step": 3, "acc": "bogus"}))
+    lines: list[str] = []
+    rerun_node(cfg, "stage_2", log=lines.append)
+    assert wf.calls() == ["stage_2"]
+    assert not any("resum" in line for line in lines)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after["model.txt"] == before["model.txt"]
+    assert json.loads(after["_SUCCESS"])["started"] > json.loads(before["_SUCCESS"])["finished"]
+
+    rerun_node(cfg, "stage_2", downstream=True, log=lambda s: None)
+    assert wf.calls() == ["stage_2", "stage_3", "evaluate_stage_3"]
+
+
+def test_rerun_unknown_node_lists_valid_names(wf):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+    from slimmoe.workflows.driver import UnknownNodeError, rerun_node
+
+    cfg = wf.config()
+    with pytest.raises(UnknownNodeError) as err:
+        rerun_node(cfg, "stage_9", log=lambda s: None)
+    assert "stage_9" in str(err.value) and all(n in str(err.value) for n in ALL_NODES)
+    result = CliRunner().invoke(app, ["rerun", str(cfg), "stage_9"])
+    assert result.exit_code == 2 and "evaluate_one_stage" in result.output
+    assert wf.calls() == []
+
+
+def test_status_cli_table_and_json(wf):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+
+    cfg = wf.config()
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(app, ["status", str(cfg), "--json"]).output)
+    assert {r["node"]: r["state"] for r in rows} == {"teacher": "done", **{n: "missing" for n in ALL_NODES}}
+    result = runner.invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "finished evaluate_one_stage" in result.output
+    rows = json.loads(runner.invoke(app, ["status", str(cfg), "--json"]).output)
+    assert all(r["state"] == "done" for r in rows)
+    stage_2 = next(r for r in rows if r["node"] == "stage_2")
+    assert stage_2["metric"].startswith("val_loss=") and stage_2["path"].endswith(stage_2["key"])
+    table = runner.invoke(app, ["status", str(cfg)]).output
+    assert table.splitlines()[0].split() == ["node", "state", "key", "time", "metric", "path"]
+    assert sum(" done " in line for line in table.splitlines()) == len(ALL_NODES) + 1
+
+
+def test_incomplete_outputs_are_never_taken_for_complete(wf):
+    from slimmoe.workflows.dag import build_dag
+    from slimmoe.workflows.driver import Driver, run_workflow
+
+    cfg = wf.config()
+    res = run_workflow(cfg, log=lambda s: None)
+    wf.calls()
+    driver = Driver(build_dag(cfg), log=lambda s: None)
+    out = wf.root / "store" / "wf" / "stage_3" / res["stage_3"].key
+    assert driver.marker("stage_3") is not None
+    marker = json.loads((out / "_SUCCESS").read_text())
+
+    (out / "_SUCCESS").write_text(json.dumps(dict(marker, key="0" * 16)))  # another key's marker
+    assert driver.marker("stage_3") is None
+    (out / "_SUCCESS").write_text(json.dumps(marker))
+    (out / "model.txt").unlink()  # a marker pointing at deleted data
+    assert driver.marker("stage_3") is None
+    (out / "_SUCCESS").unlink()
+    assert driver.marker("stage_3") is None
+
+    run_workflow(cfg, log=lambda s: None)
+    assert wf.calls() == ["stage_3"]  # same key again: the evaluation of it stays valid
+    assert (out / "model.txt").exists() and driver.marker("stage_3") is not None
+
+
+def test_uri_storage_uploads_outputs_and_downloads_inputs(wf, tmp_path):
+    from slimmoe.workflows.driver import rerun_node, run_workflow, workflow_status
+
+    remote = tmp_path / "bucket"
+    cfg = wf.config(storage=f"file://{remote}", cache_dir=str(tmp_path / "cache"))
+    res = run_workflow(cfg, log=lambda s: None)
+    assert wf.calls() == ALL_NODES
+    assert res["stage_2"].path == f"file://{remote}/wf/stage_2/{res['stage_2'].key}"
+    assert outputs(remote).keys() == set(ALL_NODES)
+    # inputs were downloaded to the local cache, outputs staged locally then uploaded
+    assert (tmp_path / "cache" / "inputs" / "wf" / "stage_1" / res["stage_1"].key / "model.txt").exists()
+    assert not any((tmp_path / "cache" / "staging" / "wf" / "stage_2").iterdir())
+    assert list((remote / "wf" / "_logs").iterdir())
+
+    run_workflow(cfg, log=lambda s: None)
+    assert wf.calls() == []
+    before = outputs(remote)
+    rerun_node(cfg, "stage_2", log=lambda s: None)
+    assert wf.calls() == ["stage_2"]
+    assert outputs(remote) == before
+    assert {r["state"] for r in workflow_status(cfg)} == {"done"}
+
+    # Locally computed and URI-stored outputs are the same (storage is not part of any key).
+    run_workflow(wf.config(), log=lambda s: None)
+    assert outputs(wf.root / "store") == before
+
+
+def test_plugins_from_the_environment(wf, monkeypatch):
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.driver import run_workflow
+
+    extra = wf.root / "extra_kinds.py"
+    extra.write_text(
+        "from slimmoe.workflows.nodes import NodeKind, get_node_kind, register_node_kind\n"
+        "base = get_node_kind('standin_eval')\n"
+        "register_node_kind(NodeKind('env_plugin_eval', 1, base.run, base.config_class, uses_ray=False), replace=True)\n")
+    kinds = dict(KINDS, evaluate="env_plugin_eval")
+    cfg = wf.config(kinds=kinds)
+    monkeypatch.delenv("SLIMMOE_PLUGINS", raising=False)
+    with pytest.raises(WorkflowConfigError, match="unknown node kind 'env_plugin_eval'"):
+        run_workflow(cfg, log=lambda s: None)
+    monkeypatch.setenv("SLIMMOE_PLUGINS", str(extra))
+    res = run_workflow(cfg, log=lambda s: None)
+    assert res["evaluate_stage_3"].state == "finished" and "evaluate_stage_3" in wf.calls()

@@ -1,0 +1,464 @@
+"""The driver: run a workflow's nodes in order, skipping every node whose output is complete.
+
+A node runs into a fresh `.<key>.partial-<id>` directory (a local staging directory for URI
+storage), gets its `_SUCCESS` marker, and only then takes its place at `<node>/<key>/`. A killed
+run therefore leaves nothing that looks complete; the next run recomputes only what is missing,
+and a stage resumes from the Ray Train checkpoints in its stable work dir `<node>/_work/<key>/`.
+Each attempt is recorded in `<node>/_attempts/<key>.json` (pid, host, state, error) for `status`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .dag import Dag, Node, build_dag
+from .nodes import NodeContext, get_node_kind, headline_of
+
+MARKER = "_SUCCESS"
+
+
+class NodeFailed(RuntimeError):
+    def __init__(self, node: str, error: BaseException, log_path: str | None = None):
+        self.node, self.error, self.log_path = node, error, log_path
+        where = f"; log: {log_path}" if log_path else ""
+        super().__init__(f"node {node!r} failed: {type(error).__name__}: {error}{where}. "
+                         "Completed nodes are kept: fix the cause and run again.")
+
+
+class UnknownNodeError(ValueError):
+    pass
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj if obj is not None else {}, default=str))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed child not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def attempt_alive(attempt: dict | None) -> bool:
+    """Whether a recorded running attempt still runs (unknowable for another host: assumed yes)."""
+    if not attempt or attempt.get("state") != "running":
+        return False
+    if attempt.get("host") != socket.gethostname():
+        return True
+    return _pid_alive(int(attempt.get("pid", -1)))
+
+
+def ensure_ray(address: Optional[str] = None) -> None:
+    """Connect to the cluster at `address` / RAY_ADDRESS, else start a local one (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"  # "local": never attach to a stray cluster
+    ray.init(address=address, ignore_reinit_error=True)
+
+
+@dataclass
+class NodeResult:
+    name: str
+    state: str  # skipped | finished
+    key: str
+    path: str
+    seconds: float = 0.0
+    metrics: dict | None = None
+
+
+class Driver:
+    def __init__(self, dag: Dag, log: Callable[[str], None] = print, address: Optional[str] = None,
+                 command: str = "run"):
+        self.dag, self.store, self.address = dag, dag.store, address
+        cfg = dag.workflow.config
+        self.cache_dir = Path(cfg.cache_dir or os.environ.get("SLIMMOE_CACHE") or Path.home() / ".cache" / "slimmoe")
+        self._print = log
+        self._command = command
+        self._log_lines: list[str] = []
+        self._log_path: Optional[str] = None
+        self._teacher_fp: Optional[str] = None
+
+    # -- logging -----------------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        self._print(line)
+        stamped = f"{_now()} {line}"
+        self._log_lines.append(stamped)
+        if self.store.is_local and self._log_path:
+            with open(self._log_path, "a") as f:
+                f.write(stamped + "\n")
+
+    def _open_log(self) -> None:
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._command}-{os.getpid()}.log"
+        self._log_path = self.store.join(self.dag.name, "_logs", name)
+        if self.store.is_local:
+            os.makedirs(os.path.dirname(self._log_path), exist_ok=True)
+
+    def _flush_log(self) -> None:
+        if not self.store.is_local and self._log_path:
+            try:
+                self.store.write_text(self._log_path, "\n".join(self._log_lines) + "\n")
+            except Exception as err:  # a log upload must never fail a run
+                self._print(f"warning: could not upload the log to {self._log_path}: {err}")
+
+    # -- markers and attempts ----------------------------------------------------------------------
+    def marker(self, name: str, key: Optional[str] = None) -> Optional[dict]:
+        """The node's `_SUCCESS` for `key` (default: its current key) if the output is complete."""
+        node = self.dag.nodes[name]
+        key = key or node.key
+        path = self.store.join(self.dag.name, name, key)
+        return self._valid_marker(path, key)
+
+    def _valid_marker(self, path: str, key: str) -> Optional[dict]:
+        text = self.store.read_text(self.store.sub(path, MARKER))
+        if text is None:
+            return None
+        try:
+            marker = json.loads(text)
+        except ValueError:
+            return None
+        if marker.get("key") != key:
+            return None
+        present = set(self.store.listdir(path))
+        if not set(marker.get("files", [])) <= present:  # a marker pointing at deleted data is no output
+            return None
+        return marker
+
+    def _attempt_path(self, name: str, key: str) -> str:
+        return self.store.join(self.dag.name, name, "_attempts", f"{key}.json")
+
+    def attempt(self, name: str, key: Optional[str] = None) -> Optional[dict]:
+        text = self.store.read_text(self._attempt_path(name, key or self.dag.nodes[name].key))
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return None
+
+    def _write_attempt(self, name: str, key: str, record: dict) -> None:
+        try:
+            self.store.write_text(self._attempt_path(name, key), json.dumps(record, indent=2, sort_keys=True))
+        except Exception as err:  # bookkeeping must not fail the node
+            self._print(f"warning: could not record the attempt of {name}: {err}")
+
+    def complete(self, name: str) -> bool:
+        node = self.dag.nodes[name]
+        if node.is_external:
+            return True
+        return self.marker(name) is not None
+
+    # -- leftovers -----------------------------------------------------------------------------------
+    def _cleanup(self, name: str) -> None:
+        """Remove what failed attempts left (partial and set-aside directories), unless a live attempt owns it."""
+        node_dir = self.dag.node_dir(name)
+        for entry in self.store.listdir(node_dir):
+            if not entry.startswith(".") or (".partial-" not in entry and ".old-" not in entry):
+                continue
+            key = entry[1:].split(".", 1)[0]
+            path = self.store.sub(node_dir, entry)
+            if ".old-" in entry:
+                final = self.store.sub(node_dir, key)
+                # killed between the two renames of a rerun: the set-aside output is still the good one
+                if not self.store.exists(final) and self._valid_marker(path, key):
+                    self.store.move(path, final)
+                    continue
+            else:
+                att = self.attempt(name, key)
+                if attempt_alive(att) and att.get("partial") == entry:
+                    continue
+            self.store.delete_dir(path)
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def local_input(self, name: str) -> str:
+        """A local path holding the complete output of node `name` (downloaded from URI storage)."""
+        node = self.dag.nodes[name]
+        if node.is_external or self.store.is_local:
+            return self.dag.output_path(name)
+        local = self.cache_dir / "inputs" / self.dag.name / name / node.key
+        marker = local / MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == node.key:
+            return str(local)
+        tmp = local.with_name(f".{node.key}.partial-{uuid.uuid4().hex[:8]}")
+        self.log(f"downloading {name} from {self.dag.output_path(name)}")
+        self.store.download_dir(self.dag.output_path(name), tmp)
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(tmp, local)
+        return str(local)
+
+    def work_dir(self, name: str, work_name: str) -> str:
+        """A node's resumable scratch (Ray Train checkpoints): in the store when it is a local path, else
+        in the local cache (tasks take local paths; for a multi-node cluster put cache_dir on a shared
+        filesystem, as Ray Train needs its storage_path visible from every worker)."""
+        if self.store.is_local:
+            return self.store.join(self.dag.name, name, "_work", work_name)
+        return str(self.cache_dir / "work" / self.dag.name / name / work_name)
+
+    def teacher_fingerprint(self) -> Optional[str]:
+        teacher = self.dag.nodes["teacher"]
+        if teacher.facets.get("model"):
+            return teacher.facets["model"]
+        if self._teacher_fp is None:
+            from slimmoe.tasks.fingerprint import model_fingerprint
+
+            try:
+                self._teacher_fp = model_fingerprint(self.local_input("teacher"))
+            except FileNotFoundError:  # a stand-in teacher without weights
+                self._teacher_fp = None
+        return self._teacher_fp
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self, force: set[str] = frozenset(), targets: Optional[set[str]] = None) -> dict[str, NodeResult]:
+        self._open_log()
+        results: dict[str, NodeResult] = {}
+        self.log(f"workflow {self.dag.name}: {len(self.dag.nodes)} nodes, storage {self.store.display(self.store.join(self.dag.name))}")
+        try:
+            for name, node in self.dag.nodes.items():
+                if targets is not None and name not in targets:
+                    continue
+                path = self.store.display(self.dag.output_path(name)) if not node.is_external else node.external_path
+                if node.is_external:
+                    self.log(f"skipped {name} (external model at {node.external_path}, key {node.key})")
+                    results[name] = NodeResult(name, "skipped", node.key, path)
+                    continue
+                if name not in force:
+                    m = self.marker(name)
+                    if m is not None:
+                        self.log(f"skipped {name} (key {node.key})")
+                        results[name] = NodeResult(name, "skipped", node.key, path, m.get("duration_s", 0.0),
+                                                   m.get("metrics"))
+                        continue
+                results[name] = self._execute(node, forced=name in force)
+                self._flush_log()
+        finally:
+            self._flush_log()
+        return results
+
+    def _execute(self, node: Node, forced: bool) -> NodeResult:
+        name, key = node.name, node.key
+        kind = get_node_kind(node.kind)
+        if kind.uses_ray:
+            ensure_ray(self.address)
+        node_dir = self.dag.node_dir(name)
+        self.store.makedirs(node_dir)
+        self._cleanup(name)
+        inputs = {role: self.local_input(parent) for role, parent in node.inputs.items()}
+
+        previous = self.attempt(name, key)
+        interrupted = previous is not None and previous.get("state") in ("running", "failed") and not attempt_alive(previous)
+        work_dir = None
+        if kind.uses_work_dir:
+            # A forced rerun gets a fresh work dir: Ray Train silently resumes from a reused one.
+            work_name = key if not forced else f"{key}-rerun-{uuid.uuid4().hex[:8]}"
+            work_dir = self.work_dir(name, work_name)
+            os.makedirs(work_dir, exist_ok=True)
+        has_state = bool(work_dir) and bool(os.listdir(work_dir))
+        retried = not forced and interrupted
+        resumed = not forced and kind.uses_work_dir and (interrupted or has_state)
+
+        partial_name = f".{key}.partial-{uuid.uuid4().hex[:8]}"
+        if self.store.is_local:
+            out_dir = Path(self.store.sub(node_dir, partial_name))
+        else:
+            staging = self.cache_dir / "staging" / self.dag.name / name
+            if staging.is_dir() and not attempt_alive(previous):  # what killed attempts of this key staged
+                for old in staging.glob(f"{key}.partial-*"):
+                    shutil.rmtree(old, ignore_errors=True)
+            out_dir = staging / partial_name[1:]
+        out_dir.mkdir(parents=True, exist_ok=False)
+
+        note = ""
+        if resumed or retried:
+            why = (f"the previous attempt (pid {previous.get('pid')} on {previous.get('host')}) "
+                   f"{'failed' if previous and previous.get('state') == 'failed' else 'was interrupted'}"
+                   if previous else "an earlier attempt left state")
+            note = f", {'resuming' if resumed else 'retrying'}: {why}"
+            note += f"; work dir {work_dir} has its checkpoints" if has_state else ""
+        self.log(f"started {name} (key {key}{', forced rerun' if forced else ''}{note})")
+        started, t0 = _now(), time.time()
+        record = {"node": name, "key": key, "kind": node.kind, "state": "running", "pid": os.getpid(),
+                  "host": socket.gethostname(), "started": started, "forced": forced, "resumed": resumed,
+                  "work_dir": work_dir, "partial": partial_name if self.store.is_local else None}
+        self._write_attempt(name, key, record)
+
+        ctx = NodeContext(name=name, kind=node.kind, config=copy.deepcopy(node.task_config), inputs=inputs,
+                          out_dir=out_dir, work_dir=work_dir, resumed=resumed, log=self.log,
+                          teacher_fingerprint=self.teacher_fingerprint() if node.role == "stage" else None)
+        try:
+            metrics = _jsonable(kind.run(ctx))
+        except BaseException as err:
+            seconds = time.time() - t0
+            state = "failed" if isinstance(err, Exception) else "interrupted"
+            self._write_attempt(name, key, record | {"state": "failed", "finished": _now(), "seconds": seconds,
+                                                     "error": f"{type(err).__name__}: {err}",
+                                                     "traceback": traceback.format_exc()[-4000:]})
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self.log(f"{state} {name} after {seconds:.1f}s: {type(err).__name__}: {err}")
+            if isinstance(err, Exception):
+                raise NodeFailed(name, err, self.store.display(self._log_path or "")) from err
+            raise
+
+        seconds = time.time() - t0
+        marker = {"key": key, "node": name, "kind": node.kind, "version": get_node_kind(node.kind).version,
+                  "workflow": self.dag.name, "config": _jsonable(node.config),
+                  "inputs": {role: {"node": p, "key": self.dag.nodes[p].key} for role, p in node.inputs.items()},
+                  "started": started, "finished": _now(), "duration_s": round(seconds, 3), "metrics": metrics,
+                  "resumed": resumed, "host": socket.gethostname(),
+                  "files": sorted(p.name for p in out_dir.iterdir())}
+        self._publish(node, out_dir, marker, forced)
+        self._write_attempt(name, key, record | {"state": "done", "finished": marker["finished"], "seconds": seconds})
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        self.log(f"finished {name} in {seconds:.1f}s" + (f": {h}" if (h := headline_of(node.kind, metrics)) else ""))
+        return NodeResult(name, "finished", key, self.store.display(self.dag.output_path(name)), seconds, metrics)
+
+    def _publish(self, node: Node, out_dir: Path, marker: dict, forced: bool) -> None:
+        """Put a finished output at `<node>/<key>/`; the marker is never visible before the data."""
+        node_dir = self.dag.node_dir(node.name)
+        final = self.store.sub(node_dir, node.key)
+        text = json.dumps(marker, indent=2, sort_keys=True)
+        if self.store.is_local:
+            (out_dir / MARKER).write_text(text)
+            if os.path.exists(final):
+                old = self.store.sub(node_dir, f".{node.key}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(final, old)
+                os.replace(out_dir, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(out_dir, final)
+            return
+        if forced and self.store.exists(final):
+            # Upload beside the old output first, so the old one goes only once the new one is whole.
+            staging = self.store.sub(node_dir, f".{node.key}.partial-{uuid.uuid4().hex[:8]}")
+            self.store.upload_dir(out_dir, staging)
+            self.store.delete_file(self.store.sub(final, MARKER))
+            self.store.delete_dir(final)
+            self.store.move(staging, final)
+        else:
+            self.store.delete_file(self.store.sub(final, MARKER))
+            self.store.upload_dir(out_dir, final)  # leftovers of failed uploads are harmless: readers use manifests
+        self.store.write_text(self.store.sub(final, MARKER), text)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    # -- status --------------------------------------------------------------------------------------------
+    def status(self) -> list[dict]:
+        rows = []
+        for name, node in self.dag.nodes.items():
+            row = {"node": name, "kind": node.kind if not node.is_external else "external", "key": node.key,
+                   "path": node.external_path if node.is_external else self.store.display(self.dag.output_path(name)),
+                   "state": "missing", "seconds": None, "finished": None, "metric": "", "metrics": None,
+                   "error": None}
+            if node.is_external:
+                row["state"] = "done"
+                rows.append(row)
+                continue
+            marker = self.marker(name)
+            att = self.attempt(name)
+            if marker is not None:
+                row.update(state="done", seconds=marker.get("duration_s"), finished=marker.get("finished"),
+                           metrics=marker.get("metrics"), metric=headline_of(node.kind, marker.get("metrics")))
+                if att and att.get("state") == "failed" and att.get("started", "") > marker.get("finished", ""):
+                    row["error"] = f"last rerun failed: {att.get('error')}"
+                elif attempt_alive(att):
+                    row["error"] = "a rerun is in progress"
+            elif attempt_alive(att):
+                row.update(state="running", seconds=None, finished=None,
+                           error=f"pid {att.get('pid')} on {att.get('host')} since {att.get('started')}")
+            elif att and att.get("state") in ("running", "failed"):
+                err = att.get("error") or f"interrupted (pid {att.get('pid')} on {att.get('host')} is gone)"
+                row.update(state="failed", error=err, finished=att.get("finished"))
+            else:
+                stale = self._stale_output(name)
+                if stale is not None:
+                    path, m = stale
+                    row.update(state="stale", path=self.store.display(path), seconds=m.get("duration_s"),
+                               finished=m.get("finished"), metrics=m.get("metrics"),
+                               metric=headline_of(node.kind, m.get("metrics")),
+                               error=f"config changed: output for key {m.get('key')} exists, current key {node.key}")
+            rows.append(row)
+        return rows
+
+    def _stale_output(self, name: str):
+        """The newest complete output of this node under another key, if any."""
+        node_dir = self.dag.node_dir(name)
+        best = None
+        for entry in self.store.listdir(node_dir):
+            if entry.startswith((".", "_")) or entry == self.dag.nodes[name].key:
+                continue
+            path = self.store.sub(node_dir, entry)
+            m = self._valid_marker(path, entry)
+            if m is not None and (best is None or m.get("finished", "") > best[1].get("finished", "")):
+                best = (path, m)
+        return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions (the CLI and `slimmoe demo` call these)
+
+
+def run_workflow(config, *, address: Optional[str] = None, overrides: dict | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, NodeResult]:
+    """Validate the workflow (raises WorkflowConfigError before any work), then run every node whose
+    output is not complete. `config` is a YAML path, a dict, a WorkflowConfig or a LoadedWorkflow.
+    Returns NodeResult per node; raises NodeFailed when a node fails (completed nodes are kept)."""
+    dag = build_dag(config, overrides)
+    return Driver(dag, log=log, address=address, command="run").run()
+
+
+def rerun_node(config, node: str, *, downstream: bool = False, address: Optional[str] = None,
+               overrides: dict | None = None, log: Callable[[str], None] = print) -> dict[str, NodeResult]:
+    """Recompute `node` even if complete (and, with `downstream`, every node after it). Missing
+    inputs are computed first. The old output stays in place until the new one is complete."""
+    dag = build_dag(config, overrides)
+    valid = [n for n, nd in dag.nodes.items() if not nd.is_external]
+    if node not in valid:
+        raise UnknownNodeError(f"unknown node {node!r}; the workflow's nodes are: {', '.join(valid)}")
+    force = {node} | (set(dag.descendants(node)) if downstream else set())
+    targets = set(dag.ancestors(node)) | force
+    return Driver(dag, log=log, address=address, command="rerun").run(force=force, targets=targets)
+
+
+def workflow_status(config, overrides: dict | None = None) -> list[dict]:
+    """One row per node: node, kind, state (done/missing/running/failed/stale), key, path, times, metric."""
+    dag = build_dag(config, overrides, check_storage=False)
+    return Driver(dag, log=lambda s: None, command="status").status()
+
+
+def format_status(rows: list[dict]) -> str:
+    headers = ["node", "state", "key", "time", "metric", "path"]
+    table = []
+    for r in rows:
+        t = f"{r['seconds']:.1f}s" if isinstance(r.get("seconds"), (int, float)) else ""
+        table.append([r["node"], r["state"], r["key"], t, r.get("metric") or "", r["path"]])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    notes = [f"  {r['node']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + (["", "notes:"] + notes if notes else []))
+
+
+__all__ = ["Driver", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
+           "workflow_status", "format_status", "ensure_ray"]
