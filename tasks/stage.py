@@ -148,7 +148,7 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         ),
     )
     started = time.time()
-    result = trainer.fit()
+    trainer.fit()
     final_dir = work_dir / "final"
     nonfinite_file = work_dir / "nonfinite.json"
     if nonfinite_file.exists():

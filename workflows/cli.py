@@ -129,6 +129,24 @@ def _driver_call(fn):
 
 
 @app.command()
+def demo(
+    storage: Optional[Path] = typer.Option(None, "--storage", help="where outputs go (default ~/.cache/slimmoe/runs)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="another demo-style workflow config"),
+):
+    """The embedded default: train a small teacher, compress it with SlimMoE, print the results table."""
+    import time
+
+    from slimmoe.workflows.demo import DEFAULT_STORAGE, run_demo
+
+    started = time.time()
+    print(f"slimmoe demo: outputs under {storage or DEFAULT_STORAGE} (a second run reuses every finished node)")
+    result = _driver_call(lambda: run_demo(storage=storage, config=config))
+    print()
+    print(result["markdown"])
+    print(f"\ntable, JSON and distillation curves: {result['dir']} ({time.time() - started:.0f}s)")
+
+
+@app.command()
 def run(
     config: Path = typer.Argument(..., help="workflow config (YAML)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to (default: RAY_ADDRESS, else a local one)"),
