@@ -1,9 +1,10 @@
 """The teacher_logits node: token shards -> top-k teacher log-probs cached as Parquet, per split.
 
-Ray Data pipeline per split: read_parquet(the token shards' manifest files) ->
-map_batches(teacher) on an actor pool (one teacher per actor: bf16 and one GPU each when the
-cluster has GPUs, float32 on CPU otherwise) -> map_batches(write files of `rows_per_file` rows)
-as parallel tasks -> the driver collects what was written and writes the manifest, last.
+One Ray Data pipeline for all splits (so each teacher loads once): read_parquet(the token shards'
+manifest files, each row tagged with its split) -> map_batches(teacher) on an actor pool (one
+teacher per actor: bf16 and one GPU each when the cluster has GPUs, float32 on CPU otherwise) ->
+map_batches(write files of about `rows_per_file` rows) as parallel tasks -> the driver collects
+what was written and writes each split's manifest, then the top-level one, last.
 
 Why the files are written by our own map_batches stage and not `write_parquet`: readers look rows
 up by row id, so every file must hold one ascending run of row ids. `write_parquet` bundles blocks
@@ -60,7 +61,7 @@ class TeacherLogitsConfig(BaseModel):
     trust_remote_code: bool = False
 
 
-def fast_topk_with_rest(logits, k: int):
+def fast_topk_with_rest(logits, k: int, work=None):
     """Same result as `kd_loss.topk_with_rest` (ids identical, log-probs within float32 rounding) at
     about a third of its cost on CPU. `logits` must be float32; it is not modified.
 
@@ -70,12 +71,16 @@ def fast_topk_with_rest(logits, k: int):
     rest = log(sum of e outside the top-k) - log Z. The complement is summed directly (top-k entries
     zeroed), never as Z - sum(top-k), so the rest stays exact when the top-k holds almost all the mass
     (FIELD-NOTES trap 2). Rows whose whole complement underflows float32 (< 1e-38 of the top
-    token) are recomputed with the exact logsumexp."""
+    token) are recomputed with the exact logsumexp. `work`, a float32 tensor shaped like `logits`, is
+    used as scratch space: a fresh [tokens, vocab] allocation page-faults in ~as long as the exp takes."""
     import torch
 
     vals, ids = logits.topk(k, dim=-1)
     m = vals[..., :1]
-    e = torch.sub(logits, m).exp_()
+    if work is not None and work.shape == logits.shape and work.dtype == logits.dtype and work.device == logits.device:
+        e = torch.sub(logits, m, out=work).exp_()
+    else:
+        e = torch.sub(logits, m).exp_()
     log_z = e.sum(-1).log()
     e.scatter_(-1, ids, 0.0)
     rest = e.sum(-1).log() - log_z
@@ -104,6 +109,7 @@ class _TeacherActor:
         self.k = k
         self.vocab_size = vocab_size
         self.ids_dtype = ids_dtype(vocab_size)
+        self.work = None  # scratch [batch, seq, vocab] float32, reused across batches
         self.model = load_model(teacher_dir, dtype=getattr(torch, dtype), device=device,
                                 trust_remote_code=trust_remote_code, experts_implementation=experts_implementation).eval()
 
@@ -121,7 +127,11 @@ class _TeacherActor:
         with torch.inference_mode():
             x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
             logits = self.model(input_ids=x, use_cache=False).logits
-            topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits.float(), self.k)
+            logits = logits.float()
+            # CPU only: CUDA's caching allocator already reuses memory, and GPU memory is scarcer.
+            if self.device == "cpu" and (self.work is None or self.work.shape != logits.shape):
+                self.work = torch.empty_like(logits)
+            topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k, self.work)
             topk_ids = topk_ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
             topk_logprobs = topk_logprobs.to(torch.float16).cpu().numpy()
             rest = rest.to(torch.float32).cpu().numpy()

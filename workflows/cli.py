@@ -305,6 +305,67 @@ def quantize(
     print(f"wrote {out_dir}; load with slimmoe.tasks.quantize.load_quantized")
 
 
+@app.command()
+def tokenize(
+    data: str = typer.Argument(..., help="text/JSONL/Parquet file, directory or glob, or a saved `datasets` directory"),
+    tokenizer_dir: Path = typer.Argument(..., help="the teacher's directory (its tokenizer files)"),
+    out_dir: Path = typer.Argument(..., help="where train/ and validation/ token shards are written (must not exist)"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    validation_fraction: float = typer.Option(0.05, "--validation-fraction"),
+    text_field: str = typer.Option("text", "--text-field"),
+    rows_per_file: int = typer.Option(8192, "--rows-per-file"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
+):
+    """Tokenize and pack text into fixed-length token shards (the DAG's tokenize node, by hand)."""
+    from pydantic import ValidationError
+
+    from slimmoe.tasks.storage import atomic_output_dir
+    from slimmoe.tasks.tokenize_data import TokenizeConfig, run_tokenize
+
+    try:
+        cfg = TokenizeConfig(data=data, seq_len=seq_len, validation_fraction=validation_fraction,
+                             text_field=text_field, rows_per_file=rows_per_file)
+        with atomic_output_dir(out_dir) as tmp:
+            metrics = run_tokenize(cfg, tokenizer_dir, tmp)
+    except ValidationError as err:
+        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+    except USER_ERRORS as err:
+        _fail(err)
+    print(json.dumps(metrics, indent=2) if as_json else
+          f"train {metrics['train_rows']} rows, validation {metrics['validation_rows']} rows of {metrics['seq_len']} "
+          f"tokens from {metrics['documents']} documents; wrote {out_dir}")
+
+
+@app.command("teacher-logits")
+def teacher_logits(
+    teacher_dir: Path = typer.Argument(..., help="the teacher's Hugging Face directory"),
+    tokens_dir: Path = typer.Argument(..., help="the tokenize output (train/ and validation/ token shards)"),
+    out_dir: Path = typer.Argument(..., help="where the logit caches are written (must not exist)"),
+    k: int = typer.Option(64, "--k", help="top-k ids kept per token"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    num_actors: int = typer.Option(1, "--num-actors", help="teacher actors (one GPU each on GPU clusters)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
+):
+    """Cache the teacher's top-k log-probs for every token (the DAG's teacher_logits node, by hand)."""
+    from pydantic import ValidationError
+
+    from slimmoe.tasks.storage import atomic_output_dir
+    from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+
+    try:
+        cfg = TeacherLogitsConfig(k=k, batch_size=batch_size, num_actors=num_actors, device=device)
+        with atomic_output_dir(out_dir) as tmp:
+            metrics = run_teacher_logits(cfg, teacher_dir, tokens_dir, tmp)
+    except ValidationError as err:
+        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+    except USER_ERRORS as err:
+        _fail(err)
+    print(json.dumps(metrics, indent=2) if as_json else
+          f"{metrics['tokens']} tokens at {metrics['tokens_per_s']:.0f} tokens/s; {metrics['bytes_per_token']:.1f} bytes/token "
+          f"({100 * metrics['storage_ratio']:.2f}% of full float16 logits); wrote {out_dir}")
+
+
 @logits_app.command("inspect")
 def logits_inspect(
     path: Path = typer.Argument(..., help="a logit cache split, or a teacher_logits node output (every split)"),
