@@ -97,7 +97,7 @@ class _TeacherActor:
     """One teacher per actor, loaded once; turns a batch of sequences into cache rows."""
 
     def __init__(self, teacher_dir: str, k: int, dtype: str, device: str, experts_implementation: str,
-                 trust_remote_code: bool, torch_threads: int | None, vocab_size: int):
+                 trust_remote_code: bool, torch_threads: int | None, vocab_size: int, split_of_path: dict[str, int]):
         import torch
 
         from .checkpoint import load_model
@@ -110,6 +110,7 @@ class _TeacherActor:
         self.vocab_size = vocab_size
         self.ids_dtype = ids_dtype(vocab_size)
         self.work = None  # scratch [batch, seq, vocab] float32, reused across batches
+        self.split_of_path = split_of_path
         self.model = load_model(teacher_dir, dtype=getattr(torch, dtype), device=device,
                                 trust_remote_code=trust_remote_code, experts_implementation=experts_implementation).eval()
 
@@ -135,8 +136,9 @@ class _TeacherActor:
             topk_ids = topk_ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
             topk_logprobs = topk_logprobs.to(torch.float16).cpu().numpy()
             rest = rest.to(torch.float32).cpu().numpy()
+        split = np.array([self.split_of_path[_norm(p)] for p in batch.column("path").to_pylist()], dtype=np.int8)
         return pa.table({
-            "split": batch.column("split").combine_chunks(),
+            "split": pa.array(split),
             "row_id": batch.column("row_id").combine_chunks().cast(pa.int64()),
             "input_ids": col,
             "topk_ids": numpy_to_binary_column(topk_ids),
@@ -145,10 +147,8 @@ class _TeacherActor:
         })
 
 
-def _tag_split(batch, split: int):
-    import pyarrow as pa
-
-    return batch.append_column("split", pa.array(np.full(batch.num_rows, split, np.int8)))
+def _norm(path) -> str:
+    return os.path.normpath(os.path.abspath(str(path)))
 
 
 def write_row_runs(batch, root: str, splits: list[str], compression: str):
@@ -250,20 +250,22 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     for name in names:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # One pipeline over every split, so the teacher loads once: the reads are tagged with their split.
-    parts = [ray.data.read_parquet([str(f) for f in shards[name].files], file_extensions=None)
-             .select_columns(["row_id", "input_ids"])
-             .map_batches(_tag_split, batch_format="pyarrow", fn_kwargs={"split": i}) for i, name in enumerate(names)]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # One pipeline (and one file listing) over every split, so the teacher loads once; each row's
+    # split comes from the path of the file it was read from.
+    split_of_path = {_norm(f): i for i, name in enumerate(names) for f in shards[name].files}
+    ds = ray.data.read_parquet(list(split_of_path), include_paths=True, file_extensions=None, num_cpus=0.5)
+    ds = ds.select_columns(["row_id", "input_ids", "path"])
     ds = ds.map_batches(
         _TeacherActor, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         fn_constructor_kwargs=dict(teacher_dir=str(teacher_dir.resolve()), k=cfg.k, dtype=dtype, device=device,
                                    experts_implementation=cfg.experts_implementation,
-                                   trust_remote_code=cfg.trust_remote_code, torch_threads=threads, vocab_size=vocab_size),
+                                   trust_remote_code=cfg.trust_remote_code, torch_threads=threads, vocab_size=vocab_size,
+                                   split_of_path=split_of_path),
         **remote_args,
     )
-    ds = ds.map_batches(write_row_runs, batch_size=cfg.rows_per_file, batch_format="pyarrow",
+    # Half a CPU: writing is light, and must not wait behind the actors for a whole free CPU.
+    ds = ds.map_batches(write_row_runs, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"root": str(out_dir.resolve()), "splits": names, "compression": cfg.compression})
     # In-order blocks give long runs, i.e. few files (correctness does not depend on the order).
     ds.context.execution_options.preserve_order = True
