@@ -61,6 +61,7 @@ class StageConfig(BaseModel):
     zero_stage: Literal[1, 2, 3] = 2
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(default=1, gt=0, description="with use_gpu; a fraction packs workers on one GPU")
     cpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=2, ge=0)
     experts_implementation: Optional[Literal["eager", "grouped_mm", "batched_mm"]] = None
@@ -132,7 +133,7 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     }
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     from .distill import train_loop

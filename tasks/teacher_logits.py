@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -49,7 +50,10 @@ class TeacherLogitsConfig(BaseModel):
     k: int = Field(64, ge=1, description="top-k token ids kept per position")
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass")
     num_actors: int = Field(1, ge=1, description="teacher actors (one GPU each on GPU clusters)")
+    # "auto": the workflow's resources.use_gpu when it is set (a cluster that autoscales from zero GPU
+    # nodes shows no GPU yet when the node starts), else whether the cluster has GPUs now.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    use_gpu: Optional[bool] = None
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] = "grouped_mm"
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -202,11 +206,23 @@ def _resolve_device(cfg: TeacherLogitsConfig) -> tuple[str, str]:
     gpus = ray.cluster_resources().get("GPU", 0)
     device = cfg.device
     if device == "auto":
-        device = "cuda" if gpus >= 1 else "cpu"
+        device = ("cuda" if cfg.use_gpu else "cpu") if cfg.use_gpu is not None else ("cuda" if gpus >= 1 else "cpu")
     if device == "cuda" and gpus < 1:
-        raise ValueError("device is 'cuda' but the Ray cluster has no GPUs; set device to 'cpu' or 'auto', or add GPU nodes")
+        warnings.warn(f"the Ray cluster has no GPUs now; waiting up to wait_for_actors_s={cfg.wait_for_actors_s}s "
+                      "for GPU nodes (an autoscaler may be adding them)", stacklevel=2)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     return device, dtype
+
+
+def _no_actors_error(cfg: TeacherLogitsConfig, device: str) -> ValueError:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    want = f"{cfg.num_actors} actor(s) with {cfg.cpus_per_actor} CPU" + (" and 1 GPU" if device == "cuda" else "")
+    fix = ("add GPU nodes, or run on CPU (logits.device: cpu, or resources.use_gpu: false)" if device == "cuda"
+           else "lower resources.actor_pool_size or logits.cpus_per_actor, or add nodes")
+    return ValueError(f"no teacher actor started within wait_for_actors_s={cfg.wait_for_actors_s}s: the pool needs {want}, "
+                      f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs and {gpus:g} GPUs; {fix}")
 
 
 def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens_dir: str | Path,
@@ -271,7 +287,10 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     ds.context.execution_options.preserve_order = True
     ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s
     ds.context.raise_original_map_exception = True  # e.g. a token id outside the vocabulary: keep its message
-    written = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    try:
+        written = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    except ray.exceptions.GetTimeoutError as err:
+        raise _no_actors_error(cfg, device) from err
     summary: dict[str, dict] = {}
     for i, name in enumerate(names):
         shard, split_dir = shards[name], out_dir / name

@@ -116,8 +116,8 @@ def test_another_teacher_or_tokenizer_is_refused(node):
 
 
 def test_bad_inputs_fail_before_any_work(ray_cluster, tmp_path, teacher_dir, tokens_dir, tiny_model_dir):
-    with pytest.raises(ValueError, match="no GPUs"):
-        run_teacher_logits(TeacherLogitsConfig(device="cuda"), teacher_dir, tokens_dir, tmp_path / "a")
+    with pytest.warns(UserWarning, match="no GPUs now"), pytest.raises(ValueError, match="0 GPUs; add GPU nodes"):
+        run_teacher_logits(TeacherLogitsConfig(device="cuda", wait_for_actors_s=3), teacher_dir, tokens_dir, tmp_path / "a")
     other = tmp_path / "other_tokens"
     write_tokenized_dataset(other, {"train": np.zeros((2, 4), int), "validation": np.zeros((2, 4), int)}, "someothertok")
     with pytest.raises(ValueError, match="tokenizer"):

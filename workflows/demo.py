@@ -92,12 +92,17 @@ def _plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(storage: Path | None = None, config: Path | None = None, log: Callable[[str], None] = print) -> dict:
+def run_demo(storage: Path | None = None, config: Path | None = None, log: Callable[[str], None] = print,
+             overrides: dict | None = None) -> dict:
+    """Run the demo workflow and build its table. `overrides` are deep-merged into the config
+    (benchmarks/quality.py uses them to vary the stages' seeds)."""
     from .driver import run_workflow
 
     config = config or demo_config_path()
-    overrides = {"storage": str(storage)} if storage else None
-    results = run_workflow(config, overrides=overrides, log=log)
+    overrides = dict(overrides or {})
+    if storage:
+        overrides["storage"] = str(storage)
+    results = run_workflow(config, overrides=overrides or None, log=log)
     stage_names = sorted(n for n in results if n.startswith("stage_"))
     baseline = "one_stage" if "one_stage" in results else None
     out_root = Path(results["tokenize"].path).parents[1] / "_demo"
