@@ -469,3 +469,56 @@ def test_plugins_from_the_environment(wf, monkeypatch):
     monkeypatch.setenv("SLIMMOE_PLUGINS", str(extra))
     res = run_workflow(cfg, log=lambda s: None)
     assert res["evaluate_stage_3"].state == "finished" and "evaluate_stage_3" in wf.calls()
+
+
+def test_a_second_live_run_of_a_node_on_this_host_is_refused(wf):
+    import subprocess
+    import socket
+
+    from slimmoe.workflows.dag import build_dag
+    from slimmoe.workflows.driver import Driver, NodeBusyError, run_workflow
+
+    cfg = wf.config()
+    dag = build_dag(cfg)
+    other = subprocess.Popen(["sleep", "60"])  # stands in for another driver that is running stage_1
+    try:
+        key = dag.nodes["stage_1"].key
+        Driver(dag, log=lambda s: None)._write_attempt("stage_1", key, {
+            "node": "stage_1", "key": key, "state": "running", "pid": other.pid, "host": socket.gethostname(),
+            "started": "2026-01-01T00:00:00+00:00", "partial": None})
+        with pytest.raises(NodeBusyError, match=rf"pid {other.pid}"):
+            run_workflow(cfg, log=lambda s: None)
+        assert "stage_1" not in wf.calls()
+    finally:
+        other.kill()
+        other.wait()
+    run_workflow(cfg, log=lambda s: None)  # that run is gone: the node runs (and resumes nothing stale)
+    assert "stage_1" in wf.calls()
+
+
+def test_uri_rerun_killed_after_deleting_the_old_output_keeps_the_new_one(wf, tmp_path, monkeypatch):
+    from slimmoe.workflows.dag import build_dag
+    from slimmoe.workflows.driver import rerun_node, run_workflow
+    from slimmoe.workflows.fsio import Store
+
+    remote = tmp_path / "bucket"
+    cfg = wf.config(storage=f"file://{remote}", cache_dir=str(tmp_path / "cache"))
+    run_workflow(cfg, log=lambda s: None)
+    final = remote / "wf" / "stage_2" / build_dag(cfg).nodes["stage_2"].key
+    wf.calls()
+    real_move = Store.move
+
+    def dies_on_promote(self, src, dst):
+        if ".partial-" in src:
+            raise KeyboardInterrupt("killed between deleting the old output and moving the new one")
+        return real_move(self, src, dst)
+
+    monkeypatch.setattr(Store, "move", dies_on_promote)
+    with pytest.raises(KeyboardInterrupt):
+        rerun_node(cfg, "stage_2", log=lambda s: None)
+    assert not final.exists()  # the old output is gone, the new one is staged beside it
+    monkeypatch.setattr(Store, "move", real_move)
+    wf.calls()
+    run_workflow(cfg, log=lambda s: None)
+    assert wf.calls() == []  # the staged, complete copy was promoted: nothing is recomputed
+    assert (final / "_SUCCESS").exists() and not list(final.parent.glob(".*.partial-*"))

@@ -115,13 +115,13 @@ def _workflow_source(config: Path, config_package: Optional[str]):
 def _driver_call(fn):
     """Run a driver function; config problems exit 2, a failed node exits 1 (tracebacks stay in the log)."""
     from slimmoe.workflows.config import WorkflowConfigError
-    from slimmoe.workflows.driver import NodeFailed
+    from slimmoe.workflows.driver import NodeBusyError, NodeFailed
 
     try:
         return fn()
     except WorkflowConfigError as err:
         _fail(err)
-    except NodeFailed as err:
+    except (NodeFailed, NodeBusyError) as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1)
     except USER_ERRORS as err:

@@ -40,6 +40,10 @@ class UnknownNodeError(ValueError):
     pass
 
 
+class NodeBusyError(RuntimeError):
+    """Another live driver on this host is computing the node."""
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -189,6 +193,11 @@ class Driver:
                 att = self.attempt(name, key)
                 if attempt_alive(att) and att.get("partial") == entry:
                     continue
+                final = self.store.sub(node_dir, key)
+                # a rerun killed after deleting the old output: its complete staged copy is the output now
+                if not self.store.exists(final) and self._valid_marker(path, key):
+                    self.store.move(path, final)
+                    continue
             self.store.delete_dir(path)
 
     # -- inputs ----------------------------------------------------------------------------------------
@@ -246,6 +255,9 @@ class Driver:
                     continue
                 if name not in force:
                     m = self.marker(name)
+                    if m is None and self.store.exists(self.dag.node_dir(name)):
+                        self._cleanup(name)  # a killed publish may have left the complete output beside its place
+                        m = self.marker(name)
                     if m is not None:
                         self.log(f"skipped {name} (key {node.key})")
                         results[name] = NodeResult(name, "skipped", node.key, path, m.get("duration_s", 0.0),
@@ -268,6 +280,12 @@ class Driver:
         inputs = {role: self.local_input(parent) for role, parent in node.inputs.items()}
 
         previous = self.attempt(name, key)
+        if attempt_alive(previous) and previous.get("host") == socket.gethostname() and previous.get("pid") != os.getpid():
+            # Two drivers on one node would train into the same work dir. (On another host liveness is
+            # unknowable, and a job that died with its cluster must be resumable: that case proceeds.)
+            raise NodeBusyError(
+                f"node {name!r} (key {key}) is being computed by another run: pid {previous.get('pid')} since "
+                f"{previous.get('started')}. Wait for it (`slimmoe status`) or stop that process, then run again.")
         interrupted = previous is not None and previous.get("state") in ("running", "failed") and not attempt_alive(previous)
         work_dir = None
         if kind.uses_work_dir:
@@ -351,9 +369,12 @@ class Driver:
                 os.replace(out_dir, final)
             return
         if forced and self.store.exists(final):
-            # Upload beside the old output first, so the old one goes only once the new one is whole.
+            # Upload beside the old output first, so the old one goes only once the new one is whole. The
+            # staged copy carries its marker (uploaded last): if the run dies after the old output is
+            # deleted, `_cleanup` promotes the staged copy instead of deleting it.
             staging = self.store.sub(node_dir, f".{node.key}.partial-{uuid.uuid4().hex[:8]}")
             self.store.upload_dir(out_dir, staging)
+            self.store.write_text(self.store.sub(staging, MARKER), text)
             self.store.delete_file(self.store.sub(final, MARKER))
             self.store.delete_dir(final)
             self.store.move(staging, final)
@@ -460,5 +481,5 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines + (["", "notes:"] + notes if notes else []))
 
 
-__all__ = ["Driver", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
+__all__ = ["Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
            "workflow_status", "format_status", "ensure_ray"]
