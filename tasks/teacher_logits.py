@@ -263,6 +263,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     if cfg.memory_per_actor_gb:
         remote_args["memory"] = int(cfg.memory_per_actor_gb * 2**30)
     names = list(shards)
+    created_out_dir = not out_dir.exists()
     for name in names:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -290,6 +291,11 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     try:
         written = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
     except ray.exceptions.GetTimeoutError as err:
+        # No actor ever ran, so nothing was written: leave the output path as it was found.
+        for name in names:
+            (out_dir / name).rmdir()
+        if created_out_dir:
+            out_dir.rmdir()
         raise _no_actors_error(cfg, device) from err
     summary: dict[str, dict] = {}
     for i, name in enumerate(names):
