@@ -6,7 +6,7 @@ the order of the distillation data and the RNG. The teacher, its tokenized data 
 cache do not depend on the seed, so the DAG cache computes them once and every seed reuses them;
 a seed already run is reused too (point --storage at a fresh folder to measure from scratch).
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--storage DIR] [--config demo.yaml]
+    python benchmarks/quality.py [--seeds 0 1 2] [--storage DIR] [--config demo.yaml] [--json-out FILE]
 
 Prints JSON: per seed, the validation perplexity and KL to the teacher of the last stage of the
 multi-stage run and of the one-stage baseline (same final architecture, same total token budget),
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--storage", type=Path, default=DEFAULT_STORAGE,
                     help="workflow storage (default: the demo's, so its finished nodes are reused)")
     ap.add_argument("--config", type=Path, default=None, help="a demo-style workflow config (default: demo.yaml)")
+    ap.add_argument("--json-out", type=Path, help="also write the JSON here (stdout carries the Ray workers' logs too)")
     args = ap.parse_args(argv)
     config_path = (args.config or demo_config_path()).resolve()
     per_seed = [measure_seed(config_path, args.storage.expanduser(), s) for s in args.seeds]
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "one_stage_kl": mean(("one_stage", "kl_to_teacher"))},
         "multi_stage_wins": sum(r["multi_stage_wins"] for r in per_seed),
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+    print(text)
     return report
 
 

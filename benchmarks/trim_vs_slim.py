@@ -171,22 +171,12 @@ def distill(model_dir: Path, logits_dir: Path, out_dir: Path, work_dir: Path, to
 
     With `expert_intermediate_size` the stage first slims to it (a SlimMoE stage); without, it keeps
     every size and only distills (what a trimmed model needs)."""
-    from slimmoe.tasks.slimming import SlimTargetError
     from slimmoe.tasks.stage import StageConfig, run_stage
 
-    keep_all = expert_intermediate_size is None
-    if keep_all:
-        config = load_config(model_dir)
-        expert_intermediate_size = get_adapter(config).expert_size(config)
-    cfg = StageConfig(expert_intermediate_size=expert_intermediate_size, token_budget=token_budget, **stage)
-    try:
-        return run_stage(cfg, model_dir, logits_dir, out_dir, work_dir, teacher_fingerprint=teacher_fingerprint,
-                         name=out_dir.name)
-    except SlimTargetError as err:
-        if keep_all:
-            raise RuntimeError(f"run_stage cannot distill without slimming (it refuses keep-all targets: {err}); "
-                               "distilling a trimmed model needs a distill-only stage") from err
-        raise
+    cut = {"expert_intermediate_size": expert_intermediate_size} if expert_intermediate_size else {"distill_only": True}
+    cfg = StageConfig(token_budget=token_budget, **cut, **stage)
+    return run_stage(cfg, model_dir, logits_dir, out_dir, work_dir, teacher_fingerprint=teacher_fingerprint,
+                     name=out_dir.name)
 
 
 def make_logits(teacher_dir: Path, data_dir: Path, out_dir: Path, log) -> Path:

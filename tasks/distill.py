@@ -23,7 +23,7 @@ from .checkpoint import load_model, save_model_dir
 from .fingerprint import model_fingerprint
 from .kd_loss import distillation_loss, document_mask, per_token_kl
 from .params import count_parameters
-from .scoring import Scores, all_reduce_scores
+from .scoring import all_reduce_scores
 from .slim import kd_score_loss, next_token_score_loss, score_model
 from .slimming import slim_model
 from .storage import write_json_atomic
@@ -206,12 +206,18 @@ def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
     work_dir = Path(loop_cfg["work_dir"])
     model = load_model(loop_cfg["model_dir"], device=device, trust_remote_code=cfg.trust_remote_code,
                        experts_implementation=cfg.experts_implementation)
+    params_before = count_parameters(model)
+    if cfg.distill_only:
+        if rank == 0:
+            save_model_dir(model, work_dir / "pruned", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+            write_json_atomic(work_dir / "prepare.json", {"score_loss": None, "calibration_batches": 0,
+                                                           "params_before": params_before})
+        return model
     loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["model_dir"], loop_cfg.get("teacher_fingerprint"))
     batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True,
                                  seed=cfg.seed + CALIBRATION_SEED_OFFSET)
     calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
     scores = all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None))
-    params_before = count_parameters(model)
     student = slim_model(model, scores, cfg.targets)
     del model
     if rank == 0:

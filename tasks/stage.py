@@ -5,7 +5,8 @@ worker starts, plans the steps, launches a `TorchTrainer` whose workers run
 `slimmoe.tasks.distill.train_loop`, and assembles the output directory:
 
     <out_dir>/             the distilled student: a standard Hugging Face model directory
-    <out_dir>/pruned/      the slimmed, not yet distilled checkpoint (the one-shot result)
+    <out_dir>/pruned/      the slimmed, not yet distilled checkpoint (the one-shot result; with
+                           distill_only, the input model as it came)
     <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; plan and timings
     <out_dir>/scores.safetensors  the all-reduced sensitivity scores the cut was made with
 """
@@ -31,8 +32,10 @@ SPLIT = "train"
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Targets of the cut.
-    expert_intermediate_size: int = Field(gt=0)
+    # Targets of the cut. `distill_only` skips scoring and slimming: the model keeps every size and is
+    # only distilled (a trimmed, quantized or otherwise compressed model, given the same budget).
+    expert_intermediate_size: Optional[int] = Field(default=None, gt=0)
+    distill_only: bool = False
     num_key_value_heads: Optional[int] = Field(default=None, gt=0)
     shared_expert_intermediate_size: Optional[int] = Field(default=None, gt=0)
     # Scoring. "auto" scores with the next-token loss while the student still is the teacher (the KD
@@ -66,6 +69,17 @@ class StageConfig(BaseModel):
     max_failures: int = Field(default=2, ge=0)
     experts_implementation: Optional[Literal["eager", "grouped_mm", "batched_mm"]] = None
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _targets_or_distill_only(self):
+        cut = [f for f in ("expert_intermediate_size", "num_key_value_heads", "shared_expert_intermediate_size")
+               if getattr(self, f) is not None]
+        if self.distill_only and cut:
+            raise ValueError(f"distill_only: true keeps every size; remove {', '.join(cut)} or set distill_only: false")
+        if not self.distill_only and self.expert_intermediate_size is None:
+            raise ValueError("expert_intermediate_size is required (the stage's target); "
+                             "or set distill_only: true to distill without slimming")
+        return self
 
     @model_validator(mode="after")
     def _zero3_needs_gpu(self):
@@ -117,7 +131,8 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
 
     model_dir, logits_dir, out_dir, work_dir = map(lambda p: Path(p).resolve(), (model_dir, logits_dir, out_dir, work_dir))
     config = load_config(model_dir, cfg.trust_remote_code)
-    validate_targets(config, cfg.targets)
+    if not cfg.distill_only:
+        validate_targets(config, cfg.targets)
     expect_tok = tokenizer_fingerprint(model_dir) if any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) else None
     cache_dir = _logits_split(logits_dir)
     cache = open_logit_cache(cache_dir, expect_teacher_fingerprint=teacher_fingerprint, expect_tokenizer_fingerprint=expect_tok)
@@ -171,7 +186,8 @@ def _assemble_output(final_dir: Path, work_dir: Path, model_dir: Path, out_dir: 
     for item in final_dir.iterdir():
         shutil.copy2(item, out_dir / item.name)
     shutil.copytree(work_dir / "pruned", out_dir / "pruned", dirs_exist_ok=True)
-    shutil.copy2(work_dir / "scores.safetensors", out_dir / "scores.safetensors")
+    if (work_dir / "scores.safetensors").exists():  # a distill-only stage scores nothing
+        shutil.copy2(work_dir / "scores.safetensors", out_dir / "scores.safetensors")
     copy_tokenizer_files(model_dir, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

@@ -181,3 +181,24 @@ def test_bad_stage_configs_are_refused_before_any_work(pipeline, tmp_path):
         run_stage(_cfg(), pipeline["teacher"], pipeline["logits"], tmp_path / "o", tmp_path / "w",
                   teacher_fingerprint="0" * 16)
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_distill_only_keeps_every_size_and_moves_toward_the_teacher(pipeline, tmp_path):
+    from slimmoe.tasks.slim import slim_checkpoint
+    from slimmoe.tasks.slimming import SlimTargets
+
+    cut = tmp_path / "cut"  # a model compressed elsewhere (here: a one-shot magnitude cut)
+    slim_checkpoint(pipeline["teacher"], cut, SlimTargets(16))
+    out = tmp_path / "out"
+    cfg = _cfg(expert_intermediate_size=None, num_key_value_heads=None, distill_only=True, num_workers=1,
+               token_budget=30 * 8 * SEQ, next_token_weight=0.0)
+    metrics = run_stage(cfg, cut, pipeline["logits"], out, tmp_path / "work", teacher_fingerprint=pipeline["fp"])
+    assert metrics["params_after"] == metrics["params_before"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 16
+    assert json.loads((out / "metrics.json").read_text())["score_loss"] is None
+    assert not (out / "scores.safetensors").exists()
+    assert _held_out_kl(out, pipeline["logits"]) < 0.8 * _held_out_kl(cut, pipeline["logits"])
+    with pytest.raises(ValueError, match="distill_only: true keeps every size; remove expert_intermediate_size"):
+        _cfg(distill_only=True, num_key_value_heads=None)
+    with pytest.raises(ValueError, match="expert_intermediate_size is required"):
+        _cfg(expert_intermediate_size=None)
