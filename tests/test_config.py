@@ -204,3 +204,26 @@ def test_example_configs_validate_against_the_task_configs(name):
     assert "tokenize" in dag.nodes and "teacher_logits" in dag.nodes
     stages = [n for n in dag.nodes.values() if n.role == "stage"]
     assert len(stages) >= 2 and all(n.key for n in dag.nodes.values())
+
+
+def test_a_trim_baseline_can_be_followed_by_distillation_without_a_further_cut():
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.dag import build_dag
+
+    dag = build_dag(CONFIGS / "qwen3-moe.yaml", check_env=False)
+    node = dag.nodes["expert_drop_half_distilled"]
+    assert node.role == "stage" and node.inputs == {"model": "expert_drop_half", "logits": "teacher_logits"}
+    assert node.task_config.distill_only and node.task_config.expert_intermediate_size is None
+    assert node.task_config.token_budget == 30_000_000_000
+    assert "evaluate_expert_drop_half_distilled" in dag.nodes
+    assert dag.descendants("expert_drop_half") == ["expert_drop_half_distilled", "evaluate_expert_drop_half",
+                                                   "evaluate_expert_drop_half_distilled"]
+
+    raw = yaml.safe_load((CONFIGS / "qwen3-moe.yaml").read_text())
+    raw["baselines"][0]["distill"] = {"token_budget": 10}
+    with pytest.raises(WorkflowConfigError, match="distill follows a trim baseline only"):
+        build_dag(raw, check_env=False)
+    raw = yaml.safe_load((CONFIGS / "qwen3-moe.yaml").read_text())
+    raw["baselines"][1]["distill"] = {"token_budget": 10, "expert_intermediate_size": 8}
+    with pytest.raises(WorkflowConfigError, match="distill_only: true keeps every size"):
+        build_dag(raw, check_env=False)

@@ -102,6 +102,12 @@ class BaselineEntry(BaseModel):
     token_budget: Optional[int] = Field(None, gt=0)
     expert_intermediate_size: Optional[int] = Field(None, gt=0)
     num_key_value_heads: Optional[int] = Field(None, gt=0)
+    # trim: then distill the trimmed model (no further cut) as a stage with these settings, e.g.
+    # {token_budget: ...}; its node is `<name>_distilled`.
+    distill: Optional[dict[str, Any]] = None
+
+    def distilled_name(self) -> Optional[str]:
+        return f"{self.name}_distilled" if self.distill is not None else None
 
 
 class EvaluateSection(BaseModel):
@@ -424,7 +430,16 @@ def check_structure(loaded: LoadedWorkflow) -> list[Problem]:
         if b.kind == "one_stage":
             if b.from_ not in (None, "teacher"):
                 out.append(P(("baselines", i, "from"), "a one_stage baseline always starts from the teacher"))
+        if b.distill is not None and b.kind != "trim":
+            out.append(P(("baselines", i, "distill"), f"distill follows a trim baseline only (a {b.kind} baseline "
+                                                      "cannot be distilled further); remove it"))
         models.append(b.name)
+        if b.distilled_name():
+            if b.distilled_name() in seen:
+                out.append(P(("baselines", i, "name"), f"{b.distilled_name()!r} (this baseline's distilled node) is "
+                                                       "already used; choose another name"))
+            seen[b.distilled_name()] = ("baselines", i)
+            models.append(b.distilled_name())
 
     if cfg.evaluate is not None and cfg.evaluate.models is not None:
         for i, m in enumerate(cfg.evaluate.models):

@@ -113,7 +113,7 @@ def _nodes_from_config(loaded: LoadedWorkflow) -> dict[str, Node]:
 
     for i, b in enumerate(cfg.baselines):
         own = b.model_dump(exclude_unset=True, by_alias=True)
-        for k in ("name", "kind", "from"):
+        for k in ("name", "kind", "from", "distill"):
             own.pop(k, None)
         if b.kind == "one_stage":
             fields = cfg.stage_fields(len(cfg.stages) - 1)
@@ -122,10 +122,14 @@ def _nodes_from_config(loaded: LoadedWorkflow) -> dict[str, Node]:
             add(b.name, "stage", ("baselines", i), fields, {"model": "teacher", "logits": "teacher_logits"})
         else:
             add(b.name, b.kind, ("baselines", i), own, {"model": b.from_ or "teacher", "data": "tokenize"})
+        if b.distilled_name():  # the trimmed model gets a stage that distills without a further cut
+            add(b.distilled_name(), "stage", ("baselines", i, "distill"), {**b.distill, "distill_only": True},
+                {"model": b.name, "logits": "teacher_logits"})
 
     if cfg.evaluate is not None:
         ev = cfg.evaluate.model_dump(exclude_unset=True)
-        models = ev.pop("models", None) or ["teacher", *names, *(b.name for b in cfg.baselines)]
+        models = ev.pop("models", None) or ["teacher", *names, *(n for b in cfg.baselines
+                                                                  for n in (b.name, b.distilled_name()) if n)]
         for m in models:
             add(f"evaluate_{m}", "evaluate", ("evaluate",), ev,
                 {"model": m, "tokens": "tokenize", "logits": "teacher_logits"})
