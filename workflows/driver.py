@@ -183,21 +183,15 @@ class Driver:
                 continue
             key = entry[1:].split(".", 1)[0]
             path = self.store.sub(node_dir, entry)
-            if ".old-" in entry:
-                final = self.store.sub(node_dir, key)
-                # killed between the two renames of a rerun: the set-aside output is still the good one
-                if not self.store.exists(final) and self._valid_marker(path, key):
-                    self.store.move(path, final)
-                    continue
-            else:
+            if ".partial-" in entry:
                 att = self.attempt(name, key)
                 if attempt_alive(att) and att.get("partial") == entry:
                     continue
-                final = self.store.sub(node_dir, key)
-                # a rerun killed after deleting the old output: its complete staged copy is the output now
-                if not self.store.exists(final) and self._valid_marker(path, key):
-                    self.store.move(path, final)
-                    continue
+            # Killed between the moves of a publish (the old output set aside, or a rerun's staged copy
+            # uploaded and the old output deleted): a complete copy with no output in place is the output.
+            if not self.store.exists(self.store.sub(node_dir, key)) and self._valid_marker(path, key):
+                self.store.move(path, self.store.sub(node_dir, key))
+                continue
             self.store.delete_dir(path)
 
     # -- inputs ----------------------------------------------------------------------------------------
