@@ -492,7 +492,7 @@ def test_a_second_live_run_of_a_node_on_this_host_is_refused(wf):
     finally:
         other.kill()
         other.wait()
-    run_workflow(cfg, log=lambda s: None)  # that run is gone: the node runs (and resumes nothing stale)
+    run_workflow(cfg, log=lambda s: None)  # that run is gone: the node runs
     assert "stage_1" in wf.calls()
 
 
