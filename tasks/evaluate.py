@@ -395,8 +395,13 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
     t0 = time.perf_counter()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         cfg.load_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                       experts_implementation=cfg.experts_implementation).eval()
+    from .mcmoe.packed import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(model_dir):  # a `slimmoe quantize` output: rebuilt with its packed experts
+        model = load_quantized(model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code).eval()
+    else:
+        model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                           experts_implementation=cfg.experts_implementation).eval()
     if cache is not None:
         vocab = model.get_output_embeddings().weight.shape[0]
         if cache.vocab_size != vocab:

@@ -233,6 +233,11 @@ def test_cli_evaluate_json(setup, tiny_model_dir, tmp_path, monkeypatch):
     printed = json.loads(result.stdout)
     assert printed["top1_agreement"] == 1.0 and printed["lm_eval"]["hellaswag"]["status"] == "unavailable"
     assert json.loads((out / "report.json").read_text())["rows"] == 6
+    odp = CliRunner().invoke(app, [
+        "evaluate", str(setup["teacher"]), "--data", str(setup["tokens"]), "--out", str(tmp_path / "odp"),
+        "--max-rows", "6", "--json", "--dynamic-pruning", "0"])
+    assert odp.exit_code == 0, odp.output
+    assert json.loads(odp.stdout)["dynamic_pruning"]["beta"] == 0
     bad = CliRunner().invoke(app, ["evaluate", str(tiny_model_dir), "--data", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "error" in bad.output
 

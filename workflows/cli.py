@@ -218,6 +218,9 @@ def evaluate(
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="comma-separated lm-eval-harness tasks (needs lm_eval)"),
+    dynamic_pruning: Optional[float] = typer.Option(None, "--dynamic-pruning", help="MC-MoE ODP with this beta"),
+    dynamic_pruning_target: Optional[float] = typer.Option(None, "--dynamic-pruning-target",
+                                                           help="MC-MoE ODP with per-layer betas calibrated to prune this share of expert calls"),
     as_json: bool = typer.Option(False, "--json", help="print the whole report as JSON"),
 ):
     """Perplexity, KL / top-1 agreement with the teacher, parameters, tokens/s and peak memory of a model."""
@@ -228,7 +231,8 @@ def evaluate(
 
     try:
         cfg = EvaluateConfig(max_rows=max_rows or None, batch_size=batch_size, device=device,
-                             lm_eval_tasks=lm_eval_tasks or [])
+                             lm_eval_tasks=lm_eval_tasks or [], dynamic_pruning=dynamic_pruning,
+                             dynamic_pruning_target=dynamic_pruning_target)
         out_dir = out if out is not None else Path(tempfile.mkdtemp(prefix="slimmoe-eval-"))
         run_evaluate(cfg, model_dir, data, teacher_logits, out_dir)
     except USER_ERRORS as err:
