@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from slimmoe.tasks.kd_loss import distillation_loss, topk_with_rest  # noqa: E402
-from slimmoe.tasks.scoring import magnitude_scores  # noqa: E402
-from slimmoe.tasks.slimming import SlimTargets, slim_model  # noqa: E402
+from slimmoe.tasks.slimming.losses import distillation_loss, topk_with_rest  # noqa: E402
+from slimmoe.tasks.slimming.scores import magnitude_scores  # noqa: E402
+from slimmoe.tasks.slimming.config import SlimTargets  # noqa: E402
+from slimmoe.tasks.slimming.surgery import slim_model
 
 
 def _peak_rss_mb() -> float:
@@ -37,7 +38,7 @@ def _write_cache(teacher, rows: torch.Tensor, k: int, out: Path, batch: int) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slimmoe.tasks.logit_cache import FORMAT_VERSION, ids_dtype, numpy_to_binary_column
+    from slimmoe.tasks.data.formats import LogitCacheManifest, ids_dtype, numpy_to_binary_column
 
     ids, lps, rests = [], [], []
     with torch.no_grad():
@@ -57,11 +58,9 @@ def _write_cache(teacher, rows: torch.Tensor, k: int, out: Path, batch: int) -> 
     })
     out.mkdir(parents=True)
     pq.write_table(table, out / "part-0.parquet")
-    manifest = {"kind": "logit_cache", "format_version": FORMAT_VERSION, "k": k, "seq_len": seq, "vocab_size": vocab,
-                "rows": n, "tokens": n * seq, "teacher_fingerprint": None, "tokenizer_fingerprint": None,
-                "dtypes": {}, "files": [{"path": "part-0.parquet", "rows": n,
-                                         "bytes": (out / "part-0.parquet").stat().st_size}]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    LogitCacheManifest(k=k, seq_len=seq, vocab_size=vocab, rows=n, tokens=n * seq, teacher_fingerprint=None,
+                       tokenizer_fingerprint=None, files=[{"path": "part-0.parquet", "rows": n,
+                                                           "bytes": (out / "part-0.parquet").stat().st_size}]).write(out)
 
 
 def _run(student, batches, opt, teacher=None, k=64):
@@ -90,10 +89,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     args = ap.parse_args()
 
-    from slimmoe.tasks.logit_cache import open_logit_cache
+    from slimmoe.tasks.data.readers import open_logit_cache
     from tiny import tiny_model
 
-    # The demo teacher's shape (FIELD-NOTES): hidden 128, 4 layers, 8 experts of 256, 4q/2kv heads.
+    # The demo teacher's shape (workflows/configs/demo.yaml): hidden 128, 4 layers, 8 experts of 256, 4q/2kv heads.
     teacher = tiny_model("phimoe", vocab_size=args.vocab, hidden_size=128, intermediate_size=256,
                          num_local_experts=8, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
     student = slim_model(teacher, magnitude_scores(teacher), SlimTargets(64, num_key_value_heads=1))

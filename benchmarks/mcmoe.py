@@ -33,63 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slimmoe.tasks.calibration import calibration_batches
-from slimmoe.tasks.checkpoint import load_model
+from slimmoe.tasks.data.calibration import calibration_batches
+from slimmoe.tasks.core.checkpoint import load_model
 from slimmoe.tasks.mcmoe.odp import apply_dynamic_pruning, calibrate_betas
 from slimmoe.tasks.mcmoe.packed import load_quantized, module_memory_bytes
-from slimmoe.tasks.quantize import QuantizeConfig, run_quantize
-from slimmoe.tasks.text_sources import detect_source, read_token_rows
+from slimmoe.tasks.mcmoe.config import QuantizeConfig
+from slimmoe.tasks.nodes.quantize import run_quantize
+from slimmoe.tasks.data.sources import detect_source, read_token_rows
 
-# -- inputs made here when not given ------------------------------------------------------------------
-
-
-def build_teacher(out_dir: Path, steps: int, log) -> Path:
-    """A scaled-down demo teacher (the `slimmoe demo` recipe: PhiMoE, 8 experts, top-2, stdlib text)."""
-    from slimmoe.tasks.pretrain_teacher import PretrainTeacherConfig, run_pretrain_teacher
-
-    cfg = PretrainTeacherConfig(max_steps=steps, max_text_bytes=2_000_000, warmup_steps=min(50, steps // 5),
-                                eval_every=0, max_eval_rows=64, num_threads=torch.get_num_threads())
-    log(f"building a teacher in {out_dir} ({steps} steps)")
-    run_pretrain_teacher(cfg, out_dir, log=log)
-    return out_dir
-
-
-def _write_token_shards(split_dir: Path, rows: torch.Tensor, tokenizer_fp: str, eos: int | None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    split_dir.mkdir(parents=True)
-    table = pa.table({"row_id": pa.array(range(rows.shape[0]), pa.int64()),
-                      "input_ids": pa.array(rows.int().tolist(), pa.list_(pa.int32()))})
-    pq.write_table(table, split_dir / "part-00000.parquet")
-    manifest = {"kind": "token_shards", "format_version": 1, "seq_len": rows.shape[1], "rows": rows.shape[0],
-                "tokens": rows.numel(), "tokenizer_fingerprint": tokenizer_fp, "eos_token_id": eos,
-                "files": [{"path": "part-00000.parquet", "rows": rows.shape[0],
-                           "bytes": (split_dir / "part-00000.parquet").stat().st_size}]}
-    (split_dir / "manifest.json").write_text(json.dumps(manifest))
-
-
-def build_data(teacher_dir: Path, out_dir: Path, seq_len: int, log) -> Path:
-    """The stdlib corpus tokenized with the teacher's tokenizer, split as the teacher's training was."""
-    from transformers import AutoTokenizer
-
-    from slimmoe.tasks.fingerprint import tokenizer_fingerprint
-    from slimmoe.tasks.pretrain_teacher import PretrainTeacherConfig, pack_rows, split_corpus
-
-    corpus = split_corpus(PretrainTeacherConfig(max_text_bytes=2_000_000))
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    fp = tokenizer_fingerprint(teacher_dir)
-    out_dir.mkdir(parents=True)
-    splits = {}
-    for split in ("train", "validation"):
-        rows = pack_rows(tok, corpus[split], seq_len)
-        _write_token_shards(out_dir / split, rows, fp, tok.eos_token_id)
-        splits[split] = {"rows": rows.shape[0], "tokens": rows.numel()}
-    (out_dir / "manifest.json").write_text(json.dumps({"kind": "tokenized_dataset", "seq_len": seq_len,
-                                                       "tokenizer_fingerprint": fp, "splits": splits}))
-    log(f"data: {splits}")
-    return out_dir
-
+from demo_inputs import build_data, build_teacher  # benchmarks/, the script's own folder
 
 def validation_rows(data: Path, limit: int) -> torch.Tensor:
     manifest = json.loads((data / "manifest.json").read_text())

@@ -11,8 +11,9 @@ import json
 
 import transformers
 
-from slimmoe.tasks.params import count_parameters_from_config
-from slimmoe.tasks.slimming import SlimTargets, slimmed_config
+from slimmoe.tasks.core.params import count_parameters_from_config
+from slimmoe.tasks.slimming.config import SlimTargets
+from slimmoe.tasks.slimming.surgery import slimmed_config
 
 PHI_35_MOE = dict(
     vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,

@@ -47,7 +47,7 @@ def build_teacher(out: Path, args) -> Path:
 
 
 def bare_forward(teacher_dir: Path, rows: np.ndarray, batch_size: int, impl: str, threads: int) -> dict:
-    from slimmoe.tasks.checkpoint import load_model
+    from slimmoe.tasks.core.checkpoint import load_model
 
     torch.set_num_threads(threads)
     model = load_model(teacher_dir, experts_implementation=impl).eval()
@@ -64,8 +64,8 @@ def bare_forward(teacher_dir: Path, rows: np.ndarray, batch_size: int, impl: str
 def topk_kl(teacher_dir: Path, cache_dir: Path, n_rows: int, impl: str) -> dict:
     """Mean over tokens of KL(p || q): p the full teacher distribution, q the cached top-k probabilities
     with the cached rest mass spread uniformly over the other ids."""
-    from slimmoe.tasks.checkpoint import load_model
-    from slimmoe.tasks.logit_cache import open_logit_cache
+    from slimmoe.tasks.core.checkpoint import load_model
+    from slimmoe.tasks.data.readers import open_logit_cache
 
     cache = open_logit_cache(cache_dir)
     rows = cache.read_rows(np.arange(min(n_rows, cache.num_rows)))
@@ -103,8 +103,9 @@ def main() -> None:
 
     import ray
 
-    from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, run_teacher_logits
-    from slimmoe.tasks.tokenize_data import write_tokenized_dataset
+    from slimmoe.tasks.data.config import TeacherLogitsConfig
+    from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
+    from slimmoe.tasks.data.shards import write_tokenized_dataset
 
     rng = np.random.default_rng(0)
     val_rows = max(args.batch_size, args.rows // 12)
@@ -128,7 +129,7 @@ def main() -> None:
 
         # One actor with the bare loop's threads, and one more logical CPU for the read/write tasks.
         ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        cfg = TeacherLogitsConfig(k=args.k, batch_size=args.batch_size, num_actors=1, cpus_per_actor=args.threads,
+        cfg = TeacherLogitsConfig(k=args.k, batch_size=args.batch_size, actor_pool_size=1, cpus_per_actor=args.threads,
                                   torch_threads=args.threads, experts_implementation=args.experts_implementation,
                                   rows_per_file=1024, device="cpu")
         timings = {}

@@ -11,7 +11,7 @@ Every method removes (about) the same share of the teacher's routed-expert param
 Each result is evaluated on the validation split: perplexity and the full-vocabulary
 KL(teacher || student) per token, against the live teacher. With distillation (default when a
 logit cache is given or can be made), every compressed model gets the same token budget through
-`slimmoe.tasks.stage.run_stage`; slimming runs as one SlimMoE stage (score, slim, distill).
+`slimmoe.tasks.nodes.stage.run_stage`; slimming runs as one SlimMoE stage (score, slim, distill).
 
     python benchmarks/trim_vs_slim.py --teacher TEACHER_DIR --data TOKENIZED_DIR [--logits TEACHER_LOGITS_DIR]
     python benchmarks/trim_vs_slim.py --no-distill            # builds a small teacher and data itself
@@ -32,64 +32,15 @@ from pathlib import Path
 
 import torch
 
-from slimmoe.tasks.adapters import UnsupportedOperationError, get_adapter
-from slimmoe.tasks.checkpoint import load_config, load_model
-from slimmoe.tasks.params import count_parameters, count_parameters_from_config, format_count
-from slimmoe.tasks.text_sources import detect_source, read_token_rows
-from slimmoe.tasks.trim import REPORT_NAME, TrimConfig, check_token_data, run_trim
-from slimmoe.tasks.trim_surgery import block_dropped_config, moe_layer_indices
+from slimmoe.tasks.core.adapters import UnsupportedOperationError, get_adapter
+from slimmoe.tasks.core.checkpoint import load_config, load_model
+from slimmoe.tasks.core.params import count_parameters, count_parameters_from_config, format_count
+from slimmoe.tasks.data.sources import detect_source, read_token_rows
+from slimmoe.tasks.nodes.trim import REPORT_NAME, check_token_data, run_trim
+from slimmoe.tasks.trimming.config import TrimConfig
+from slimmoe.tasks.trimming.surgery import block_dropped_config, moe_layer_indices
 
-
-# -- inputs: a teacher and tokenized data, made here when not given ------------------------------------
-
-def build_teacher(out_dir: Path, steps: int, log) -> Path:
-    """A scaled-down demo teacher (same recipe as `slimmoe demo`), trained for `steps` steps."""
-    from slimmoe.tasks.pretrain_teacher import PretrainTeacherConfig, run_pretrain_teacher
-
-    cfg = PretrainTeacherConfig(max_steps=steps, max_text_bytes=2_000_000, warmup_steps=min(50, steps // 5),
-                                eval_every=0, max_eval_rows=64, num_threads=torch.get_num_threads())
-    log(f"building a teacher in {out_dir} ({steps} steps)")
-    run_pretrain_teacher(cfg, out_dir, log=log)
-    return out_dir
-
-
-def write_token_shards(split_dir: Path, rows: torch.Tensor, tokenizer_fp: str, eos: int | None) -> None:
-    """One split in the shared token-shards format (manifest written last)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    split_dir.mkdir(parents=True)
-    table = pa.table({"row_id": pa.array(range(rows.shape[0]), pa.int64()),
-                      "input_ids": pa.array(rows.int().tolist(), pa.list_(pa.int32()))})
-    pq.write_table(table, split_dir / "part-00000.parquet")
-    manifest = {"kind": "token_shards", "format_version": 1, "seq_len": rows.shape[1], "rows": rows.shape[0],
-                "tokens": rows.numel(), "tokenizer_fingerprint": tokenizer_fp, "eos_token_id": eos,
-                "files": [{"path": "part-00000.parquet", "rows": rows.shape[0],
-                           "bytes": (split_dir / "part-00000.parquet").stat().st_size}]}
-    (split_dir / "manifest.json").write_text(json.dumps(manifest))
-
-
-def build_data(teacher_dir: Path, out_dir: Path, seq_len: int, max_train_rows: int, log) -> Path:
-    """The standard library's source, tokenized with the teacher's tokenizer, split as the demo teacher was."""
-    from transformers import AutoTokenizer
-
-    from slimmoe.tasks.fingerprint import tokenizer_fingerprint
-    from slimmoe.tasks.pretrain_teacher import PretrainTeacherConfig, pack_rows, split_corpus
-
-    corpus = split_corpus(PretrainTeacherConfig(max_text_bytes=2_000_000))
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    fp = tokenizer_fingerprint(teacher_dir)
-    splits = {}
-    for split in ("train", "validation"):
-        rows = pack_rows(tok, corpus[split], seq_len)
-        if split == "train":  # only the calibration and distillation budget are read; caching more costs time
-            rows = rows[:max_train_rows]
-        write_token_shards(out_dir / split, rows, fp, tok.eos_token_id)
-        splits[split] = {"rows": rows.shape[0], "tokens": rows.numel()}
-    (out_dir / "manifest.json").write_text(json.dumps({"kind": "tokenized_dataset", "seq_len": seq_len,
-                                                       "tokenizer_fingerprint": fp, "splits": splits}))
-    log(f"tokenized data in {out_dir}: {splits}")
-    return out_dir
+from demo_inputs import build_data, build_teacher  # benchmarks/, the script's own folder
 
 
 # -- matching the parameter budget ----------------------------------------------------------------------
@@ -167,11 +118,12 @@ class Evaluator:
 
 def distill(model_dir: Path, logits_dir: Path, out_dir: Path, work_dir: Path, token_budget: int,
             teacher_fingerprint: str | None = None, expert_intermediate_size: int | None = None, **stage) -> dict:
-    """Distill `model_dir` on the teacher's cached logits with `slimmoe.tasks.stage.run_stage`.
+    """Distill `model_dir` on the teacher's cached logits with `slimmoe.tasks.nodes.stage.run_stage`.
 
     With `expert_intermediate_size` the stage first slims to it (a SlimMoE stage); without, it keeps
     every size and only distills (what a trimmed model needs)."""
-    from slimmoe.tasks.stage import StageConfig, run_stage
+    from slimmoe.tasks.slimming.config import StageConfig
+    from slimmoe.tasks.nodes.stage import run_stage
 
     cut = {"expert_intermediate_size": expert_intermediate_size} if expert_intermediate_size else {"distill_only": True}
     cfg = StageConfig(token_budget=token_budget, **cut, **stage)
@@ -181,9 +133,10 @@ def distill(model_dir: Path, logits_dir: Path, out_dir: Path, work_dir: Path, to
 
 def make_logits(teacher_dir: Path, data_dir: Path, out_dir: Path, log) -> Path:
     try:
-        from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+        from slimmoe.tasks.data.config import TeacherLogitsConfig
+        from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
     except ImportError as err:
-        raise RuntimeError(f"no --logits given and slimmoe.tasks.teacher_logits is not available ({err}); "
+        raise RuntimeError(f"no --logits given and slimmoe.tasks.nodes.teacher_logits is not available ({err}); "
                            "pass --logits DIR (a teacher_logits output) or --no-distill") from err
     log(f"caching teacher logits in {out_dir}")
     out_dir.mkdir(parents=True)
@@ -217,7 +170,7 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="trim_vs_slim-"))
     work.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher or build_teacher(work / "teacher", args.teacher_steps, log)
-    data = args.data or build_data(teacher, work / "data", args.seq_len, args.max_train_rows, log)
+    data = args.data or build_data(teacher, work / "data", args.seq_len, log, max_train_rows=args.max_train_rows)
     check_token_data(detect_source(data), teacher)  # before any arm runs
     budget = plan(teacher, args.expert_fraction)
     log(f"plan: {budget}")
@@ -242,12 +195,12 @@ def main(argv=None) -> dict:
         row = {"method": name, "setting": setting, "distilled": False}
         try:
             if cfg is None:
-                from slimmoe.tasks.slim import slim_checkpoint
-                from slimmoe.tasks.slimming import SlimTargets
+                from slimmoe.tasks.nodes.slim import run_slim
+                from slimmoe.tasks.slimming.config import SlimConfig
 
-                slim_checkpoint(teacher, out, SlimTargets(budget["slim"]), data=data,
-                                calibration_batches_n=args.calibration_batches, batch_size=args.batch_size,
-                                seq_len=args.seq_len, log=log)
+                run_slim(SlimConfig(expert_intermediate_size=budget["slim"], data=str(data),
+                                    calibration_batches=args.calibration_batches, batch_size=args.batch_size,
+                                    seq_len=args.seq_len), teacher, out, log=log)
             else:
                 run_trim(cfg, teacher, data, out, log=log)
             row.update(evaluate(out))
@@ -267,7 +220,7 @@ def main(argv=None) -> dict:
     distill_note = "not requested (--no-distill)"
     if not args.no_distill:
         try:
-            from slimmoe.tasks.fingerprint import model_fingerprint
+            from slimmoe.tasks.core.fingerprint import model_fingerprint
 
             logits = args.logits or make_logits(teacher, data, work / "logits", log)
             teacher_fp = model_fingerprint(teacher)

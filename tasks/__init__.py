@@ -1,1 +1,2 @@
-"""Science of slimmoe: one module per kind of DAG node, each runnable on its own."""
+"""The science of slimmoe: components (core, data, slimming, trimming, mcmoe, evaluation, pretraining)
+and the DAG's node entry points that use them (nodes). See docs/architecture.md."""

@@ -17,126 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-STANDINS = r'''
-"""Stand-in node kinds for the driver tests (registered from a workflow config's `plugins`)."""
-import hashlib, json, os, time
-from pathlib import Path
-from typing import Optional
-from pydantic import BaseModel, ConfigDict, Field
-from slimmoe.workflows.nodes import NodeKind, register_node_kind
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def _record(ctx):
-    calls = os.environ.get("STANDIN_CALLS")
-    if calls:
-        with open(calls, "a") as f:
-            f.write(ctx.name + "\n")
-    if os.environ.get("STANDIN_FAIL") == ctx.name:
-        raise RuntimeError(f"stand-in {ctx.name} told to fail")
-
-
-def _read_dir(path) -> str:
-    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".txt", ".json"))
-    return _digest(*[(f.name, f.read_text()) for f in files])
-
-
-class TokCfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str
-    seq_len: int = Field(8, gt=0)
-
-
-class LogitsCfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(4, gt=0)
-    actor_pool_size: int = 1
-
-
-class StageCfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    expert_intermediate_size: int = Field(gt=0)
-    num_key_value_heads: Optional[int] = None
-    token_budget: int = Field(gt=0)
-    lr: float = 1e-3
-    step_seconds: float = 0.0
-    num_workers: int = 1
-
-
-class EvalCfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_rows: int = Field(4, gt=0)
-
-
-def run_tok(ctx):
-    _record(ctx)
-    text = _digest(ctx.config.source, ctx.config.seq_len, _read_dir(ctx.inputs["tokenizer"]))
-    (ctx.out_dir / "tokens.txt").write_text(text)
-    return {"tokens": 64 * ctx.config.seq_len}
-
-
-def run_logits(ctx):
-    _record(ctx)
-    tokens = (Path(ctx.inputs["tokens"]) / "tokens.txt").read_text()
-    (ctx.out_dir / "logits.txt").write_text(_digest(tokens, ctx.config.k, _read_dir(ctx.inputs["teacher"])))
-    return {"rows": 64}
-
-
-def run_stage(ctx):
-    _record(ctx)
-    cfg, work = ctx.config, Path(ctx.work_dir)
-    state_file = work / "progress.json"
-    state = {"step": 0, "acc": _digest(_read_dir(ctx.inputs["model"]), _read_dir(ctx.inputs["logits"]),
-                                       cfg.expert_intermediate_size, cfg.num_key_value_heads, cfg.lr)}
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        ctx.log(f"stand-in {ctx.name} resumed from step {state['step']} in {work}")
-    while state["step"] < cfg.token_budget:
-        time.sleep(cfg.step_seconds)
-        state = {"step": state["step"] + 1, "acc": _digest(state["acc"], state["step"])}
-        tmp = work / "progress.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, state_file)
-    (ctx.out_dir / "model.txt").write_text(state["acc"])
-    return {"val_loss": int(state["acc"][:6], 16) / 16**6, "steps": state["step"]}
-
-
-def run_eval(ctx):
-    _record(ctx)
-    text = _digest(_read_dir(ctx.inputs["model"]), _read_dir(ctx.inputs["tokens"]), ctx.config.max_rows)
-    (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
-    return {"perplexity": 1 + int(text[:6], 16) / 16**6}
-
-
-def run_ray_eval(ctx):
-    """Like run_eval, but computes its digest in a Ray task (proves the driver reached the cluster)."""
-    import ray
-
-    def digest_remote(a, b):
-        return _digest(a, b)
-
-    _record(ctx)
-    text = ray.get(ray.remote(digest_remote).remote(_read_dir(ctx.inputs["model"]), ctx.config.max_rows))
-    (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
-    return {"perplexity": 1 + int(text[:6], 16) / 16**6, "ray_nodes": len(ray.nodes())}
-
-
-for kind in (
-    NodeKind("standin_tokenize", 1, run_tok, TokCfg, uses_ray=False),
-    NodeKind("standin_logits", 1, run_logits, LogitsCfg, uses_ray=False, key_ignore=frozenset({"actor_pool_size"})),
-    NodeKind("standin_stage", 1, run_stage, StageCfg, uses_ray=False, uses_work_dir=True,
-             key_ignore=frozenset({"step_seconds"}), headline=("val_loss",)),
-    NodeKind("standin_eval", 1, run_eval, EvalCfg, uses_ray=False, headline=("perplexity",)),
-    NodeKind("standin_ray_eval", 1, run_ray_eval, EvalCfg, uses_ray=True, headline=("perplexity",)),
-):
-    register_node_kind(kind, replace=True)
-'''
-
-KINDS = {"tokenize": "standin_tokenize", "teacher_logits": "standin_logits", "stage": "standin_stage",
-         "evaluate": "standin_eval"}
+STANDIN_SITE = str(Path(__file__).resolve().parent / "standin_site")  # see tests/standins.py
 ALL_NODES = ["tokenize", "teacher_logits", "stage_1", "stage_2", "stage_3", "one_stage",
              "evaluate_stage_3", "evaluate_one_stage"]
 
@@ -156,8 +37,6 @@ def workflow_dict(root: Path, storage: str | None = None, **changes) -> dict:
     cfg = {
         "name": "wf",
         "storage": storage or str(root / "store"),
-        "plugins": [str(root / "standins.py")],
-        "kinds": dict(KINDS),
         "teacher": {"path": str(root / "teacher")},
         "data": {"source": "hello"},
         "logits": {"k": 4},
@@ -182,8 +61,10 @@ def write_config(root: Path, cfg: dict, name: str = "wf.yaml") -> Path:
 
 @pytest.fixture
 def wf(tmp_path, monkeypatch):
-    """A workspace: stand-in plugin, teacher, config; stand-in calls are logged to calls.txt."""
-    (tmp_path / "standins.py").write_text(STANDINS)
+    """A workspace: stand-in node kinds, teacher, config; stand-in calls are logged to calls.txt."""
+    import standins
+
+    standins.install()
     make_teacher(tmp_path / "teacher")
     calls = tmp_path / "calls.txt"
     monkeypatch.setenv("STANDIN_CALLS", str(calls))
@@ -202,7 +83,8 @@ def wf(tmp_path, monkeypatch):
         def config(**changes) -> Path:
             return write_config(tmp_path, workflow_dict(tmp_path, **changes))
 
-    return W
+    yield W
+    standins.uninstall()
 
 
 def outputs(store: Path, workflow: str = "wf") -> dict[str, dict[str, str]]:
@@ -285,9 +167,10 @@ def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf
     from slimmoe.workflows.driver import run_workflow, workflow_status
 
     stages = workflow_dict(wf.root)["stages"]
-    stages[1].update(token_budget=8, step_seconds=0.4)
+    stages[1].update(token_budget=8)
     cfg = wf.config(stages=stages)
-    env = dict(os.environ, STANDIN_CALLS=str(tmp_path / "calls.txt"))
+    env = dict(os.environ, STANDIN_CALLS=str(tmp_path / "calls.txt"), STANDIN_SLOW="stage_2:0.4",
+               PYTHONPATH=STANDIN_SITE)
 
     first = _run_cli(["run", str(cfg)], tmp_path / "first.log", env)
     work = wf.root / "store" / "wf" / "stage_2" / "_work"
@@ -321,8 +204,7 @@ def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf
     driver_logs = "".join(p.read_text() for p in (wf.root / "store" / "wf" / "_logs").iterdir())
     assert "resuming" in driver_logs
 
-    # The same workflow, never interrupted (the steps' pace is not part of any key).
-    stages[1]["step_seconds"] = 0.0
+    # The same workflow, never interrupted.
     reference = wf.root / "reference"
     run_workflow(wf.config(stages=stages), overrides={"storage": str(reference)}, log=lambda s: None)
     assert outputs(wf.root / "store") == outputs(reference)
@@ -452,23 +334,18 @@ def test_uri_storage_uploads_outputs_and_downloads_inputs(wf, tmp_path):
     assert outputs(wf.root / "store") == before
 
 
-def test_plugins_from_the_environment(wf, monkeypatch):
+def test_a_workflow_config_cannot_load_code(wf):
+    """No config field imports a module or runs a file: `plugins` and `kinds` are unknown fields."""
     from slimmoe.workflows.config import WorkflowConfigError
     from slimmoe.workflows.driver import run_workflow
 
-    extra = wf.root / "extra_kinds.py"
-    extra.write_text(
-        "from slimmoe.workflows.nodes import NodeKind, get_node_kind, register_node_kind\n"
-        "base = get_node_kind('standin_eval')\n"
-        "register_node_kind(NodeKind('env_plugin_eval', 1, base.run, base.config_class, uses_ray=False), replace=True)\n")
-    kinds = dict(KINDS, evaluate="env_plugin_eval")
-    cfg = wf.config(kinds=kinds)
-    monkeypatch.delenv("SLIMMOE_PLUGINS", raising=False)
-    with pytest.raises(WorkflowConfigError, match="unknown node kind 'env_plugin_eval'"):
+    planted = wf.root / "planted.py"
+    planted.write_text(f"open({str(wf.root / 'ran')!r}, 'w').write('imported')\n")
+    cfg = write_config(wf.root, workflow_dict(wf.root, plugins=[str(planted)], kinds={"stage": "planted"}))
+    with pytest.raises(WorkflowConfigError) as err:
         run_workflow(cfg, log=lambda s: None)
-    monkeypatch.setenv("SLIMMOE_PLUGINS", str(extra))
-    res = run_workflow(cfg, log=lambda s: None)
-    assert res["evaluate_stage_3"].state == "finished" and "evaluate_stage_3" in wf.calls()
+    assert "plugins: unknown field 'plugins'" in str(err.value) and "kinds: unknown field 'kinds'" in str(err.value)
+    assert not (wf.root / "ran").exists() and wf.calls() == []
 
 
 def test_a_second_live_run_of_a_node_on_this_host_is_refused(wf):
@@ -499,7 +376,7 @@ def test_a_second_live_run_of_a_node_on_this_host_is_refused(wf):
 def test_uri_rerun_killed_after_deleting_the_old_output_keeps_the_new_one(wf, tmp_path, monkeypatch):
     from slimmoe.workflows.dag import build_dag
     from slimmoe.workflows.driver import rerun_node, run_workflow
-    from slimmoe.workflows.fsio import Store
+    from slimmoe.workflows.storage import Store
 
     remote = tmp_path / "bucket"
     cfg = wf.config(storage=f"file://{remote}", cache_dir=str(tmp_path / "cache"))

@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimmoe.tasks.evaluate import EvaluateConfig, run_evaluate
-from slimmoe.tasks.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.kd_loss import topk_with_rest
-from slimmoe.tasks.logit_cache import ids_dtype, numpy_to_binary_column
-from slimmoe.tasks.params import count_parameters
+from slimmoe.tasks.evaluation.config import EvaluateConfig
+from slimmoe.tasks.nodes.evaluate import run_evaluate
+from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from slimmoe.tasks.slimming.losses import topk_with_rest
+from slimmoe.tasks.data.formats import (LogitCacheManifest, TokenizedDatasetManifest, TokenShardsManifest, ids_dtype,
+                                        numpy_to_binary_column)
+from slimmoe.tasks.core.params import count_parameters
 
 SEQ = 32
 ROWS = 20
@@ -56,9 +58,8 @@ def write_token_shards(out, rows: np.ndarray, tok_fp: str, eos: int = 2) -> None
         for a, b in ((0, half), (half, len(rows)))
     ]
     files = _write_files(out, tables)
-    (out / "manifest.json").write_text(json.dumps({
-        "kind": "token_shards", "format_version": 1, "seq_len": rows.shape[1], "rows": len(rows),
-        "tokens": int(rows.size), "tokenizer_fingerprint": tok_fp, "eos_token_id": eos, "files": files}))
+    TokenShardsManifest(seq_len=rows.shape[1], rows=len(rows), tokens=int(rows.size), tokenizer_fingerprint=tok_fp,
+                        eos_token_id=eos, files=files).write(out)
 
 
 def write_logit_cache(out, teacher_dir, rows: np.ndarray, tok_fp: str, k: int = K) -> None:
@@ -78,12 +79,10 @@ def write_logit_cache(out, teacher_dir, rows: np.ndarray, tok_fp: str, k: int = 
         "rest_logprob": numpy_to_binary_column(rest.numpy().astype(np.float32)),
     })
     files = _write_files(out, [table])
-    (out / "manifest.json").write_text(json.dumps({
-        "kind": "logit_cache", "format_version": 1, "teacher_fingerprint": model_fingerprint(teacher_dir),
-        "tokenizer_fingerprint": tok_fp, "k": k, "seq_len": rows.shape[1], "vocab_size": vocab,
-        "rows": len(rows), "tokens": int(rows.size),
-        "dtypes": {"topk_ids": str(ids_dtype(vocab)), "topk_logprobs": "float16", "rest_logprob": "float32"},
-        "files": files}))
+    LogitCacheManifest(teacher_fingerprint=model_fingerprint(teacher_dir), tokenizer_fingerprint=tok_fp, k=k,
+                       seq_len=rows.shape[1], vocab_size=vocab, rows=len(rows), tokens=int(rows.size),
+                       dtypes={"topk_ids": str(ids_dtype(vocab)), "topk_logprobs": "float16", "rest_logprob": "float32"},
+                       files=files).write(out)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +94,8 @@ def setup(tmp_path_factory, tiny_model_dir):
     tokens = root / "tokens"
     write_token_shards(tokens / "train", rows[::-1].copy(), tok_fp)
     write_token_shards(tokens / "validation", rows, tok_fp)
-    (tokens / "manifest.json").write_text(json.dumps({
-        "kind": "tokenized_dataset", "seq_len": SEQ, "tokenizer_fingerprint": tok_fp,
-        "splits": {s: {"rows": ROWS, "tokens": ROWS * SEQ} for s in ("train", "validation")}}))
+    TokenizedDatasetManifest(seq_len=SEQ, tokenizer_fingerprint=tok_fp,
+                             splits={s: {"rows": ROWS, "tokens": ROWS * SEQ} for s in ("train", "validation")}).write(tokens)
     # Random tiny models predict nearly uniform distributions, under which any two models agree;
     # a scaled-up head makes them confident, so KL and top-1 agreement can tell models apart.
     from tiny import tiny_model

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from slimmoe.tasks.logit_cache import (FORMAT_VERSION, MANIFEST, LogitCacheError, numpy_to_binary_column,
-                                       open_logit_cache, open_token_shards, tile_files)
-from slimmoe.tasks.tokenize_data import write_token_shards
+from slimmoe.tasks.data.formats import MANIFEST, LogitCacheError, LogitCacheManifest, numpy_to_binary_column
+from slimmoe.tasks.data.readers import open_logit_cache, open_token_shards, tile_files
+from slimmoe.tasks.data.shards import write_token_shards
 
 T, K, V = 6, 4, 300
 
@@ -43,10 +43,8 @@ def write_cache(path, n=23, rows_per_file=5, seed=0, teacher="teach0", tokenizer
         name = f"rows-{i}.parquet"
         pq.write_table(table, path / name)
         files.append({"path": name, "rows": hi - lo, "bytes": (path / name).stat().st_size})
-    manifest = {"kind": "logit_cache", "format_version": FORMAT_VERSION, "teacher_fingerprint": teacher,
-                "tokenizer_fingerprint": tokenizer, "k": K, "seq_len": T, "vocab_size": V, "rows": n, "tokens": n * T,
-                "dtypes": {}, "files": files}
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    LogitCacheManifest(teacher_fingerprint=teacher, tokenizer_fingerprint=tokenizer, k=K, seq_len=T, vocab_size=V,
+                       rows=n, tokens=n * T, files=files).write(path)
     return input_ids, topk_ids, topk_logprobs, rest
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from slimmoe.tasks.adapters import get_adapter
+from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.mcmoe.odp import apply_dynamic_pruning, calibrate_betas
 from tiny import FAMILIES, tiny_model
 
@@ -205,7 +205,8 @@ def test_renormalize_keeps_the_weight_sum_and_errors_are_clear():
 
 def test_odp_stacks_on_a_quantized_checkpoint(tmp_path):
     from slimmoe.tasks.mcmoe.packed import load_quantized, save_quantized
-    from slimmoe.tasks.quantize import QuantizeConfig, quantize_model
+    from slimmoe.tasks.mcmoe.config import QuantizeConfig
+    from slimmoe.tasks.mcmoe.pipeline import quantize_model
 
     model = tiny_model("phimoe")
     batches = [_ids(20 + i, batch=2, seq=32) for i in range(2)]

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
-from slimmoe.tasks.pretrain_teacher import PretrainTeacherConfig, run_pretrain_teacher, source_files
+from slimmoe.tasks.pretraining.config import PretrainTeacherConfig
+from slimmoe.tasks.nodes.pretrain_teacher import run_pretrain_teacher
+from slimmoe.tasks.pretraining.corpus import source_files
 
 TINY = dict(max_text_bytes=300_000, validation_every=5, vocab_size=512, hidden_size=64, num_layers=2, num_experts=4,
-            expert_size=64, seq_len=64, batch_size=8, warmup_steps=10, log_every=10, eval_every=30,
+            expert_intermediate_size=64, seq_len=64, batch_size=8, warmup_steps=10, log_every=10, eval_every=30,
             num_threads=1)
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimmoe.tasks.adapters import get_adapter
+from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.mcmoe.allocation import AllocationError, allocate_bits, budget_total
 from slimmoe.tasks.mcmoe.experts import canonical_experts, expert_output
 from slimmoe.tasks.mcmoe.packed import WEIGHTS_FILE, QuantizedFormatError, load_quantized, save_quantized
 from slimmoe.tasks.mcmoe.packing import pack_codes, unpack_codes
 from slimmoe.tasks.mcmoe.quantizer import dequantize_codes, quantize_gptq, quantize_rtn
-from slimmoe.tasks.quantize import QuantizeConfig, quantize_model, run_quantize
+from slimmoe.tasks.mcmoe.config import QuantizeConfig
+from slimmoe.tasks.mcmoe.pipeline import quantize_model
+from slimmoe.tasks.nodes.quantize import run_quantize
 from tiny import FAMILIES, stdlib_texts, tiny_model, train_tokenizer
 
 
@@ -209,7 +211,7 @@ def _kl(ref_logits, logits):
 
 
 def test_8bit_quantization_is_near_lossless(trained, tmp_path):
-    from slimmoe.tasks.checkpoint import load_model
+    from slimmoe.tasks.core.checkpoint import load_model
 
     cfg = QuantizeConfig(avg_bits=8, candidate_bits=[8], group_size=64, calibration_batches=4, batch_size=4, seq_len=64)
     metrics = run_quantize(cfg, trained["model_dir"], trained["data"], tmp_path / "q8", log=lambda _m: None)
@@ -228,8 +230,8 @@ def test_8bit_quantization_is_near_lossless(trained, tmp_path):
 
 
 def test_pmq_checkpoint_reloads_with_the_same_logits(trained, tmp_path):
-    from slimmoe.tasks.calibration import calibration_batches
-    from slimmoe.tasks.checkpoint import load_model
+    from slimmoe.tasks.data.calibration import calibration_batches
+    from slimmoe.tasks.core.checkpoint import load_model
 
     cfg = QuantizeConfig(avg_bits=2.5, group_size=32, calibration_batches=4, batch_size=4, seq_len=64)
     model = load_model(trained["model_dir"])

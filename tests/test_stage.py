@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimmoe.tasks.fingerprint import model_fingerprint
-from slimmoe.tasks.kd_loss import next_token_loss, per_token_kl
-from slimmoe.tasks.logit_cache import open_logit_cache
-from slimmoe.tasks.stage import StageConfig, plan_steps, run_stage
-from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, run_teacher_logits
-from slimmoe.tasks.tokenize_data import TokenizeConfig, run_tokenize
+from slimmoe.tasks.core.fingerprint import model_fingerprint
+from slimmoe.tasks.slimming.losses import next_token_loss, per_token_kl
+from slimmoe.tasks.data.readers import open_logit_cache
+from slimmoe.tasks.slimming.config import StageConfig, plan_steps
+from slimmoe.tasks.nodes.stage import run_stage
+from slimmoe.tasks.data.config import TeacherLogitsConfig
+from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
+from slimmoe.tasks.data.config import TokenizeConfig
+from slimmoe.tasks.nodes.tokenize import run_tokenize
 from tiny import stdlib_texts, tiny_model, train_tokenizer
 
 SEQ = 32
@@ -46,7 +49,7 @@ def pipeline(tmp_path_factory, ray_cluster):
         opt.step()
     model.eval().save_pretrained(teacher_dir)
     tokens = root / "tokens"
-    run_tokenize(TokenizeConfig(data=str(data), seq_len=SEQ, validation_fraction=0.1), teacher_dir, tokens)
+    run_tokenize(TokenizeConfig(source=str(data), seq_len=SEQ, validation_fraction=0.1), teacher_dir, tokens)
     logits = root / "logits"
     run_teacher_logits(TeacherLogitsConfig(k=16, batch_size=32), teacher_dir, tokens, logits)
     return {"root": root, "teacher": teacher_dir, "logits": logits, "fp": model_fingerprint(teacher_dir)}
@@ -184,11 +187,11 @@ def test_bad_stage_configs_are_refused_before_any_work(pipeline, tmp_path):
 
 
 def test_distill_only_keeps_every_size_and_moves_toward_the_teacher(pipeline, tmp_path):
-    from slimmoe.tasks.slim import slim_checkpoint
-    from slimmoe.tasks.slimming import SlimTargets
+    from slimmoe.tasks.nodes.slim import run_slim
+    from slimmoe.tasks.slimming.config import SlimConfig
 
     cut = tmp_path / "cut"  # a model compressed elsewhere (here: a one-shot magnitude cut)
-    slim_checkpoint(pipeline["teacher"], cut, SlimTargets(16))
+    run_slim(SlimConfig(expert_intermediate_size=16), pipeline["teacher"], cut)
     out = tmp_path / "out"
     cfg = _cfg(expert_intermediate_size=None, num_key_value_heads=None, distill_only=True, num_workers=1,
                token_budget=30 * 8 * SEQ, next_token_weight=0.0)

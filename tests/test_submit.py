@@ -21,15 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from test_driver import STANDINS, make_teacher, workflow_dict, write_config
+from test_driver import STANDIN_SITE, make_teacher, workflow_dict, write_config
 
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, or the OS may hand
+    the same port out twice (and `ray start` refuses two components on one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _env() -> dict:
@@ -60,10 +67,9 @@ def _our_leftovers(temp_dir: str) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                             "object-manager-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                             "metrics-export-port")}
+    names = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    ports = dict(zip(names, _free_ports(len(names))))
     low = 20000 + (uuid.uuid4().int % 400) * 100
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
@@ -117,13 +123,19 @@ def ray_head():
 def job_workflow(tmp_path):
     root = tmp_path / "elsewhere"  # a config far from the project's working_dir
     root.mkdir()
-    (root / "standins.py").write_text(STANDINS)
     make_teacher(root / "teacher")
     cfg = workflow_dict(root)
-    cfg["kinds"]["evaluate"] = "standin_ray_eval"  # evaluates inside a Ray task on the job's cluster
     # Relative paths: the submitter resolves them against the config's directory before shipping it.
-    cfg["storage"], cfg["plugins"], cfg["teacher"] = "store", ["standins.py"], {"path": "teacher"}
+    cfg["storage"], cfg["teacher"] = "store", {"path": "teacher"}
     return write_config(root, cfg)
+
+
+@pytest.fixture
+def standin_runtime_env(tmp_path):
+    """The job's processes get the stand-in node kinds (and an evaluate that runs in a Ray task)."""
+    path = tmp_path / "standin_env.yaml"
+    path.write_text(f"env_vars:\n  PYTHONPATH: {STANDIN_SITE}\n  STANDIN_RAY_EVAL: '1'\n")
+    return path
 
 
 def test_prepare_submission_ships_config_and_warns_about_local_storage(job_workflow):
@@ -142,7 +154,7 @@ def test_prepare_submission_ships_config_and_warns_about_local_storage(job_workf
         shipped = yaml.safe_load((pkg / "workflow.yaml").read_text())
         assert shipped["storage"] == str(job_workflow.parent / "store")  # absolute, as resolved locally
         assert shipped["teacher"]["path"] == str(job_workflow.parent / "teacher")
-        assert shipped["plugins"] == ["plugin_0_standins.py"] and (pkg / "plugin_0_standins.py").exists()
+        assert "plugins" not in shipped and sorted(p.name for p in pkg.iterdir()) == ["__init__.py", "workflow.yaml"]
         assert any("local path" in n for n in sub.notes)
     finally:
         sub.cleanup()
@@ -152,13 +164,14 @@ def test_prepare_submission_ships_config_and_warns_about_local_storage(job_workf
     assert not any("local path" in n for n in local.notes)
 
 
-def test_submit_runs_the_workflow_as_a_ray_job(ray_head, job_workflow, tmp_path):
+def test_submit_runs_the_workflow_as_a_ray_job(ray_head, job_workflow, standin_runtime_env, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
     from slimmoe.workflows.driver import workflow_status
 
     cli = [sys.executable, "-m", "slimmoe.workflows.cli"]
-    done = subprocess.run([*cli, "submit", str(job_workflow), "--address", ray_head], env=_env(),
+    extra = ["--runtime-env", str(standin_runtime_env)]
+    done = subprocess.run([*cli, "submit", str(job_workflow), "--address", ray_head, *extra], env=_env(),
                           capture_output=True, text=True, timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
@@ -173,7 +186,7 @@ def test_submit_runs_the_workflow_as_a_ray_job(ray_head, job_workflow, tmp_path)
     assert (store / "stage_2" / rows["stage_2"]["key"] / "_SUCCESS").exists()
 
     # --no-wait returns at once with the job id; the second run of the finished workflow runs no node.
-    quick = subprocess.run([*cli, "submit", str(job_workflow), "--address", ray_head, "--no-wait"], env=_env(),
+    quick = subprocess.run([*cli, "submit", str(job_workflow), "--address", ray_head, "--no-wait", *extra], env=_env(),
                            capture_output=True, text=True, timeout=120)
     assert quick.returncode == 0, quick.stdout + quick.stderr
     job_id = next(w for w in quick.stdout.split() if w.startswith("slimmoe-wf-"))

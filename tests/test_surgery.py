@@ -2,18 +2,23 @@
 
 import json
 
+from dataclasses import asdict
+
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from slimmoe.tasks.adapters import UnsupportedModelError, UnsupportedOperationError, get_adapter
-from slimmoe.tasks.kd_loss import next_token_loss
-from slimmoe.tasks.params import count_parameters
-from slimmoe.tasks.scoring import Scores, magnitude_scores, taylor_scores
-from slimmoe.tasks.slim import next_token_score_loss, slim_checkpoint
-from slimmoe.tasks.slimming import SlimTargetError, SlimTargets, keep_all_targets, slim_model
-from tiny import FAMILIES, HEAD_PRUNABLE, stdlib_texts, tiny_model, train_tokenizer
+from slimmoe.tasks.core.adapters import UnsupportedModelError, UnsupportedOperationError, get_adapter
+from slimmoe.tasks.slimming.losses import next_token_loss
+from slimmoe.tasks.core.params import count_parameters
+from slimmoe.tasks.slimming.scores import Scores, magnitude_scores, taylor_scores
+from slimmoe.tasks.slimming.scores import next_token_score_loss
+from slimmoe.tasks.nodes.slim import run_slim
+from slimmoe.tasks.slimming.config import SlimConfig
+from slimmoe.tasks.slimming.config import SlimTargetError, SlimTargets
+from slimmoe.tasks.slimming.surgery import keep_all_targets, slim_model
+from tiny import FAMILIES, stdlib_texts, tiny_model, train_tokenizer
 
 VOCAB = 96
 
@@ -184,7 +189,8 @@ def test_bad_targets_fail_clearly_and_write_nothing(tmp_path, targets, match):
     tiny_model("phimoe", vocab_size=VOCAB).save_pretrained(src)
     out = tmp_path / "out"
     with pytest.raises(SlimTargetError, match=match):
-        slim_checkpoint(src, out, targets)
+        # model_construct: run_slim's own check, not the schema's (which refuses 0 already)
+        run_slim(SlimConfig.model_construct(**asdict(targets)), src, out)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

@@ -8,13 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimmoe.tasks.checkpoint import copy_tokenizer_files
-from slimmoe.tasks.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.inspect_logits import format_report, inspect_cache
-from slimmoe.tasks.kd_loss import topk_with_rest
-from slimmoe.tasks.logit_cache import MANIFEST, LogitCacheError, open_logit_cache, open_token_shards
-from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, fast_topk_with_rest, run_teacher_logits
-from slimmoe.tasks.tokenize_data import write_tokenized_dataset
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files
+from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from slimmoe.tasks.data.inspect import format_report, inspect_cache
+from slimmoe.tasks.slimming.losses import topk_with_rest
+from slimmoe.tasks.data.formats import MANIFEST, LogitCacheError
+from slimmoe.tasks.data.readers import open_logit_cache, open_token_shards
+from slimmoe.tasks.data.config import TeacherLogitsConfig
+from slimmoe.tasks.slimming.losses import fast_topk_with_rest
+from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
+from slimmoe.tasks.data.shards import write_tokenized_dataset
 
 K, T = 8, 16
 

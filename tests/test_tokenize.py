@@ -9,11 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from slimmoe.tasks.calibration import load_tokenizer
-from slimmoe.tasks.fingerprint import tokenizer_fingerprint
-from slimmoe.tasks.logit_cache import MANIFEST, open_token_shards
-from slimmoe.tasks.text_sources import DataSourceError, pack_sequences
-from slimmoe.tasks.tokenize_data import TokenizeConfig, run_tokenize
+from slimmoe.tasks.data.calibration import load_tokenizer
+from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
+from slimmoe.tasks.data.formats import MANIFEST
+from slimmoe.tasks.data.readers import open_token_shards
+from slimmoe.tasks.data.packing import pack_documents
+from slimmoe.tasks.data.sources import DataSourceError
+from slimmoe.tasks.data.config import TokenizeConfig
+from slimmoe.tasks.nodes.tokenize import run_tokenize
 
 from tiny import stdlib_texts
 
@@ -35,7 +38,7 @@ def _expected(docs, tok_dir):
     out = {}
     for s, name in enumerate(("train", "validation")):
         ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs if _split_of(d) == s]
-        out[name] = torch.tensor(list(pack_sequences(ids, SEQ, tok.eos_token_id)))
+        out[name] = torch.from_numpy(pack_documents(ids, SEQ, tok.eos_token_id)).long()
     return out
 
 
@@ -50,7 +53,7 @@ def _rows(out_dir):
 
 
 def _run(data, tok_dir, out, **kw):
-    return run_tokenize(TokenizeConfig(data=str(data), seq_len=SEQ, validation_fraction=VAL, rows_per_file=40, **kw), tok_dir, out)
+    return run_tokenize(TokenizeConfig(source=str(data), seq_len=SEQ, validation_fraction=VAL, rows_per_file=40, **kw), tok_dir, out)
 
 
 def _write_jsonl(path, records):
@@ -143,4 +146,4 @@ def test_errors_found_while_reading_name_the_field(ray_cluster, tmp_path, docs, 
 def test_a_split_without_one_full_row_names_the_fix(ray_cluster, tmp_path, docs, tiny_model_dir):
     few = _write_jsonl(tmp_path / "few.jsonl", [{"text": d} for d in docs[:3]])
     with pytest.raises(DataSourceError, match="validation split.*validation_fraction"):
-        run_tokenize(TokenizeConfig(data=str(few), seq_len=SEQ, validation_fraction=1e-9), tiny_model_dir, tmp_path / "o")
+        run_tokenize(TokenizeConfig(source=str(few), seq_len=SEQ, validation_fraction=1e-9), tiny_model_dir, tmp_path / "o")

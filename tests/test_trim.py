@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimmoe.tasks.adapters import UnsupportedOperationError, get_adapter
-from slimmoe.tasks.trim import REPORT_NAME, TrimConfig, run_trim
-from slimmoe.tasks.trim_scores import collect_stats
-from slimmoe.tasks.trim_surgery import (
+from slimmoe.tasks.core.adapters import UnsupportedOperationError, get_adapter
+from slimmoe.tasks.nodes.trim import REPORT_NAME, run_trim
+from slimmoe.tasks.trimming.config import TrimConfig
+from slimmoe.tasks.trimming.scores import collect_stats
+from slimmoe.tasks.trimming.surgery import (
     TrimTargetError, block_drop, check_expert_drop, choose_experts, expert_drop, layer_drop,
 )
 from tiny import stdlib_texts, tiny_model
@@ -152,7 +153,7 @@ def test_layer_drop_removes_the_idle_moe_block_first(tmp_path):
     stats = collect_stats(model, BATCHES)
     change = stats.moe_change()
     assert change[1] == pytest.approx(0.0, abs=1e-6) and min(change[0], change[2]) > 1e-6
-    from slimmoe.tasks.trim import choose
+    from slimmoe.tasks.trimming.selection import choose
 
     removal = choose(TrimConfig(method="layer-drop", n=1), model.config, stats)
     assert removal == {"layers": [1]}
@@ -187,7 +188,7 @@ def test_block_drop_removes_the_identity_layer_first(family, tmp_path):
     stats = collect_stats(model, BATCHES)
     cos = stats.layer_cosine()
     assert cos[1] == pytest.approx(1.0, abs=1e-5) and max(cos[0], cos[2]) < 1 - 1e-4
-    from slimmoe.tasks.trim import choose
+    from slimmoe.tasks.trimming.selection import choose
 
     removal = choose(TrimConfig(method="block-drop", n=1), model.config, stats)
     assert removal == {"layers": [1]}
@@ -258,10 +259,11 @@ def test_run_trim_refuses_token_data_of_another_tokenizer(tiny_model_dir, tmp_pa
     ids = [[5000 + i] * 32 for i in range(4)]  # ids beyond the tiny model's vocabulary
     pq.write_table(pa.table({"row_id": pa.array(range(4), pa.int64()), "input_ids": pa.array(ids, pa.list_(pa.int32()))}),
                    shards / "part-0.parquet")
-    manifest = {"kind": "token_shards", "format_version": 1, "seq_len": 32, "rows": 4, "tokens": 128,
-                "tokenizer_fingerprint": "another-tokenizer", "eos_token_id": 2,
-                "files": [{"path": "part-0.parquet", "rows": 4, "bytes": (shards / "part-0.parquet").stat().st_size}]}
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    from slimmoe.tasks.data.formats import TokenShardsManifest
+
+    TokenShardsManifest(seq_len=32, rows=4, tokens=128, tokenizer_fingerprint="another-tokenizer", eos_token_id=2,
+                        files=[{"path": "part-0.parquet", "rows": 4,
+                                "bytes": (shards / "part-0.parquet").stat().st_size}]).write(shards)
     cfg = TrimConfig(method="block-drop", n=1, calibration_batches=1, batch_size=2, seq_len=32)
     with pytest.raises(ValueError, match="another tokenizer"):
         run_trim(cfg, tiny_model_dir, shards, tmp_path / "a")

@@ -8,6 +8,13 @@ from typing import Optional
 
 import typer
 
+from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
+from slimmoe.tasks.evaluation.config import EvaluateConfig
+from slimmoe.tasks.mcmoe.config import QuantizeConfig
+from slimmoe.tasks.slimming.config import SlimConfig
+from slimmoe.tasks.trimming.config import TrimConfig
+from slimmoe.workflows.cli_options import derive_options
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compress Mixture-of-Experts models on Ray.")
 logits_app = typer.Typer(no_args_is_help=True, help="Inspect teacher logit caches.")
 app.add_typer(logits_app, name="logits")
@@ -22,82 +29,67 @@ def _fail(err: Exception) -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
+def _quiet_if(as_json: bool):
+    """Progress lines would break the JSON on stdout."""
+    return (lambda _m: None) if as_json else print
+
+
+def _print_sizes(report: dict) -> None:
+    from slimmoe.tasks.core.params import format_count
+
+    b, a = report["before"], report["after"]
+    print(f"{'':10}{'total':>12}{'active':>12}")
+    print(f"{'before':10}{format_count(b['total']):>12}{format_count(b['active']):>12}")
+    print(f"{'after':10}{format_count(a['total']):>12}{format_count(a['active']):>12}")
+
+
+# The names `slim` took before its options were derived from SlimConfig.
+SLIM_ALIASES = {"--expert-size": "expert_intermediate_size", "--kv-heads": "num_key_value_heads"}
+
+
 @app.command()
+@derive_options(SlimConfig, aliases=SLIM_ALIASES)
 def slim(
+    cfg: SlimConfig,
     model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
     out_dir: Path = typer.Argument(..., help="where the slimmed checkpoint is written (must not exist)"),
-    expert_size: int = typer.Option(..., "--expert-size", help="target intermediate size of every routed expert"),
-    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="target number of KV heads (query heads follow)"),
-    data: Optional[str] = typer.Option(None, "--data", help="calibration data: text/JSONL/Parquet files or glob, a saved dataset, or token shards"),
-    calibration_batches: int = typer.Option(8, "--calibration-batches"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    text_field: str = typer.Option("text", "--text-field"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Score, slim and save a checkpoint in one shot (the same surgery a SlimMoE stage runs)."""
-    from slimmoe.tasks.params import format_count
-    from slimmoe.tasks.slim import slim_checkpoint
-    from slimmoe.tasks.slimming import SlimTargets
+    from slimmoe.tasks.nodes.slim import run_slim
 
     try:
-        report = slim_checkpoint(
-            model_dir, out_dir, SlimTargets(expert_size, kv_heads), data=data,
-            calibration_batches_n=calibration_batches, batch_size=batch_size, seq_len=seq_len,
-            text_field=text_field, trust_remote_code=trust_remote_code,
-        )
+        report = run_slim(cfg, model_dir, out_dir, log=_quiet_if(as_json))
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    b, a = report["before"], report["after"]
-    print(f"{'':10}{'total':>12}{'active':>12}")
-    print(f"{'before':10}{format_count(b['total']):>12}{format_count(b['active']):>12}")
-    print(f"{'after':10}{format_count(a['total']):>12}{format_count(a['active']):>12}")
+    _print_sizes(report)
     print(f"scores: {report['scores']}; wrote {out_dir}")
 
 
 @app.command()
+@derive_options(TrimConfig)
 def trim(
+    cfg: TrimConfig,
     model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
     out_dir: Path = typer.Argument(..., help="where the trimmed checkpoint is written (must not exist or be empty)"),
-    method: str = typer.Option(..., "--method", help="expert-drop | layer-drop | block-drop"),
-    n: int = typer.Option(..., "--n", help="experts per layer (expert-drop), MoE blocks (layer-drop) or layers (block-drop) to remove"),
     data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
-    expert_score: str = typer.Option("frequency", "--expert-score", help="expert-drop score: frequency | reconstruction"),
-    calibration_batches: int = typer.Option(8, "--calibration-batches"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    text_field: str = typer.Option("text", "--text-field"),
-    scores_only: bool = typer.Option(False, "--scores-only", help="write only trim_report.json with the ranking, no checkpoint"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Remove whole experts, MoE blocks or decoder layers, scored on calibration data (expert trimming)."""
-    from pydantic import ValidationError
-
-    from slimmoe.tasks.params import format_count
-    from slimmoe.tasks.trim import TrimConfig, run_trim
+    from slimmoe.tasks.nodes.trim import run_trim
 
     try:
-        cfg = TrimConfig(method=method, n=n, expert_score=expert_score, calibration_batches=calibration_batches,
-                         batch_size=batch_size, seq_len=seq_len, text_field=text_field, scores_only=scores_only,
-                         trust_remote_code=trust_remote_code)
-        report = run_trim(cfg, model_dir, data, out_dir, log=(lambda _m: None) if as_json else print)
-    except ValidationError as err:
-        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+        report = run_trim(cfg, model_dir, data, out_dir, log=_quiet_if(as_json))
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     if "after" in report:
-        b, a = report["before"], report["after"]
-        print(f"{'':10}{'total':>12}{'active':>12}")
-        print(f"{'before':10}{format_count(b['total']):>12}{format_count(b['active']):>12}")
-        print(f"{'after':10}{format_count(a['total']):>12}{format_count(a['active']):>12}")
+        _print_sizes(report)
     print(f"scores and the structures {'to remove' if report['scores_only'] else 'removed'}: {out_dir / report['report']}")
 
 
@@ -208,31 +200,28 @@ def submit(
         raise typer.Exit(code=1)
 
 
+# `--max-rows 0` has always meant every row; the field spells that None, which a command line cannot.
+EVALUATE_PARSE = {"max_rows": lambda rows: rows or None}
+EVALUATE_HELP = {"max_rows": "validation rows scored (0 = all)"}
+
+
 @app.command()
+@derive_options(EvaluateConfig, parse=EVALUATE_PARSE, help=EVALUATE_HELP)
 def evaluate(
+    cfg: EvaluateConfig,
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory"),
     data: Path = typer.Option(..., "--data", help="a tokenize-node output (its validation split is used) or one token-shards directory"),
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="teacher-logits output or one logit cache: adds KL and top-1 agreement"),
     out: Optional[Path] = typer.Option(None, "--out", help="directory for report.json (new or empty); default: a fresh temporary directory"),
-    max_rows: int = typer.Option(256, "--max-rows", help="validation rows scored (0 = all)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="comma-separated lm-eval-harness tasks (needs lm_eval)"),
-    dynamic_pruning: Optional[float] = typer.Option(None, "--dynamic-pruning", help="MC-MoE ODP with this beta"),
-    dynamic_pruning_target: Optional[float] = typer.Option(None, "--dynamic-pruning-target",
-                                                           help="MC-MoE ODP with per-layer betas calibrated to prune this share of expert calls"),
     as_json: bool = typer.Option(False, "--json", help="print the whole report as JSON"),
 ):
     """Perplexity, KL / top-1 agreement with the teacher, parameters, tokens/s and peak memory of a model."""
     import tempfile
 
-    from slimmoe.tasks.evaluate import EvaluateConfig, run_evaluate
-    from slimmoe.tasks.params import format_count
+    from slimmoe.tasks.core.params import format_count
+    from slimmoe.tasks.nodes.evaluate import run_evaluate
 
     try:
-        cfg = EvaluateConfig(max_rows=max_rows or None, batch_size=batch_size, device=device,
-                             lm_eval_tasks=lm_eval_tasks or [], dynamic_pruning=dynamic_pruning,
-                             dynamic_pruning_target=dynamic_pruning_target)
         out_dir = out if out is not None else Path(tempfile.mkdtemp(prefix="slimmoe-eval-"))
         run_evaluate(cfg, model_dir, data, teacher_logits, out_dir)
     except USER_ERRORS as err:
@@ -258,43 +247,26 @@ def evaluate(
     print(f"report: {out_dir / 'report.json'}")
 
 
+# `--bits` is the name the command had before its options were derived from QuantizeConfig.
+QUANTIZE_ALIASES = {"--bits": "candidate_bits"}
+
+
 @app.command()
+@derive_options(QuantizeConfig, aliases=QUANTIZE_ALIASES)
 def quantize(
+    cfg: QuantizeConfig,
     model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
     out_dir: Path = typer.Argument(..., help="where the packed quantized checkpoint is written (must not exist or be empty)"),
-    avg_bits: float = typer.Option(2.5, "--avg-bits", help="average expert width per MoE layer (PMQ budget)"),
     data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
-    bits: str = typer.Option("1,2,3,4", "--bits", help="candidate expert widths, comma-separated (a single width = uniform)"),
-    paper_constraints: bool = typer.Option(True, "--paper-constraints/--no-paper-constraints",
-                                           help="at least one expert at the highest and one at the second-highest width"),
-    method: str = typer.Option("gptq", "--method", help="gptq | rtn"),
-    group_size: int = typer.Option(128, "--group-size"),
-    attention_bits: int = typer.Option(16, "--attention-bits", help="16 = keep, or 2..8"),
-    shared_expert_bits: int = typer.Option(16, "--shared-expert-bits", help="16 = keep, or 2..8"),
-    calibration_batches: int = typer.Option(8, "--calibration-batches"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    text_field: str = typer.Option("text", "--text-field"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """MC-MoE PMQ: mixed-precision expert quantization under an average-bit budget (load with load_quantized)."""
-    from pydantic import ValidationError
-
-    from slimmoe.tasks.quantize import QuantizeConfig, run_quantize
-    from slimmoe.tasks.storage import atomic_output_dir
+    from slimmoe.tasks.core.storage import atomic_output_dir
+    from slimmoe.tasks.nodes.quantize import run_quantize
 
     try:
-        widths = [int(b) for b in bits.split(",") if b.strip()]
-        cfg = QuantizeConfig(avg_bits=avg_bits, candidate_bits=widths, paper_constraints=paper_constraints,
-                             method=method, group_size=group_size, attention_bits=attention_bits,
-                             shared_expert_bits=shared_expert_bits, calibration_batches=calibration_batches,
-                             batch_size=batch_size, seq_len=seq_len, text_field=text_field,
-                             trust_remote_code=trust_remote_code)
         with atomic_output_dir(out_dir) as tmp:
-            report = run_quantize(cfg, model_dir, data, tmp, log=(lambda _m: None) if as_json else print)
-    except ValidationError as err:
-        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
+            report = run_quantize(cfg, model_dir, data, tmp, log=_quiet_if(as_json))
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
@@ -306,33 +278,26 @@ def quantize(
     print(f"on disk          {report['disk_bytes'] / mib:,.2f} MiB (original {report['original_disk_bytes'] / mib:,.2f} MiB)")
     print(f"in memory        {report['memory_resident_bytes_16bit'] / mib:,.2f} MiB resident + "
           f"{report['memory_peak_transient_bytes_16bit'] / mib:,.2f} MiB transient (16-bit compute, on-the-fly dequantization)")
-    print(f"wrote {out_dir}; load with slimmoe.tasks.quantize.load_quantized")
+    print(f"wrote {out_dir}; load with slimmoe.tasks.nodes.quantize.load_quantized")
 
 
 @app.command()
+@derive_options(TokenizeConfig)
 def tokenize(
-    data: str = typer.Argument(..., help="text/JSONL/Parquet file, directory or glob, or a saved `datasets` directory"),
+    cfg: TokenizeConfig,
+    # Named like the field it fills, so the positional DATA is TokenizeConfig.source.
+    source: str = typer.Argument(..., metavar="DATA", help="text/JSONL/Parquet file, directory or glob, or a saved `datasets` directory"),
     tokenizer_dir: Path = typer.Argument(..., help="the teacher's directory (its tokenizer files)"),
     out_dir: Path = typer.Argument(..., help="where train/ and validation/ token shards are written (must not exist)"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    validation_fraction: float = typer.Option(0.05, "--validation-fraction"),
-    text_field: str = typer.Option("text", "--text-field"),
-    rows_per_file: int = typer.Option(8192, "--rows-per-file"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
 ):
     """Tokenize and pack text into fixed-length token shards (the DAG's tokenize node, by hand)."""
-    from pydantic import ValidationError
-
-    from slimmoe.tasks.storage import atomic_output_dir
-    from slimmoe.tasks.tokenize_data import TokenizeConfig, run_tokenize
+    from slimmoe.tasks.core.storage import atomic_output_dir
+    from slimmoe.tasks.nodes.tokenize import run_tokenize
 
     try:
-        cfg = TokenizeConfig(data=data, seq_len=seq_len, validation_fraction=validation_fraction,
-                             text_field=text_field, rows_per_file=rows_per_file)
         with atomic_output_dir(out_dir) as tmp:
             metrics = run_tokenize(cfg, tokenizer_dir, tmp)
-    except ValidationError as err:
-        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
     except USER_ERRORS as err:
         _fail(err)
     print(json.dumps(metrics, indent=2) if as_json else
@@ -340,29 +305,28 @@ def tokenize(
           f"tokens from {metrics['documents']} documents; wrote {out_dir}")
 
 
+# The workflow sets use_gpu from its `resources:`; by hand, --device says where the teacher runs.
+TEACHER_LOGITS_HIDDEN = ("use_gpu",)
+# `--num-actors` is the name the command had before its options were derived from TeacherLogitsConfig.
+TEACHER_LOGITS_ALIASES = {"--num-actors": "actor_pool_size"}
+
+
 @app.command("teacher-logits")
+@derive_options(TeacherLogitsConfig, hidden=TEACHER_LOGITS_HIDDEN, aliases=TEACHER_LOGITS_ALIASES)
 def teacher_logits(
+    cfg: TeacherLogitsConfig,
     teacher_dir: Path = typer.Argument(..., help="the teacher's Hugging Face directory"),
     tokens_dir: Path = typer.Argument(..., help="the tokenize output (train/ and validation/ token shards)"),
     out_dir: Path = typer.Argument(..., help="where the logit caches are written (must not exist)"),
-    k: int = typer.Option(64, "--k", help="top-k ids kept per token"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    num_actors: int = typer.Option(1, "--num-actors", help="teacher actors (one GPU each on GPU clusters)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
 ):
     """Cache the teacher's top-k log-probs for every token (the DAG's teacher_logits node, by hand)."""
-    from pydantic import ValidationError
-
-    from slimmoe.tasks.storage import atomic_output_dir
-    from slimmoe.tasks.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+    from slimmoe.tasks.core.storage import atomic_output_dir
+    from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
 
     try:
-        cfg = TeacherLogitsConfig(k=k, batch_size=batch_size, num_actors=num_actors, device=device)
         with atomic_output_dir(out_dir) as tmp:
             metrics = run_teacher_logits(cfg, teacher_dir, tokens_dir, tmp)
-    except ValidationError as err:
-        _fail(ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())))
     except USER_ERRORS as err:
         _fail(err)
     print(json.dumps(metrics, indent=2) if as_json else
@@ -379,7 +343,7 @@ def logits_inspect(
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="inspect a random subset of rows (big caches)"),
 ):
     """Manifest, bytes per token, and the teacher's top-1 probability, top-k entropy and tail mass over all tokens."""
-    from slimmoe.tasks.inspect_logits import format_report, inspect_cache
+    from slimmoe.tasks.data.inspect import format_report, inspect_cache
 
     try:
         report = inspect_cache(path, samples=samples, tokenizer_dir=tokenizer, max_rows=max_rows)

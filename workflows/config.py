@@ -1,33 +1,40 @@
-"""The workflow config: one YAML file, validated with messages that name the file, line and field.
+"""The workflow config: one YAML file, parsed once into typed sections, with messages that name the
+file, line and field.
 
-The workflow-level sections (name, storage, teacher, resources, the list of stages and baselines)
-are checked here. The task sections (data, logits, each stage's training settings, evaluate, ...)
-pass through to the task's own config class (a pydantic model in `slimmoe.tasks.*`), which the DAG
-builder applies per node; its errors are mapped back to the same YAML lines.
+Every task section is the task's own config class (`data` is a `TokenizeConfig`, each stage a
+`StageConfig`, ...), so the YAML is validated by the same models the nodes run with, and the object
+built here is the object a node (and a stage's Ray Train workers) receives. Workflow-wide values
+(`resources`, the teacher's `trust_remote_code`) are filled into every section that declares a
+field of that name and does not set it. Cross-section rules (names, references, sizes that shrink
+from stage to stage) are checked in `check_structure` and by the DAG builder.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
-import hashlib
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .fsio import is_uri
+from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
+from slimmoe.tasks.evaluation.config import EvaluateConfig
+from slimmoe.tasks.mcmoe.config import QuantizeConfig
+from slimmoe.tasks.pretraining.config import PretrainTeacherConfig
+from slimmoe.tasks.slimming.config import StageConfig
+from slimmoe.tasks.trimming.config import TrimConfig
+
+from .storage import is_uri
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Node names the DAG builder uses itself; stages and baselines may not take them.
 RESERVED_NAMES = {"teacher", "tokenize", "teacher_logits"}
-# Roles a config may map to another registered node kind with `kinds:`.
-KIND_ROLES = ("pretrain_teacher", "tokenize", "teacher_logits", "stage", "evaluate", "trim", "quantize")
+# Fields of a section that place it in the workflow rather than configure its task: never part of a
+# node's key, ignored by the task.
+WORKFLOW_FIELDS = frozenset({"name", "kind", "from_", "distill", "models"})
 
 
 class Problem:
@@ -70,7 +77,7 @@ class TeacherSection(_Strict):
 
 
 class ResourcesSection(_Strict):
-    """Cluster resources; each value goes to every task config that declares a field of that name."""
+    """Cluster resources; each value goes to every task section that declares a field of that name."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers per stage")
     use_gpu: bool = False
@@ -79,68 +86,113 @@ class ResourcesSection(_Strict):
     actor_pool_size: int = Field(1, ge=1, description="teacher actors for the logits pass")
 
 
-class StageEntry(BaseModel):
-    """One SlimMoE stage. The targets and budget are checked here (they must shrink stage after stage);
-    every other field passes through to `slimmoe.tasks.stage.StageConfig`."""
+class OneStageBaseline(_Strict):
+    """One stage from the teacher straight to the last stage's targets, with the stages' summed token
+    budget unless set here; any other stage field set here overrides the last stage's."""
 
     model_config = ConfigDict(extra="allow")
-    name: Optional[str] = Field(None, pattern=NAME_PATTERN)
-    expert_intermediate_size: int = Field(gt=0)
-    num_key_value_heads: Optional[int] = Field(None, gt=0)
-    token_budget: int = Field(gt=0)
-
-
-class BaselineEntry(BaseModel):
-    """An extra model built beside the stages: `one_stage` (one stage from the teacher straight to
-    the final targets with the stages' summed token budget, unless overridden), `trim` or `quantize`
-    (applied to the model named by `from`, default the teacher). Other fields go to the task config."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: str = Field(pattern=NAME_PATTERN)
-    kind: Literal["one_stage", "trim", "quantize"]
+    kind: Literal["one_stage"]
+
+
+class TrimBaseline(TrimConfig):
+    """Expert / layer / block drop applied to the model named by `from` (default the teacher); with
+    `distill`, the trimmed model is then distilled without a further cut (node `<name>_distilled`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["trim"]
     from_: Optional[str] = Field(None, alias="from")
-    token_budget: Optional[int] = Field(None, gt=0)
-    expert_intermediate_size: Optional[int] = Field(None, gt=0)
-    num_key_value_heads: Optional[int] = Field(None, gt=0)
-    # trim: then distill the trimmed model (no further cut) as a stage with these settings, e.g.
-    # {token_budget: ...}; its node is `<name>_distilled`.
     distill: Optional[dict[str, Any]] = None
 
     def distilled_name(self) -> Optional[str]:
         return f"{self.name}_distilled" if self.distill is not None else None
 
 
-class EvaluateSection(BaseModel):
-    """`models` lists the models to evaluate (default: the teacher, every stage and baseline);
-    every other field goes to `slimmoe.tasks.evaluate.EvaluateConfig`."""
+class QuantizeBaseline(QuantizeConfig):
+    """MC-MoE PMQ applied to the model named by `from` (default the teacher)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["quantize"]
+    from_: Optional[str] = Field(None, alias="from")
+    distill: Optional[dict[str, Any]] = None  # refused by check_structure: only a trim may be distilled
+
+    def distilled_name(self) -> Optional[str]:
+        return None
+
+
+Baseline = Annotated[Union[OneStageBaseline, TrimBaseline, QuantizeBaseline], Field(discriminator="kind")]
+
+
+class EvaluateSection(EvaluateConfig):
+    """`models` lists the models to evaluate (default: the teacher, every stage and baseline)."""
+
     models: Optional[list[str]] = None
+
+
+# Task sections and the config class each is parsed into, for the resource fill-in below.
+_SECTION_CLASSES = {"pretrain_teacher": PretrainTeacherConfig, "data": TokenizeConfig, "logits": TeacherLogitsConfig,
+                    "evaluate": EvaluateSection}
+_BASELINE_CLASSES = {"one_stage": StageConfig, "trim": TrimConfig, "quantize": QuantizeConfig}
+
+
+def workflow_values(raw: dict) -> dict:
+    """The workflow-wide values sections receive: the resources, and the teacher's trust_remote_code."""
+    values = ResourcesSection.model_validate(raw.get("resources") or {}).model_dump()
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("trust_remote_code"), bool):
+        values["trust_remote_code"] = teacher["trust_remote_code"]
+    return values
+
+
+def fill_workflow_values(section: Any, model: type[BaseModel], values: dict) -> Any:
+    """`section` with each workflow-wide value that `model` declares and the section does not set."""
+    if not isinstance(section, dict):
+        return section
+    return {**{k: v for k, v in values.items() if k in model.model_fields}, **section}
 
 
 class WorkflowConfig(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="the workflow's directory under storage")
     storage: str = Field(description="a local directory or a URI such as s3://bucket/prefix")
     cache_dir: Optional[str] = Field(None, description="local cache for inputs downloaded from URI storage")
-    plugins: list[str] = Field(default_factory=list, description="modules or .py files that register node kinds")
-    kinds: dict[str, str] = Field(default_factory=dict, description="use another registered node kind for a role")
     teacher: Optional[TeacherSection] = None
-    pretrain_teacher: Optional[dict[str, Any]] = None
-    data: dict[str, Any]
-    logits: dict[str, Any] = Field(default_factory=dict)
+    pretrain_teacher: Optional[PretrainTeacherConfig] = None
+    data: TokenizeConfig
+    logits: TeacherLogitsConfig = Field(default_factory=TeacherLogitsConfig)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
-    stages: list[StageEntry] = Field(min_length=1)
-    baselines: list[BaselineEntry] = Field(default_factory=list)
+    stages: list[StageConfig] = Field(min_length=1)
+    baselines: list[Baseline] = Field(default_factory=list)
     evaluate: Optional[EvaluateSection] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_workflow_values(cls, raw: Any) -> Any:
+        """Resources and the teacher's trust_remote_code go into each section declaring the field."""
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            values = workflow_values(raw)
+        except ValidationError:
+            return raw  # reported at resources.*, not once per section that would have received it
+        raw = dict(raw)
+
+        def fill(section, model: type[BaseModel]):
+            return fill_workflow_values(section, model, values)
+
+        for key, model in _SECTION_CLASSES.items():
+            if key in raw or key == "logits":
+                raw[key] = fill(raw.get(key, {}), model)
+        if isinstance(raw.get("stages"), list):
+            raw["stages"] = [fill(s, StageConfig) for s in raw["stages"]]
+        if isinstance(raw.get("baselines"), list):
+            raw["baselines"] = [fill(b, _BASELINE_CLASSES[b["kind"]]) if isinstance(b, dict) and b.get("kind")
+                                in _BASELINE_CLASSES else b for b in raw["baselines"]]
+        return raw
 
     def stage_names(self) -> list[str]:
         return [s.name or f"stage_{i + 1}" for i, s in enumerate(self.stages)]
-
-    def stage_fields(self, i: int) -> dict[str, Any]:
-        """The stage's settings for its task config (without the workflow-only `name`)."""
-        d = self.stages[i].model_dump(exclude_unset=True)
-        d.pop("name", None)
-        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +281,12 @@ def problems_from_validation(err: ValidationError, loaded: "LoadedWorkflow", pre
                              model: type[BaseModel] | None = None) -> list[Problem]:
     out = []
     for e in err.errors(include_url=False):
-        loc = prefix + tuple(e.get("loc", ()))
-        out.append(loaded.problem(loc, describe_error(e, model)))
+        loc = tuple(e.get("loc", ()))
+        # A baseline is a union tagged by its `kind`; pydantic puts the tag into the location
+        # (baselines.1.trim.n), which is not a path in the user's YAML.
+        if len(loc) > 2 and loc[0] == "baselines" and isinstance(loc[1], int) and loc[2] in _BASELINE_CLASSES:
+            loc = loc[:2] + loc[3:]
+        out.append(loaded.problem(prefix + loc, describe_error(e, model)))
     return out
 
 
@@ -253,12 +309,11 @@ def expand_vars(value: str) -> str:
     (text every Python installation carries: the embedded demo's corpus)."""
     if "$" not in value:
         return value
+    import string
     import sysconfig
 
     env = dict(os.environ)
     env.setdefault("PYTHON_STDLIB", sysconfig.get_paths()["stdlib"])
-    import string
-
     return string.Template(value).safe_substitute(env)
 
 
@@ -278,47 +333,20 @@ def _resolve_local(value: str, base_dir: Path, must_exist: bool = False) -> str:
     return str(candidate)
 
 
-def _resolve_paths(cfg: WorkflowConfig, base_dir: Path) -> None:
-    cfg.storage = _resolve_local(cfg.storage, base_dir)
-    if cfg.cache_dir:
-        cfg.cache_dir = _resolve_local(cfg.cache_dir, base_dir)
-    if cfg.teacher is not None:
-        cfg.teacher.path = _resolve_local(cfg.teacher.path, base_dir)
-    for key in ("source", "data", "path", "source_dir"):
-        if isinstance(cfg.data.get(key), str):
-            cfg.data[key] = _resolve_local(cfg.data[key], base_dir, must_exist=True)
-    if cfg.pretrain_teacher and isinstance(cfg.pretrain_teacher.get("source_dir"), str):
-        cfg.pretrain_teacher["source_dir"] = _resolve_local(cfg.pretrain_teacher["source_dir"], base_dir, must_exist=True)
+# Local paths in the raw config, resolved against the config file's directory before validation.
+_PATH_FIELDS = ((("storage",), False), (("cache_dir",), False), (("teacher", "path"), False),
+                (("data", "source"), True), (("pretrain_teacher", "source_dir"), True))
 
 
-def import_plugin(entry: str, base_dir: Path):
-    """Import a plugin: a module name, or a .py file (relative to the config's directory)."""
-    if entry.endswith(".py") or "/" in entry or "\\" in entry:
-        path = Path(entry).expanduser()
-        path = path if path.is_absolute() else (base_dir / path)
-        path = path.resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"plugin file {path} does not exist")
-        name = f"slimmoe_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        try:
-            # Ray workers cannot import a module loaded from a file path: ship its functions by value.
-            from ray import cloudpickle
-
-            cloudpickle.register_pickle_by_value(module)
-        except ImportError:
-            pass
-        return module
-    return importlib.import_module(entry)
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    raw = copy.deepcopy(raw)
+    for loc, may_be_a_name in _PATH_FIELDS:
+        parent = raw
+        for part in loc[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), str):
+            parent[loc[-1]] = _resolve_local(parent[loc[-1]], base_dir, must_exist=may_be_a_name)
+    return raw
 
 
 def _parse_yaml(text: str, source: str):
@@ -337,7 +365,7 @@ def _parse_yaml(text: str, source: str):
 
 
 def load_workflow(source, overrides: dict | None = None) -> LoadedWorkflow:
-    """Read and schema-check a workflow config; import its plugins. Raises WorkflowConfigError.
+    """Read and validate a workflow config. Raises WorkflowConfigError listing every problem.
 
     `source` is a path to a YAML file, a dict, a WorkflowConfig or a LoadedWorkflow. `overrides`
     are deep-merged into the raw config first (e.g. {"storage": "/tmp/run"}). Relative paths in
@@ -371,27 +399,15 @@ def load_workflow_collecting(source, overrides: dict | None = None) -> tuple[Loa
         raw = _deep_merge(raw, overrides)
     loaded = LoadedWorkflow(config=None, path=path, base_dir=base_dir, yaml_root=root, raw=raw)  # type: ignore[arg-type]
     try:
-        cfg = WorkflowConfig.model_validate(raw)
+        loaded.config = WorkflowConfig.model_validate(_resolve_paths(raw, base_dir))
     except ValidationError as err:
         raise WorkflowConfigError(problems_from_validation(err, loaded, model=WorkflowConfig)) from None
-    _resolve_paths(cfg, base_dir)
-    loaded.config = cfg
-
-    problems: list[Problem] = []
-    env_plugins = [e.strip() for e in os.environ.get("SLIMMOE_PLUGINS", "").split(",") if e.strip()]
-    for loc, entry, where in [(("plugins", i), e, base_dir) for i, e in enumerate(cfg.plugins)] + \
-            [((), e, Path.cwd()) for e in env_plugins]:
-        try:
-            import_plugin(entry, where)
-        except Exception as err:
-            origin = "" if loc else " (from SLIMMOE_PLUGINS)"
-            problems.append(loaded.problem(loc, f"cannot import plugin {entry!r}{origin}: {type(err).__name__}: {err}"))
-    problems += check_structure(loaded)
-    return loaded, problems
+    return loaded, check_structure(loaded)
 
 
 def check_structure(loaded: LoadedWorkflow) -> list[Problem]:
-    """Cross-field rules: one teacher, unique names, stage targets that shrink, known references."""
+    """Cross-field rules: one teacher, unique names, known references. (Whether each stage's targets
+    fit the model it cuts is checked by the DAG builder, against the sizes the stage inherits.)"""
     cfg, P = loaded.config, loaded.problem
     out: list[Problem] = []
     if (cfg.teacher is None) == (cfg.pretrain_teacher is None):
@@ -406,52 +422,35 @@ def check_structure(loaded: LoadedWorkflow) -> list[Problem]:
         elif name in seen:
             out.append(P(loc, f"stage name {name!r} is used twice"))
         seen[name] = loc
-
-    prev_size, prev_kv = None, None
-    for i, st in enumerate(cfg.stages):
-        if prev_size is not None and st.expert_intermediate_size >= prev_size:
-            out.append(P(("stages", i, "expert_intermediate_size"),
-                         f"expert_intermediate_size={st.expert_intermediate_size} is not smaller than the previous "
-                         f"stage's {prev_size}; each stage must shrink the experts further"))
-        if st.num_key_value_heads is not None and prev_kv is not None and st.num_key_value_heads > prev_kv:
-            out.append(P(("stages", i, "num_key_value_heads"),
-                         f"num_key_value_heads={st.num_key_value_heads} is larger than the previous stage's {prev_kv}; "
-                         "KV heads can only stay or shrink"))
-        prev_size = st.expert_intermediate_size
-        prev_kv = st.num_key_value_heads if st.num_key_value_heads is not None else prev_kv
+        if cfg.stages[i].distill_only:
+            out.append(P(("stages", i, "distill_only"), "a stage of the schedule must cut; distill_only belongs "
+                                                        "to a trim baseline's `distill` section"))
 
     models = ["teacher", *names]
     for i, b in enumerate(cfg.baselines):
         if b.name in RESERVED_NAMES or b.name in seen or b.name.startswith(("evaluate_", "_")):
             out.append(P(("baselines", i, "name"), f"baseline name {b.name!r} is already used or reserved; choose another"))
         seen[b.name] = ("baselines", i)
-        if b.from_ is not None and b.from_ not in models:
-            out.append(P(("baselines", i, "from"), f"unknown model {b.from_!r}; choose one of {', '.join(models)}"))
+        origin = getattr(b, "from_", None)
         if b.kind == "one_stage":
-            if b.from_ not in (None, "teacher"):
+            if (b.model_extra or {}).get("from") not in (None, "teacher"):
                 out.append(P(("baselines", i, "from"), "a one_stage baseline always starts from the teacher"))
-        if b.distill is not None and b.kind != "trim":
+        elif origin is not None and origin not in models:
+            out.append(P(("baselines", i, "from"), f"unknown model {origin!r}; choose one of {', '.join(models)}"))
+        if getattr(b, "distill", None) is not None and b.kind != "trim":
             out.append(P(("baselines", i, "distill"), f"distill follows a trim baseline only (a {b.kind} baseline "
                                                       "cannot be distilled further); remove it"))
         models.append(b.name)
-        if b.distilled_name():
-            if b.distilled_name() in seen:
-                out.append(P(("baselines", i, "name"), f"{b.distilled_name()!r} (this baseline's distilled node) is "
+        distilled = b.distilled_name() if b.kind == "trim" else None
+        if distilled:
+            if distilled in seen:
+                out.append(P(("baselines", i, "name"), f"{distilled!r} (this baseline's distilled node) is "
                                                        "already used; choose another name"))
-            seen[b.distilled_name()] = ("baselines", i)
-            models.append(b.distilled_name())
+            seen[distilled] = ("baselines", i)
+            models.append(distilled)
 
     if cfg.evaluate is not None and cfg.evaluate.models is not None:
         for i, m in enumerate(cfg.evaluate.models):
             if m not in models:
                 out.append(P(("evaluate", "models", i), f"unknown model {m!r}; choose from {', '.join(models)}"))
-
-    from .nodes import known_kinds
-
-    for role, kind in cfg.kinds.items():
-        if role not in KIND_ROLES:
-            out.append(P(("kinds", role), f"unknown role {role!r}; roles are {', '.join(KIND_ROLES)}"))
-        elif kind not in known_kinds():
-            out.append(P(("kinds", role), f"unknown node kind {kind!r}; registered kinds: {', '.join(sorted(known_kinds()))} "
-                                          "(a plugin listed under `plugins` can register more)"))
     return out

@@ -19,9 +19,12 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from .config import LoadedWorkflow, Problem, WorkflowConfigError, describe_error, load_workflow_collecting
-from .fsio import Store, StorageError
+from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, StageConfig, check_targets
+
+from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, describe_error, fill_workflow_values,
+                     load_workflow_collecting, workflow_values)
 from .nodes import NodeKind, get_node_kind
+from .storage import Store, StorageError
 
 EXTERNAL = "external"
 
@@ -29,20 +32,28 @@ EXTERNAL = "external"
 @dataclass
 class Node:
     name: str
-    role: str  # teacher | pretrain_teacher | tokenize | teacher_logits | stage | evaluate | trim | quantize
-    kind: str  # the registered kind that runs it (the role unless the config's `kinds:` maps it)
+    kind: str  # teacher (external) | pretrain_teacher | tokenize | teacher_logits | stage | evaluate | trim | quantize
     section: tuple  # where its settings live in the YAML, for error messages
-    fields: dict = field(default_factory=dict)  # its settings from the config
+    task_config: Any = None  # the task config object the node runs with
     inputs: dict = field(default_factory=dict)  # input role -> node name
-    config: dict = field(default_factory=dict)  # the settings after resources etc. were filled in
-    task_config: Any = None  # the validated task config object (or the dict)
     key: str = ""
     facets: dict = field(default_factory=dict)  # external teacher: {"model": fp, "tokenizer": fp}
     external_path: Optional[str] = None
 
     @property
+    def role(self) -> str:
+        return "teacher" if self.is_external else self.kind
+
+    @property
     def is_external(self) -> bool:
-        return self.role == "teacher" and self.kind == EXTERNAL
+        return self.kind == EXTERNAL
+
+    @property
+    def config(self) -> dict:
+        """The task config as JSON-able values, without the fields that only place it in the workflow."""
+        if not isinstance(self.task_config, BaseModel):
+            return {}
+        return {k: v for k, v in self.task_config.model_dump(mode="json").items() if k not in WORKFLOW_FIELDS}
 
 
 @dataclass
@@ -91,107 +102,82 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _nodes_from_config(loaded: LoadedWorkflow) -> dict[str, Node]:
+def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
+    """A one_stage baseline's stage: the last stage's settings, the stages' summed budget, then the
+    baseline's own fields on top."""
     cfg = loaded.config
-    kinds = dict(cfg.kinds)
+    b = cfg.baselines[i]
+    fields = cfg.stages[-1].model_dump(exclude_unset=True)
+    fields.pop("name", None)
+    fields["token_budget"] = sum(s.token_budget for s in cfg.stages)
+    fields.update(b.model_extra or {})
+    fields["name"] = b.name
+    try:
+        return StageConfig.model_validate(fields)
+    except ValidationError as err:
+        for e in err.errors(include_url=False):
+            problems.append(loaded.problem(("baselines", i) + tuple(e.get("loc", ())), describe_error(e, StageConfig)))
+        return None
+
+
+def _distill_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
+    b = loaded.config.baselines[i]
+    fields = fill_workflow_values(b.distill, StageConfig, workflow_values(loaded.config.model_dump(by_alias=True)))
+    try:
+        return StageConfig.model_validate({**fields, "distill_only": True, "name": b.distilled_name()})
+    except ValidationError as err:
+        for e in err.errors(include_url=False):
+            problems.append(loaded.problem(("baselines", i, "distill") + tuple(e.get("loc", ())),
+                                           describe_error(e, StageConfig)))
+        return None
+
+
+def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[str, Node]:
+    cfg = loaded.config
     nodes: dict[str, Node] = {}
 
-    def add(name, role, section, fields, inputs):
-        nodes[name] = Node(name, role, kinds.get(role, role), section, dict(fields), dict(inputs))
+    def add(name, kind, section, task_config, inputs):
+        nodes[name] = Node(name, kind, section, task_config, dict(inputs))
 
     if cfg.teacher is not None:
-        nodes["teacher"] = Node("teacher", "teacher", EXTERNAL, ("teacher",), external_path=cfg.teacher.path)
+        nodes["teacher"] = Node("teacher", EXTERNAL, ("teacher",), external_path=cfg.teacher.path)
     else:
-        add("teacher", "pretrain_teacher", ("pretrain_teacher",), cfg.pretrain_teacher or {}, {})
+        add("teacher", "pretrain_teacher", ("pretrain_teacher",), cfg.pretrain_teacher, {})
     add("tokenize", "tokenize", ("data",), cfg.data, {"tokenizer": "teacher"})
     add("teacher_logits", "teacher_logits", ("logits",), cfg.logits, {"teacher": "teacher", "tokens": "tokenize"})
 
     prev, names = "teacher", cfg.stage_names()
-    for i, name in enumerate(names):
-        add(name, "stage", ("stages", i), cfg.stage_fields(i), {"model": prev, "logits": "teacher_logits"})
+    for i, (name, stage) in enumerate(zip(names, cfg.stages)):
+        if stage.name is None:
+            stage.name = name
+        add(name, "stage", ("stages", i), stage, {"model": prev, "logits": "teacher_logits"})
         prev = name
 
     for i, b in enumerate(cfg.baselines):
-        own = b.model_dump(exclude_unset=True, by_alias=True)
-        for k in ("name", "kind", "from", "distill"):
-            own.pop(k, None)
         if b.kind == "one_stage":
-            fields = cfg.stage_fields(len(cfg.stages) - 1)
-            fields["token_budget"] = sum(s.token_budget for s in cfg.stages)
-            fields.update(own)
-            add(b.name, "stage", ("baselines", i), fields, {"model": "teacher", "logits": "teacher_logits"})
-        else:
-            add(b.name, b.kind, ("baselines", i), own, {"model": b.from_ or "teacher", "data": "tokenize"})
+            add(b.name, "stage", ("baselines", i), _one_stage_config(loaded, i, problems),
+                {"model": "teacher", "logits": "teacher_logits"})
+            continue
+        add(b.name, b.kind, ("baselines", i), b, {"model": b.from_ or "teacher", "data": "tokenize"})
         if b.distilled_name():  # the trimmed model gets a stage that distills without a further cut
-            add(b.distilled_name(), "stage", ("baselines", i, "distill"), {**b.distill, "distill_only": True},
+            add(b.distilled_name(), "stage", ("baselines", i, "distill"), _distill_config(loaded, i, problems),
                 {"model": b.name, "logits": "teacher_logits"})
 
     if cfg.evaluate is not None:
-        ev = cfg.evaluate.model_dump(exclude_unset=True)
-        models = ev.pop("models", None) or ["teacher", *names, *(n for b in cfg.baselines
-                                                                  for n in (b.name, b.distilled_name()) if n)]
+        models = cfg.evaluate.models or ["teacher", *names, *(n for b in cfg.baselines for n in
+                                                              (b.name, b.distilled_name() if b.kind == "trim" else None)
+                                                              if n)]
         for m in models:
-            add(f"evaluate_{m}", "evaluate", ("evaluate",), ev,
+            add(f"evaluate_{m}", "evaluate", ("evaluate",), cfg.evaluate,
                 {"model": m, "tokens": "tokenize", "logits": "teacher_logits"})
     return nodes
 
 
-def _injections(loaded: LoadedWorkflow) -> dict[str, tuple[Any, tuple]]:
-    """Workflow-wide values a task config receives when it declares the field: value and YAML loc."""
-    cfg = loaded.config
-    out = {k: (v, ("resources", k)) for k, v in cfg.resources.model_dump().items()}
-    if cfg.teacher is not None:
-        out["trust_remote_code"] = (cfg.teacher.trust_remote_code, ("teacher", "trust_remote_code"))
-    return out
-
-
-def _resolve_node_config(loaded: LoadedWorkflow, node: Node, kind: NodeKind, problems: list[Problem]) -> None:
-    try:
-        cls = kind.resolve_config_class()
-    except Exception as err:  # ImportError, or an error inside the task module
-        problems.append(loaded.problem(node.section, f"node {node.name!r} (kind {kind.name!r}) cannot load its task "
-                                                     f"config: {type(err).__name__}: {err}"))
-        return
-    resolved = dict(node.fields)
-    injected: dict[str, tuple] = {}
-    renamed: dict[str, str] = {}
-    if cls is not None:
-        declared = set(cls.model_fields)
-        for alias, target in kind.field_aliases.items():
-            if alias in resolved and alias not in declared and target in declared and target not in resolved:
-                resolved[target] = resolved.pop(alias)
-                renamed[target] = alias
-        if "name" in declared and "name" not in resolved:
-            resolved["name"] = node.name
-        for k, (v, loc) in _injections(loaded).items():
-            k = kind.field_aliases.get(k, k)
-            if k in declared and k not in resolved:
-                resolved[k] = v
-                injected[k] = loc
-    node.config = resolved
-    if cls is None:
-        node.task_config = dict(resolved)
-        return
-    try:
-        node.task_config = cls.model_validate(resolved)
-    except ValidationError as err:
-        for e in err.errors(include_url=False):
-            loc = tuple(e.get("loc", ()))
-            if loc and loc[0] in renamed:
-                loc = (renamed[loc[0]],) + loc[1:]
-            where = injected[loc[0]] + loc[1:] if loc and loc[0] in injected else node.section + loc
-            msg = describe_error(e, cls)
-            problems.append(loaded.problem(where, f"{msg} (node {node.name!r}, {cls.__module__}.{cls.__name__})"))
-
-
 def _keyed_config(node: Node, kind: NodeKind) -> dict:
-    if isinstance(node.task_config, BaseModel):
-        # Only what the config sets, normalised by the model (1e-3 and 0.001 hash alike); a new field
-        # with a default does not change old keys (a changed meaning bumps the kind's version).
-        d = node.task_config.model_dump(mode="json", exclude_unset=True)
-    else:
-        d = dict(node.config)
-    return {k: v for k, v in d.items() if k not in kind.key_ignore and k != "name"}
+    # Only what the config sets, normalised by the model (1e-3 and 0.001 hash alike); a new field
+    # with a default does not change old keys (a changed meaning bumps the kind's version).
+    d = node.task_config.model_dump(mode="json", exclude_unset=True)
+    return {k: v for k, v in d.items() if k not in kind.key_ignore and k not in WORKFLOW_FIELDS}
 
 
 def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem]) -> Optional[dict]:
@@ -206,7 +192,7 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         problems.append(loaded.problem(loc, f"teacher directory {path} has no config.json; it is not a Hugging Face "
                                             "model directory"))
         return None
-    from slimmoe.tasks.fingerprint import model_fingerprint, tokenizer_fingerprint
+    from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
 
     try:
         node.facets = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(path)}
@@ -220,69 +206,80 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         return None
 
 
-def _size_checks(loaded: LoadedWorkflow, teacher_sizes: tuple[Optional[int], Optional[int]], problems: list[Problem]):
-    """The first stage (and a one-stage baseline) must shrink the teacher."""
-    cfg = loaded.config
-    size, kv = teacher_sizes
-    targets = [(("stages", 0), cfg.stages[0].expert_intermediate_size, cfg.stages[0].num_key_value_heads)]
-    for i, b in enumerate(cfg.baselines):
-        if b.kind == "one_stage":
-            targets.append((("baselines", i), b.expert_intermediate_size or cfg.stages[-1].expert_intermediate_size,
-                            b.num_key_value_heads))
-    for loc, t, t_kv in targets:
-        if size is not None and t >= size:
-            problems.append(loaded.problem(loc + ("expert_intermediate_size",),
-                                           f"expert_intermediate_size={t} is not smaller than the teacher's {size}; "
-                                           "a stage must shrink the experts"))
-        if kv is not None and t_kv is not None and t_kv > kv:
-            problems.append(loaded.problem(loc + ("num_key_value_heads",),
-                                           f"num_key_value_heads={t_kv} is larger than the teacher's {kv}"))
-
-
-def _teacher_sizes_from_json(cfg_json: dict, loc, loaded, problems) -> tuple[Optional[int], Optional[int]]:
-    from slimmoe.tasks.adapters import get_adapter
-
-    ns = SimpleNamespace(**cfg_json)
+def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem]) -> Optional[ModelSizes]:
+    """The sizes the first stage cuts from: the external teacher's config.json, or the demo teacher's config."""
+    if teacher.is_external:
+        if not check_env:
+            return None
+        cfg_json = _teacher_checks(loaded, teacher, problems)
+        if cfg_json is None:
+            return None
+        as_config, loc = SimpleNamespace(**cfg_json), ("teacher", "path")
+    else:
+        pt = teacher.task_config
+        as_config, loc = SimpleNamespace(model_type="phimoe", intermediate_size=pt.expert_intermediate_size,
+                                         num_local_experts=pt.num_experts,
+                                         num_attention_heads=pt.num_attention_heads,
+                                         num_key_value_heads=pt.num_key_value_heads), ("pretrain_teacher",)
     try:
-        adapter = get_adapter(ns)
+        return ModelSizes.of(as_config, "the teacher")
     except ValueError as err:
         problems.append(loaded.problem(loc, str(err)))
-        return None, None
-    return getattr(ns, adapter.expert_size_key, None), getattr(ns, "num_key_value_heads", None)
+        return None
+
+
+def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: Optional[ModelSizes],
+                 problems: list[Problem]) -> None:
+    """Every cut against the sizes it inherits: the teacher's for the first stage and a one-stage
+    baseline, the previous stage's after that. Without the teacher (check_env=False), stages are
+    still checked against each other."""
+
+    def check(node: Node, sizes: Optional[ModelSizes], loc: tuple) -> Optional[ModelSizes]:
+        cfg = node.task_config
+        if sizes is None:
+            return None
+        try:
+            check_targets(sizes, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
+        except SlimTargetError as err:
+            problems.append(loaded.problem(loc + (err.field,), str(err)))
+            return None
+        except ValueError as err:  # the architecture cannot express the cut (e.g. KV pruning with MLA)
+            problems.append(loaded.problem(loc, str(err)))
+            return None
+        return sizes.after(cfg.targets, node.name)
+
+    cfg = loaded.config
+    sizes = teacher_sizes
+    for i, name in enumerate(cfg.stage_names()):
+        node = nodes[name]
+        if sizes is None and i > 0:  # no teacher to start from: the previous stage's targets, with no adapter
+            prev = nodes[cfg.stage_names()[i - 1]].task_config
+            sizes = ModelSizes(None, prev.expert_intermediate_size, None, prev.num_key_value_heads, None,
+                               cfg.stage_names()[i - 1])
+        sizes = check(node, sizes, ("stages", i))
+    for i, b in enumerate(cfg.baselines):
+        if b.kind == "one_stage" and nodes[b.name].task_config is not None:
+            check(nodes[b.name], teacher_sizes, ("baselines", i))
 
 
 def build_dag(source, overrides: dict | None = None, check_env: bool = True, check_storage: bool = True) -> Dag:
     """Validate a workflow completely and return its DAG with every key computed.
 
-    Raises WorkflowConfigError listing every problem (schema, task configs, teacher, storage)
+    Raises WorkflowConfigError listing every problem (schema, structure, sizes, teacher, storage)
     before any work is done. `check_env=False` skips what needs the teacher and storage (keys of
     nodes after an external teacher are then placeholders): for checking a config on another machine."""
     loaded, problems = load_workflow_collecting(source, overrides)
     cfg = loaded.config
-    nodes = _nodes_from_config(loaded)
-
+    nodes = _nodes_from_config(loaded, problems)
     for node in nodes.values():
-        if node.is_external:
-            continue
-        try:
-            kind = get_node_kind(node.kind)
-        except KeyError as err:
-            if node.role not in cfg.kinds:  # a mapped kind that is unknown is reported by check_structure
+        if not node.is_external:
+            try:
+                get_node_kind(node.kind)
+            except KeyError as err:
                 problems.append(loaded.problem(node.section, str(err.args[0])))
-            continue
-        _resolve_node_config(loaded, node, kind, problems)
 
-    teacher = nodes["teacher"]
-    teacher_sizes: tuple = (None, None)
-    if teacher.is_external and check_env:
-        cfg_json = _teacher_checks(loaded, teacher, problems)
-        if cfg_json is not None:
-            teacher_sizes = _teacher_sizes_from_json(cfg_json, ("teacher", "path"), loaded, problems)
-    elif not teacher.is_external and teacher.task_config is not None:
-        tc = teacher.task_config
-        get = tc.get if isinstance(tc, dict) else (lambda k, d=None: getattr(tc, k, d))
-        teacher_sizes = (get("expert_size"), get("num_kv_heads"))
-    _size_checks(loaded, teacher_sizes, problems)
+    teacher_sizes = _teacher_sizes(loaded, nodes["teacher"], check_env, problems)
+    _size_checks(loaded, nodes, teacher_sizes, problems)
 
     try:
         store = Store(cfg.storage)

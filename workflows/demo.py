@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from slimmoe.tasks.storage import write_json_atomic
+from slimmoe.tasks.core.storage import write_json_atomic
 
 DEMO_CONFIG = "demo.yaml"
 DEFAULT_STORAGE = Path("~/.cache/slimmoe/runs").expanduser()
@@ -25,7 +25,8 @@ def demo_config_path() -> Path:
 
 def _pruned_eval(stage_path: Path, results, out_root: Path, log) -> dict:
     """Evaluate a stage's not-yet-distilled checkpoint (cached beside the demo's table)."""
-    from slimmoe.tasks.evaluate import EvaluateConfig, run_evaluate
+    from slimmoe.tasks.evaluation.config import EvaluateConfig
+    from slimmoe.tasks.nodes.evaluate import run_evaluate
 
     out = out_root / "pruned_eval" / stage_path.name
     report = out / "report.json"

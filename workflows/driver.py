@@ -1,9 +1,11 @@
 """The driver: run a workflow's nodes in order, skipping every node whose output is complete.
 
-A node runs into a fresh `.<key>.partial-<id>` directory (a local staging directory for URI
-storage), gets its `_SUCCESS` marker, and only then takes its place at `<node>/<key>/`. A killed
-run therefore leaves nothing that looks complete; the next run recomputes only what is missing,
-and a stage resumes from the Ray Train checkpoints in its stable work dir `<node>/_work/<key>/`.
+A node runs into a fresh `<node>/.<key>.partial-<id>` directory (for URI storage: a local staging
+directory, uploaded there when the node is done), gets its `_SUCCESS` marker, and only then takes
+its place at `<node>/<key>/` (`Store.publish`, the one way an output is published). A killed run
+therefore leaves nothing that looks complete; the next run recovers a complete copy a killed
+publish left beside its place (`_cleanup`), recomputes only what is missing, and a stage resumes
+from the Ray Train checkpoints in its stable work dir `<node>/_work/<key>/`.
 Each attempt is recorded in `<node>/_attempts/<key>.json` (pid, host, state, error) for `status`.
 """
 
@@ -24,8 +26,7 @@ from typing import Callable, Optional
 
 from .dag import Dag, Node, build_dag
 from .nodes import NodeContext, get_node_kind, headline_of
-
-MARKER = "_SUCCESS"
+from .storage import MARKER, leftover
 
 
 class NodeFailed(RuntimeError):
@@ -75,16 +76,6 @@ def attempt_alive(attempt: dict | None) -> bool:
     return _pid_alive(int(attempt.get("pid", -1)))
 
 
-def ensure_ray(address: Optional[str] = None) -> None:
-    """Connect to the cluster at `address` / RAY_ADDRESS, else start a local one (once per process)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"  # "local": never attach to a stray cluster
-    ray.init(address=address, ignore_reinit_error=True)
-
-
 @dataclass
 class NodeResult:
     name: str
@@ -105,6 +96,7 @@ class Driver:
         self._command = command
         self._log_lines: list[str] = []
         self._log_path: Optional[str] = None
+        self._log_file: Optional[str] = None  # the log as a local file, appended line by line; else uploaded whole
         self._teacher_fp: Optional[str] = None
 
     # -- logging -----------------------------------------------------------------------------------
@@ -112,18 +104,21 @@ class Driver:
         self._print(line)
         stamped = f"{_now()} {line}"
         self._log_lines.append(stamped)
-        if self.store.is_local and self._log_path:
-            with open(self._log_path, "a") as f:
+        if self._log_file:
+            with open(self._log_file, "a") as f:
                 f.write(stamped + "\n")
 
     def _open_log(self) -> None:
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._command}-{os.getpid()}.log"
         self._log_path = self.store.join(self.dag.name, "_logs", name)
-        if self.store.is_local:
-            os.makedirs(os.path.dirname(self._log_path), exist_ok=True)
+        # A local log survives a SIGKILL line by line; a URI store has no append, so it gets the whole
+        # log after each node and at the end.
+        self._log_file = self.store.local_path(self._log_path)
+        if self._log_file:
+            os.makedirs(os.path.dirname(self._log_file), exist_ok=True)
 
     def _flush_log(self) -> None:
-        if not self.store.is_local and self._log_path:
+        if not self._log_file and self._log_path:
             try:
                 self.store.write_text(self._log_path, "\n".join(self._log_lines) + "\n")
             except Exception as err:  # a log upload must never fail a run
@@ -176,29 +171,41 @@ class Driver:
 
     # -- leftovers -----------------------------------------------------------------------------------
     def _cleanup(self, name: str) -> None:
-        """Remove what failed attempts left (partial and set-aside directories), unless a live attempt owns it."""
+        """Settle what interrupted attempts left beside the outputs: staged `.<key>.partial-<id>` and
+        set-aside `.<key>.old-<id>` directories (see `Store.publish`), unless a live attempt owns them.
+
+        Where the output in place is not complete but a leftover is (killed inside a publish: the old
+        output set aside or deleted, the new one staged), the newest complete leftover becomes the
+        output; every other leftover is deleted."""
         node_dir = self.dag.node_dir(name)
+        found: dict[str, list[str]] = {}
         for entry in self.store.listdir(node_dir):
-            if not entry.startswith(".") or (".partial-" not in entry and ".old-" not in entry):
+            parsed = leftover(entry)
+            if parsed is None:
                 continue
-            key = entry[1:].split(".", 1)[0]
-            path = self.store.sub(node_dir, entry)
-            if ".partial-" in entry:
-                att = self.attempt(name, key)
-                if attempt_alive(att) and att.get("partial") == entry:
-                    continue
-            # Killed between the moves of a publish (the old output set aside, or a rerun's staged copy
-            # uploaded and the old output deleted): a complete copy with no output in place is the output.
-            if not self.store.exists(self.store.sub(node_dir, key)) and self._valid_marker(path, key):
-                self.store.move(path, self.store.sub(node_dir, key))
-                continue
-            self.store.delete_dir(path)
+            key = parsed[0]
+            att = self.attempt(name, key)
+            if attempt_alive(att) and leftover(att.get("partial") or "") == parsed:
+                continue  # a running attempt's own staging (or the old output it set aside)
+            found.setdefault(key, []).append(entry)
+        for key, entries in found.items():
+            final = self.store.sub(node_dir, key)
+            if self._valid_marker(final, key) is None:
+                complete = sorted((m.get("finished", ""), entry) for entry in entries
+                                  if (m := self._valid_marker(self.store.sub(node_dir, entry), key)) is not None)
+                if complete:
+                    best = complete[-1][1]
+                    self.store.delete_dir(final)  # what is in place is incomplete (or absent)
+                    self.store.move(self.store.sub(node_dir, best), final)
+                    entries.remove(best)
+            for entry in entries:
+                self.store.delete_dir(self.store.sub(node_dir, entry))
 
     # -- inputs ----------------------------------------------------------------------------------------
     def local_input(self, name: str) -> str:
         """A local path holding the complete output of node `name` (downloaded from URI storage)."""
         node = self.dag.nodes[name]
-        if node.is_external or self.store.is_local:
+        if node.is_external or self.store.local_path(self.dag.output_path(name)) is not None:
             return self.dag.output_path(name)
         local = self.cache_dir / "inputs" / self.dag.name / name / node.key
         marker = local / MARKER
@@ -216,16 +223,15 @@ class Driver:
         """A node's resumable scratch (Ray Train checkpoints): in the store when it is a local path, else
         in the local cache (tasks take local paths; for a multi-node cluster put cache_dir on a shared
         filesystem, as Ray Train needs its storage_path visible from every worker)."""
-        if self.store.is_local:
-            return self.store.join(self.dag.name, name, "_work", work_name)
-        return str(self.cache_dir / "work" / self.dag.name / name / work_name)
+        in_store = self.store.local_path(self.store.join(self.dag.name, name, "_work", work_name))
+        return in_store or str(self.cache_dir / "work" / self.dag.name / name / work_name)
 
     def teacher_fingerprint(self) -> Optional[str]:
         teacher = self.dag.nodes["teacher"]
         if teacher.facets.get("model"):
             return teacher.facets["model"]
         if self._teacher_fp is None:
-            from slimmoe.tasks.fingerprint import model_fingerprint
+            from slimmoe.tasks.core.fingerprint import model_fingerprint
 
             try:
                 self._teacher_fp = model_fingerprint(self.local_input("teacher"))
@@ -267,6 +273,8 @@ class Driver:
         name, key = node.name, node.key
         kind = get_node_kind(node.kind)
         if kind.uses_ray:
+            from slimmoe.tasks.core.runtime import ensure_ray  # imports torch: only when a node needs Ray
+
             ensure_ray(self.address)
         node_dir = self.dag.node_dir(name)
         self.store.makedirs(node_dir)
@@ -291,10 +299,12 @@ class Driver:
         retried = not forced and interrupted
         resumed = not forced and kind.uses_work_dir and (interrupted or has_state)
 
-        partial_name = f".{key}.partial-{uuid.uuid4().hex[:8]}"
-        if self.store.is_local:
-            out_dir = Path(self.store.sub(node_dir, partial_name))
-        else:
+        final = self.store.sub(node_dir, key)
+        staged = self.store.staging_path(final)  # <node>/.<key>.partial-<id>
+        partial_name = os.path.basename(staged)
+        if self.store.local_path(staged) is not None:
+            out_dir = Path(self.store.local_path(staged))  # the task writes the staged copy itself
+        else:  # tasks take local paths: stage locally, `publish` uploads
             staging = self.cache_dir / "staging" / self.dag.name / name
             if staging.is_dir() and not attempt_alive(previous):  # what killed attempts of this key staged
                 for old in staging.glob(f"{key}.partial-*"):
@@ -313,70 +323,46 @@ class Driver:
         started, t0 = _now(), time.time()
         record = {"node": name, "key": key, "kind": node.kind, "state": "running", "pid": os.getpid(),
                   "host": socket.gethostname(), "started": started, "forced": forced, "resumed": resumed,
-                  "work_dir": work_dir, "partial": partial_name if self.store.is_local else None}
+                  "work_dir": work_dir, "partial": partial_name}
         self._write_attempt(name, key, record)
 
         ctx = NodeContext(name=name, kind=node.kind, config=copy.deepcopy(node.task_config), inputs=inputs,
                           out_dir=out_dir, work_dir=work_dir, resumed=resumed, log=self.log,
                           teacher_fingerprint=self.teacher_fingerprint() if node.role == "stage" else None)
+        publishing = False
         try:
             metrics = _jsonable(kind.run(ctx))
+            seconds = time.time() - t0
+            marker = {"key": key, "node": name, "kind": node.kind, "version": get_node_kind(node.kind).version,
+                      "workflow": self.dag.name, "config": _jsonable(node.config),
+                      "inputs": {role: {"node": p, "key": self.dag.nodes[p].key} for role, p in node.inputs.items()},
+                      "started": started, "finished": _now(), "duration_s": round(seconds, 3), "metrics": metrics,
+                      "resumed": resumed, "host": socket.gethostname(),
+                      "files": sorted(p.name for p in out_dir.iterdir())}
+            publishing = True
+            self.store.publish(staged, final, json.dumps(marker, indent=2, sort_keys=True), local_dir=out_dir)
         except BaseException as err:
             seconds = time.time() - t0
             state = "failed" if isinstance(err, Exception) else "interrupted"
             self._write_attempt(name, key, record | {"state": "failed", "finished": _now(), "seconds": seconds,
                                                      "error": f"{type(err).__name__}: {err}",
                                                      "traceback": traceback.format_exc()[-4000:]})
-            shutil.rmtree(out_dir, ignore_errors=True)
+            # Before publishing, the attempt's output is worthless. While publishing, the staged copy in the
+            # store may be the only complete one (the old output already set aside or deleted): it is left to
+            # `_cleanup`, and only a local staging copy beside it goes.
+            if not publishing or str(out_dir) != self.store.local_path(staged):
+                shutil.rmtree(out_dir, ignore_errors=True)
             self.log(f"{state} {name} after {seconds:.1f}s: {type(err).__name__}: {err}")
             if isinstance(err, Exception):
                 raise NodeFailed(name, err, self.store.display(self._log_path or "")) from err
             raise
+        shutil.rmtree(out_dir, ignore_errors=True)  # a local staging copy, now uploaded (moved already otherwise)
 
-        seconds = time.time() - t0
-        marker = {"key": key, "node": name, "kind": node.kind, "version": get_node_kind(node.kind).version,
-                  "workflow": self.dag.name, "config": _jsonable(node.config),
-                  "inputs": {role: {"node": p, "key": self.dag.nodes[p].key} for role, p in node.inputs.items()},
-                  "started": started, "finished": _now(), "duration_s": round(seconds, 3), "metrics": metrics,
-                  "resumed": resumed, "host": socket.gethostname(),
-                  "files": sorted(p.name for p in out_dir.iterdir())}
-        self._publish(node, out_dir, marker, forced)
         self._write_attempt(name, key, record | {"state": "done", "finished": marker["finished"], "seconds": seconds})
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
         self.log(f"finished {name} in {seconds:.1f}s" + (f": {h}" if (h := headline_of(node.kind, metrics)) else ""))
         return NodeResult(name, "finished", key, self.store.display(self.dag.output_path(name)), seconds, metrics)
-
-    def _publish(self, node: Node, out_dir: Path, marker: dict, forced: bool) -> None:
-        """Put a finished output at `<node>/<key>/`; the marker is never visible before the data."""
-        node_dir = self.dag.node_dir(node.name)
-        final = self.store.sub(node_dir, node.key)
-        text = json.dumps(marker, indent=2, sort_keys=True)
-        if self.store.is_local:
-            (out_dir / MARKER).write_text(text)
-            if os.path.exists(final):
-                old = self.store.sub(node_dir, f".{node.key}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, old)
-                os.replace(out_dir, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(out_dir, final)
-            return
-        if forced and self.store.exists(final):
-            # Upload beside the old output first, so the old one goes only once the new one is whole. The
-            # staged copy carries its marker (uploaded last): if the run dies after the old output is
-            # deleted, `_cleanup` promotes the staged copy instead of deleting it.
-            staging = self.store.sub(node_dir, f".{node.key}.partial-{uuid.uuid4().hex[:8]}")
-            self.store.upload_dir(out_dir, staging)
-            self.store.write_text(self.store.sub(staging, MARKER), text)
-            self.store.delete_file(self.store.sub(final, MARKER))
-            self.store.delete_dir(final)
-            self.store.move(staging, final)
-        else:
-            self.store.delete_file(self.store.sub(final, MARKER))
-            self.store.upload_dir(out_dir, final)  # leftovers of failed uploads are harmless: readers use manifests
-        self.store.write_text(self.store.sub(final, MARKER), text)
-        shutil.rmtree(out_dir, ignore_errors=True)
 
     # -- status --------------------------------------------------------------------------------------------
     def status(self) -> list[dict]:
@@ -476,4 +462,4 @@ def format_status(rows: list[dict]) -> str:
 
 
 __all__ = ["Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
-           "workflow_status", "format_status", "ensure_ray"]
+           "workflow_status", "format_status"]

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from .config import load_workflow
-from .fsio import is_uri
+from .storage import is_uri
 
 PACKAGE_PREFIX = "slimmoe_job_"
 CONFIG_NAME = "workflow.yaml"
@@ -95,7 +95,7 @@ class Submission:
 
 def prepare_submission(config_path, address: str, runtime_env_file: Optional[Path] = None,
                        overrides: dict | None = None, submission_id: Optional[str] = None) -> Submission:
-    """Check the config locally (schema, plugins) and build the job's entrypoint and runtime env."""
+    """Check the config locally and build the job's entrypoint and runtime env."""
     loaded = load_workflow(config_path, overrides)
     cfg = loaded.config
     root = project_root()
@@ -110,18 +110,6 @@ def prepare_submission(config_path, address: str, runtime_env_file: Optional[Pat
     (pkg / "__init__.py").write_text(f'"""A workflow config shipped with a `slimmoe submit` job."""\nPACKAGE = "{pkg_name}"\n')
     raw = cfg.model_dump(by_alias=True, exclude_unset=True)
     raw["storage"] = cfg.storage  # resolved against the config's directory
-    plugins = []
-    for i, entry in enumerate(cfg.plugins):
-        if entry.endswith(".py") or "/" in entry:
-            src = Path(entry).expanduser()
-            src = src if src.is_absolute() else loaded.base_dir / src
-            dst = f"plugin_{i}_{src.name}"
-            shutil.copy2(src, pkg / dst)
-            plugins.append(dst)  # relative to the shipped config
-        else:
-            plugins.append(entry)
-    if plugins:
-        raw["plugins"] = plugins
     (pkg / CONFIG_NAME).write_text(yaml.safe_dump(raw, sort_keys=False))
 
     py_modules = list(runtime_env.get("py_modules", []))

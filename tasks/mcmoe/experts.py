@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import MoEAdapter
+from slimmoe.tasks.core.adapters import MoEAdapter
 
 
 def canonical_experts(adapter: MoEAdapter, experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,12 +33,6 @@ def canonical_experts(adapter: MoEAdapter, experts: nn.Module) -> tuple[torch.Te
 def to_stored_layout(adapter: MoEAdapter, canonical: torch.Tensor) -> torch.Tensor:
     """Canonical [E, out, in] -> the layout the family's experts module stores."""
     return canonical.transpose(1, 2).contiguous() if adapter.transposed_experts else canonical.contiguous()
-
-
-def set_experts(adapter: MoEAdapter, experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    with torch.no_grad():
-        experts.gate_up_proj.data = to_stored_layout(adapter, gate_up).to(experts.gate_up_proj.dtype)
-        experts.down_proj.data = to_stored_layout(adapter, down).to(experts.down_proj.dtype)
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:

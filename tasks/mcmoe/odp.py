@@ -51,7 +51,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from slimmoe.tasks.core.adapters import get_adapter
 
 # Routers whose output multipliers carry no confidence (see above): the rule uses softmax(logits).
 SCORE_FROM_PROBS = {"phimoe"}

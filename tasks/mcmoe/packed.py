@@ -37,7 +37,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .packing import packed_row_bytes
 from .quantizer import QuantizedTensor
 
 FORMAT = "slimmoe-mcmoe-packed"
@@ -45,7 +44,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.quantized.safetensors"
 QCONFIG_FILE = "quantization_config.json"
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class QuantizedFormatError(ValueError):
@@ -102,7 +100,7 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
 def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str | Path, keep_dtype: torch.dtype,
                    info: dict, tokenizer_from: str | Path | None = None) -> dict:
     """Write the packed checkpoint into `out_dir` (an existing empty directory); the JSON last."""
-    from ..checkpoint import copy_tokenizer_files
+    from slimmoe.tasks.core.checkpoint import copy_tokenizer_files
 
     out_dir = Path(out_dir)
     state = model.state_dict()
@@ -127,7 +125,7 @@ def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str
                    tensors={e.name: e.meta() for e in entries},
                    packing="codes of a row in runs of 8, each run one little-endian 8*b-bit integer written as b bytes; "
                            "w = (code - zero) * scale per (row, group of group_size input columns)")
-    from ..storage import write_json_atomic
+    from slimmoe.tasks.core.storage import write_json_atomic
 
     write_json_atomic(out_dir / QCONFIG_FILE, qconfig)
     return qconfig
@@ -286,10 +284,6 @@ def module_memory_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
-
-
-def expected_packed_row_bytes(in_padded: int, bits: int) -> int:
-    return packed_row_bytes(in_padded, bits)
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import MoEAdapter
+from slimmoe.tasks.core.adapters import MoEAdapter
 from .experts import canonical_experts, expert_hidden, expert_output, routed_tokens
 from .quantizer import QuantizedTensor, dequantize_codes, quantize_weight, to_quantized_tensors
 

@@ -1,0 +1,88 @@
+"""Loading and saving standard Hugging Face model directories (safetensors, config, tokenizer)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from slimmoe.tasks.core.adapters import get_adapter
+from slimmoe.tasks.core.fingerprint import TOKENIZER_FILES
+from slimmoe.tasks.core.storage import atomic_output_dir
+
+
+def load_config(model_dir: str | Path, trust_remote_code: bool = False):
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    get_adapter(config)  # unsupported architectures fail here, before any weights are read
+    return config
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False, experts_implementation: str | None = None) -> nn.Module:
+    load_config(model_dir, trust_remote_code)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    model = AutoModelForCausalLM.from_pretrained(Path(model_dir), **kwargs)
+    return model.to(device)
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether the directory holds any tokenizer file (a model saved without one has none)."""
+    return any((Path(model_dir) / name).exists() for name in TOKENIZER_FILES)
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: str | Path) -> list[str]:
+    if src is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        p = Path(src) / name
+        if p.exists():
+            shutil.copy2(p, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_from: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write `model` as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads
+    with no custom code. The directory appears only once complete."""
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(tokenizer_from, tmp)
+    return out_dir
+
+
+def build_from_state(config, state: dict[str, torch.Tensor], buffers_from: nn.Module) -> nn.Module:
+    """A model of `config` holding `state`, built on the meta device so no memory is spent on an init
+    that is overwritten at once. Non-persistent buffers (rotary tables) come from `buffers_from`."""
+    dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(new, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"slimmed state does not match the slimmed config: missing {missing}, unexpected {unexpected}")
+    if tied:
+        new.tie_weights()
+    old_buffers = dict(buffers_from.named_buffers())
+    for name, buf in list(new.named_buffers()):
+        if buf.is_meta:
+            owner_name, _, attr = name.rpartition(".")
+            owner = new.get_submodule(owner_name) if owner_name else new
+            owner._buffers[attr] = old_buffers[name].clone()
+    new.eval()
+    new.train(buffers_from.training)
+    if hasattr(buffers_from, "generation_config"):
+        new.generation_config = copy.deepcopy(buffers_from.generation_config)
+    return new

@@ -1,0 +1,65 @@
+"""Runtime helpers every node shares: device and dtype names, the Ray connection, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+# Config-facing dtype names. "auto" (where a config offers it) is resolved by the caller, since what it
+# means depends on the device (bfloat16 on GPU, float32 on CPU).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str, field: str = "dtype") -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"{field}={name!r} is not a dtype name; use one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """`auto` is the GPU when there is one; a named CUDA device without CUDA is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{field}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}={name!r} but no CUDA device is available; set {field} to 'cpu' or 'auto'")
+    return device
+
+
+def ensure_ray(address: Optional[str] = None) -> None:
+    """Connect to the cluster at `address` / RAY_ADDRESS, else start a local one (once per process).
+
+    "local" rather than Ray's default "auto": a node run by hand must never attach itself to some
+    stray cluster that happens to be running on the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, ignore_reinit_error=True)
+
+
+def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: float, base: float = 1.0) -> float:
+    """The learning rate at `step` (0-based): linear warm-up to `base` over `warmup_steps`, then a cosine
+    decay to `base * min_ratio` as `progress` goes from 0 to 1 (progress past 1 stays at the floor).
+    Callers pass `progress` so that a time-budgeted run can decay by elapsed time instead of steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base * (min_ratio + (1.0 - min_ratio) * cos)
+
+
+def step_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """How far past the warm-up `step` is, as a fraction of the steps after it."""
+    return (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -1,0 +1,184 @@
+"""Text inputs: one place that recognises a data source and reads its documents.
+
+Sources: plain text files (a file, a directory or a glob), JSONL files, Parquet files, a directory
+saved by `datasets.Dataset.save_to_disk`, or a directory of token shards written by the tokenize
+task (recognised by its `manifest.json`); `check_source` checks what
+can be checked before any work (the text field, the first record of each file). The tokenize task reads the same sources with Ray Data;
+this module is the single-process reader for calibration data and small jobs.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".py", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class DataSourceError(ValueError):
+    """A data source that is missing, empty, of an unknown kind, or lacks its text field."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    kind: str  # "text" | "jsonl" | "parquet" | "hf_dataset" | "token_shards"
+    files: tuple[str, ...]
+    root: str
+
+
+def _expand(path: str) -> list[str]:
+    if any(ch in path for ch in "*?["):
+        return sorted(p for p in globlib.glob(path, recursive=True) if Path(p).is_file())
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return []
+
+
+def detect_source(path: str | Path) -> DataSource:
+    path = str(path)
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        manifest = json.loads((p / "manifest.json").read_text())
+        if manifest.get("kind") == "tokenized_dataset":  # the tokenize task's output: use its train split
+            return detect_source(p / "train")
+        if manifest.get("kind") == "token_shards":
+            return DataSource("token_shards", tuple(str(p / f["path"]) for f in manifest["files"]), path)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+        return DataSource("hf_dataset", (), path)
+    files = _expand(path)
+    if not files:
+        raise DataSourceError(f"data path {path!r} matches no files; give a file, a directory or a glob such as 'data/*.jsonl'")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    for kind, allowed in (("parquet", PARQUET_SUFFIXES), ("jsonl", JSONL_SUFFIXES)):
+        if suffixes <= set(allowed):
+            return DataSource(kind, tuple(files), path)
+    text_files = [f for f in files if Path(f).suffix.lower() in TEXT_SUFFIXES or not Path(f).suffix]
+    if len(text_files) == len(files):
+        return DataSource("text", tuple(files), path)
+    raise DataSourceError(
+        f"data path {path!r} mixes file kinds {sorted(suffixes)}; point it at one kind: text "
+        f"({', '.join(TEXT_SUFFIXES)}), JSONL, Parquet, a saved `datasets` directory, or token shards"
+    )
+
+
+def check_text(value, text_field: str, where: str) -> str:
+    if value is None:
+        raise DataSourceError(f"text field {text_field!r} is missing in {where}; set text_field to the column holding the text")
+    if not isinstance(value, str):
+        raise DataSourceError(
+            f"text field {text_field!r} in {where} holds {type(value).__name__}, not a string; "
+            "set text_field to a column of strings"
+        )
+    return value
+
+
+def _first_json_line(path: str) -> tuple[int, str] | None:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                return lineno, line
+    return None
+
+
+def parse_json_line(line: str, text_field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{where} holds a line that is not JSON ({err}); JSONL needs one JSON object per line") from err
+    if not isinstance(record, dict):
+        raise DataSourceError(f"{where} holds a JSON {type(record).__name__}, not an object; JSONL needs one object per line")
+    return check_text(record.get(text_field), text_field, where)
+
+
+def _check_parquet_field(files: tuple[str, ...], text_field: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        schema = pq.read_schema(f)
+        if text_field not in schema.names:
+            raise DataSourceError(f"text field {text_field!r} is missing in {f} (columns: {', '.join(schema.names)}); set text_field")
+        t = schema.field(text_field).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+            raise DataSourceError(f"text field {text_field!r} in {f} holds {t}, not a string; set text_field to a column of strings")
+
+
+def load_hf_dataset(root: str, text_field: str):
+    import datasets
+
+    ds = datasets.load_from_disk(root)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train" if "train" in ds else sorted(ds)[0]]
+    if text_field not in ds.column_names:
+        raise DataSourceError(f"text field {text_field!r} is missing in dataset {root} (columns: {', '.join(ds.column_names)}); set text_field")
+    feature = ds.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataSourceError(f"text field {text_field!r} in dataset {root} holds {feature}, not a string; set text_field to a column of strings")
+    return ds.select_columns([text_field])
+
+
+def check_source(source: DataSource, text_field: str):
+    """Everything that can be checked before any work: returns the loaded `datasets` dataset if any."""
+    if source.kind == "token_shards":
+        raise DataSourceError(f"{source.root} already holds token shards; give the text the shards were made from")
+    if source.kind == "parquet":
+        _check_parquet_field(source.files, text_field)
+    elif source.kind == "jsonl":
+        first = next((hit for f in source.files if (hit := _first_json_line(f)) is not None), None)
+        if first is None:
+            raise DataSourceError(f"data {source.root} is empty: its JSONL files hold no lines")
+        for f in source.files:  # the first record of each file: catches the usual wrong text_field early
+            hit = _first_json_line(f)
+            if hit is not None:
+                parse_json_line(hit[1], text_field, f"{f}:{hit[0]}")
+    elif source.kind == "hf_dataset":
+        ds = load_hf_dataset(source.root, text_field)
+        if len(ds) == 0:
+            raise DataSourceError(f"dataset {source.root} is empty")
+        return ds
+    return None
+
+
+def iter_documents(source: DataSource, text_field: str = "text") -> Iterator[str]:
+    """Every document of a text-bearing source, in a fixed order."""
+    if source.kind == "text":
+        for f in source.files:
+            yield Path(f).read_text(encoding="utf-8", errors="replace")
+    elif source.kind == "jsonl":
+        for f in source.files:
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        yield parse_json_line(line, text_field, f"{f}:{lineno}")
+    elif source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        _check_parquet_field(source.files, text_field)
+        for f in source.files:
+            for value in pq.read_table(f, columns=[text_field]).column(text_field).to_pylist():
+                yield check_text(value, text_field, f)
+    elif source.kind == "hf_dataset":
+        for value in load_hf_dataset(source.root, text_field)[text_field]:
+            yield check_text(value, text_field, source.root)
+    else:
+        raise DataSourceError(f"{source.root} holds token shards, not text")
+
+
+def read_token_rows(source: DataSource, limit: int | None = None) -> list[list[int]]:
+    """`input_ids` rows of token shards, in manifest order."""
+    import pyarrow.parquet as pq
+
+    rows: list[list[int]] = []
+    for f in source.files:
+        rows.extend(pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist())
+        if limit is not None and len(rows) >= limit:
+            return rows[:limit]
+    return rows

@@ -1,0 +1,1 @@
+"""Evaluation components: the evaluate config, perplexity / KL / throughput metrics, lm-eval-harness tasks."""

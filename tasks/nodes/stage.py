@@ -1,0 +1,107 @@
+"""One SlimMoE stage as one Ray Train job: score, slim, then distill on the cached teacher logits.
+
+`run_stage` runs on the driver: it checks the config against the model and the cache before any
+worker starts, plans the steps, launches a `TorchTrainer` whose workers run
+`slimmoe.tasks.slimming.train_loop.train_loop`, and assembles the output directory:
+
+    <out_dir>/             the distilled student: a standard Hugging Face model directory
+    <out_dir>/pruned/      the slimmed, not yet distilled checkpoint (the one-shot result; with
+                           distill_only, the input model as it came)
+    <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; plan and timings
+    <out_dir>/scores.safetensors  the all-reduced sensitivity scores the cut was made with
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, has_tokenizer, load_config
+from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
+from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.data.readers import open_logit_cache, split_dir
+from slimmoe.tasks.slimming.config import StageConfig, plan_steps, validate_targets
+from slimmoe.tasks.slimming.train_loop import train_loop
+
+SPLIT = "train"
+
+
+def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teacher_fingerprint: str | None = None,
+              name: str = "stage") -> dict:
+    """Score, slim and distill `model_dir` into `out_dir`. `work_dir` holds the Ray Train run (its
+    checkpoints): a second call with the same `work_dir` resumes it; a fresh one starts over."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    model_dir, logits_dir, out_dir, work_dir = map(lambda p: Path(p).resolve(), (model_dir, logits_dir, out_dir, work_dir))
+    config = load_config(model_dir, cfg.trust_remote_code)
+    if not cfg.distill_only:
+        validate_targets(config, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
+    expect_tok = tokenizer_fingerprint(model_dir) if has_tokenizer(model_dir) else None
+    cache_dir = split_dir(logits_dir, SPLIT, "logit_cache")
+    cache = open_logit_cache(cache_dir, expect_teacher_fingerprint=teacher_fingerprint, expect_tokenizer_fingerprint=expect_tok)
+    if cache.vocab_size != config.vocab_size:
+        raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
+    plan = plan_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.num_workers))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "nonfinite.json").unlink(missing_ok=True)
+    loop_config = {
+        "stage": cfg,  # the config object itself: workers get exactly what was validated
+        "model_dir": str(model_dir), "cache_dir": str(cache_dir), "work_dir": str(work_dir),
+        "teacher_fingerprint": cache.manifest.get("teacher_fingerprint"), "tokenizer_fingerprint": expect_tok,
+        "plan": plan, "name": name,
+    }
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    ensure_ray()
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="distill", storage_path=str(work_dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    started = time.time()
+    trainer.fit()
+    final_dir = work_dir / "final"
+    nonfinite_file = work_dir / "nonfinite.json"
+    if nonfinite_file.exists():
+        nonfinite = json.loads(nonfinite_file.read_text())["step"]
+        raise FloatingPointError(
+            f"{name}: the distillation loss became NaN or inf at step {nonfinite}; nothing was saved as final. "
+            "Lower lr, raise warmup_fraction, or check the logit cache with `slimmoe logits inspect`."
+        )
+    if not (final_dir / "config.json").exists():
+        raise RuntimeError(f"{name}: training ended without writing the final model to {final_dir}")
+    metrics = json.loads((work_dir / "metrics.json").read_text())
+    metrics["wall_seconds_last_attempt"] = round(time.time() - started, 2)
+    _assemble_output(final_dir, work_dir, model_dir, out_dir, metrics)
+    return _headline(metrics)
+
+
+def _assemble_output(final_dir: Path, work_dir: Path, model_dir: Path, out_dir: Path, metrics: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in final_dir.iterdir():
+        shutil.copy2(item, out_dir / item.name)
+    shutil.copytree(work_dir / "pruned", out_dir / "pruned", dirs_exist_ok=True)
+    if (work_dir / "scores.safetensors").exists():  # a distill-only stage scores nothing
+        shutil.copy2(work_dir / "scores.safetensors", out_dir / "scores.safetensors")
+    copy_tokenizer_files(model_dir, out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _headline(metrics: dict) -> dict:
+    last = metrics["history"][-1] if metrics["history"] else {}
+    return {
+        "steps": metrics["steps_done"], "tokens": metrics["tokens_seen"], "final_loss": last.get("loss"),
+        "final_kl": last.get("kl"), "params_before": metrics["params_before"]["total"],
+        "params_after": metrics["params_after"]["total"], "active_after": metrics["params_after"]["active"],
+        "resumed_from_step": metrics.get("resumed_from_step"),
+    }

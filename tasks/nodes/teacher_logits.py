@@ -1,0 +1,265 @@
+"""The teacher_logits node: token shards -> top-k teacher log-probs cached as Parquet, per split.
+
+One Ray Data pipeline for all splits (so each teacher loads once): read_parquet(the token shards'
+manifest files, each row tagged with its split) -> map_batches(teacher) on an actor pool (one
+teacher per actor: bf16 and one GPU each when the cluster has GPUs, float32 on CPU otherwise) ->
+map_batches(write files of about `rows_per_file` rows) as parallel tasks -> the driver collects
+what was written and writes each split's manifest, then the top-level one, last.
+
+Why the files are written by our own map_batches stage and not `write_parquet`: readers look rows
+up by row id, so every file must hold one ascending run of row ids. `write_parquet` bundles blocks
+without keeping their order even under `preserve_order` (measured on Ray 2.60: one file with rows
+399, 416, ..., 408), names files by a per-write uuid and is not atomic. Our writer sorts its batch
+by row id, writes one file per contiguous run under a name made of the run
+(`rows-000000000000-000000001023.parquet`) through a temporary name, so a retried task rewrites
+the same file, and the manifest lists the files that tile 0..N-1 (copies left by retries are
+deleted; readers never list the directory anyway). The output directory must be on storage every
+node sees (a local path on one machine, NFS, or a mounted bucket), as with `write_parquet`.
+
+Per token the cache keeps the top-k ids, their log-probs normalised over the FULL vocabulary,
+and the exact log-mass outside the top-k (float32, summed over the complement, so it stays exact when the top-k holds almost all the mass),
+as `slimming.losses.topk_with_rest` defines them, computed by `fast_topk_with_rest` (same numbers, one exp
+pass instead of two). Encoding: see `slimmoe.tasks.data.formats`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimmoe.tasks.core.checkpoint import has_tokenizer, load_config
+from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.core.storage import ensure_free_output
+from slimmoe.tasks.data.config import TeacherLogitsConfig
+from slimmoe.tasks.data.formats import (LogitCacheError, LogitCacheManifest, TeacherLogitsManifest, ids_dtype,
+                                        list_column_to_numpy, numpy_to_binary_column, read_manifest)
+from slimmoe.tasks.data.readers import open_token_shards, split_dirs, tile_files
+from slimmoe.tasks.slimming.losses import fast_topk_with_rest
+
+class _TeacherActor:
+    """One teacher per actor, loaded once; turns a batch of sequences into cache rows."""
+
+    def __init__(self, teacher_dir: str, k: int, dtype: str, device: str, experts_implementation: str,
+                 trust_remote_code: bool, torch_threads: int | None, vocab_size: int, split_of_path: dict[str, int]):
+        import torch
+
+        from slimmoe.tasks.core.checkpoint import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.torch = torch
+        self.device = device
+        self.k = k
+        self.vocab_size = vocab_size
+        self.ids_dtype = ids_dtype(vocab_size)
+        self.work = None  # scratch [batch, seq, vocab] float32, reused across batches
+        self.split_of_path = split_of_path
+        self.model = load_model(teacher_dir, dtype=getattr(torch, dtype), device=device,
+                                trust_remote_code=trust_remote_code, experts_implementation=experts_implementation).eval()
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        torch = self.torch
+        n = batch.num_rows
+        col = batch.column("input_ids").combine_chunks()
+        seq_len = (col.offsets[-1].as_py() - col.offsets[0].as_py()) // max(1, n)
+        ids = list_column_to_numpy(col, seq_len)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id {int(ids.max())} is outside the teacher's vocabulary of {self.vocab_size}: "
+                             "the tokens were made with another tokenizer")
+        with torch.inference_mode():
+            x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+            logits = self.model(input_ids=x, use_cache=False).logits
+            logits = logits.float()
+            # CPU only: CUDA's caching allocator already reuses memory, and GPU memory is scarcer.
+            if self.device == "cpu" and (self.work is None or self.work.shape != logits.shape):
+                self.work = torch.empty_like(logits)
+            topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k, self.work)
+            topk_ids = topk_ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
+            topk_logprobs = topk_logprobs.to(torch.float16).cpu().numpy()
+            rest = rest.to(torch.float32).cpu().numpy()
+        split = np.array([self.split_of_path[_norm(p)] for p in batch.column("path").to_pylist()], dtype=np.int8)
+        return pa.table({
+            "split": pa.array(split),
+            "row_id": batch.column("row_id").combine_chunks().cast(pa.int64()),
+            "input_ids": col,
+            "topk_ids": numpy_to_binary_column(topk_ids),
+            "topk_logprobs": numpy_to_binary_column(topk_logprobs),
+            "rest_logprob": numpy_to_binary_column(rest),
+        })
+
+
+def _norm(path) -> str:
+    return os.path.normpath(os.path.abspath(str(path)))
+
+
+def write_row_runs(batch, root: str, splits: list[str], compression: str):
+    """Write a batch of cache rows as one Parquet file per split and contiguous run of row ids, under
+    root/<split>/; return what was written (split, path, first, rows, bytes) for the manifests."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    meta = {"split": [], "path": [], "first": [], "rows": [], "bytes": []}
+    split_col = batch.column("split").to_numpy(zero_copy_only=False)
+    for s in np.unique(split_col):
+        part = batch.filter(pc.equal(batch.column("split"), pa.scalar(int(s), pa.int8()))).drop_columns(["split"])
+        rid = part.column("row_id").to_numpy(zero_copy_only=False)
+        order = np.argsort(rid, kind="stable")
+        if not np.array_equal(order, np.arange(len(rid))):
+            part, rid = part.take(pa.array(order)), rid[order]
+        cuts = np.nonzero(np.diff(rid) != 1)[0] + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rid)]])):
+            first, last = int(rid[lo]), int(rid[hi - 1])
+            name = f"rows-{first:012d}-{last:012d}.parquet"
+            directory = Path(root) / splits[int(s)]
+            tmp = directory / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            pq.write_table(part.slice(lo, hi - lo), tmp, compression=compression, use_dictionary=False,
+                           write_statistics=["row_id"])
+            os.replace(tmp, directory / name)
+            for key, value in (("split", int(s)), ("path", name), ("first", first), ("rows", int(hi - lo)),
+                               ("bytes", (directory / name).stat().st_size)):
+                meta[key].append(value)
+    return pa.table({"split": pa.array(meta["split"], pa.int8()), "path": pa.array(meta["path"], pa.string()),
+                     "first": pa.array(meta["first"], pa.int64()), "rows": pa.array(meta["rows"], pa.int64()),
+                     "bytes": pa.array(meta["bytes"], pa.int64())})
+
+
+def _pass_device(cfg: TeacherLogitsConfig) -> tuple[str, str]:
+    """The teacher actors' device and dtype, decided from the cluster (not from this process's own devices)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = cfg.device
+    if device == "auto":
+        device = ("cuda" if cfg.use_gpu else "cpu") if cfg.use_gpu is not None else ("cuda" if gpus >= 1 else "cpu")
+    if device == "cuda" and gpus < 1:
+        warnings.warn(f"the Ray cluster has no GPUs now; waiting up to wait_for_actors_s={cfg.wait_for_actors_s}s "
+                      "for GPU nodes (an autoscaler may be adding them)", stacklevel=2)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def _no_actors_error(cfg: TeacherLogitsConfig, device: str) -> ValueError:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    want = f"{cfg.actor_pool_size} actor(s) with {cfg.cpus_per_actor} CPU" + (" and 1 GPU" if device == "cuda" else "")
+    fix = ("add GPU nodes, or run on CPU (logits.device: cpu, or resources.use_gpu: false)" if device == "cuda"
+           else "lower resources.actor_pool_size or logits.cpus_per_actor, or add nodes")
+    return ValueError(f"no teacher actor started within wait_for_actors_s={cfg.wait_for_actors_s}s: the pool needs {want}, "
+                      f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs and {gpus:g} GPUs; {fix}")
+
+
+def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens_dir: str | Path,
+                       out_dir: str | Path) -> dict[str, Any]:
+    """Cache the teacher's top-k log-probs for every split of `tokens_dir` into `out_dir`/<split>/."""
+    teacher_dir, tokens_dir, out_dir = Path(teacher_dir), Path(tokens_dir), Path(out_dir)
+    ensure_free_output(out_dir)
+    config = load_config(teacher_dir, cfg.trust_remote_code)
+    vocab_size = int(config.vocab_size)
+    in_manifest = read_manifest(tokens_dir)
+    inputs = split_dirs(tokens_dir)
+    shards = {name: open_token_shards(d) for name, d in inputs.items()}
+    tok_fps = {s.manifest["tokenizer_fingerprint"] for s in shards.values()}
+    if len(tok_fps) != 1:
+        raise LogitCacheError(f"the splits of {tokens_dir} were made with different tokenizers ({sorted(tok_fps)}); tokenize again")
+    tok_fp = tok_fps.pop()
+    if has_tokenizer(teacher_dir) and tokenizer_fingerprint(teacher_dir) != tok_fp:
+        raise ValueError(f"the tokens in {tokens_dir} were made with tokenizer {tok_fp}, but the teacher {teacher_dir} "
+                         f"carries tokenizer {tokenizer_fingerprint(teacher_dir)}; tokenize the data with the teacher's tokenizer")
+    if in_manifest.get("vocab_size") and int(in_manifest["vocab_size"]) > vocab_size:
+        raise ValueError(f"the tokenizer of {tokens_dir} has {in_manifest['vocab_size']} tokens, more than the teacher's "
+                         f"vocabulary of {vocab_size}; tokenize with the teacher's tokenizer")
+    if cfg.k >= vocab_size:
+        raise ValueError(f"k={cfg.k} must be smaller than the teacher's vocabulary ({vocab_size})")
+    teacher_fp = model_fingerprint(teacher_dir)
+    tokenizer_path = str(teacher_dir.resolve()) if has_tokenizer(teacher_dir) else in_manifest.get("tokenizer_path")
+
+    import ray
+
+    ensure_ray()
+    device, dtype = _pass_device(cfg)
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+    remote_args: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor}
+    if device == "cuda":  # on CPU no GPU request at all (a GPU request without GPUs waits forever)
+        remote_args["num_gpus"] = 1
+    if cfg.memory_per_actor_gb:
+        remote_args["memory"] = int(cfg.memory_per_actor_gb * 2**30)
+    names = list(shards)
+    created_out_dir = not out_dir.exists()
+    for name in names:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # One pipeline (and one file listing) over every split, so the teacher loads once; each row's
+    # split comes from the path of the file it was read from.
+    split_of_path = {_norm(f): i for i, name in enumerate(names) for f in shards[name].files}
+    ds = ray.data.read_parquet(list(split_of_path), include_paths=True, file_extensions=None, num_cpus=0.5)
+    ds = ds.select_columns(["row_id", "input_ids", "path"])
+    ds = ds.map_batches(
+        _TeacherActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actor_pool_size),
+        fn_constructor_kwargs=dict(teacher_dir=str(teacher_dir.resolve()), k=cfg.k, dtype=dtype, device=device,
+                                   experts_implementation=cfg.experts_implementation,
+                                   trust_remote_code=cfg.trust_remote_code, torch_threads=threads, vocab_size=vocab_size,
+                                   split_of_path=split_of_path),
+        **remote_args,
+    )
+    # Half a CPU: writing is light, and must not wait behind the actors for a whole free CPU.
+    ds = ds.map_batches(write_row_runs, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs={"root": str(out_dir.resolve()), "splits": names, "compression": cfg.compression})
+    # In-order blocks give long runs, i.e. few files (correctness does not depend on the order).
+    ds.context.execution_options.preserve_order = True
+    ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s
+    ds.context.raise_original_map_exception = True  # e.g. a token id outside the vocabulary: keep its message
+    try:
+        written = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    except ray.exceptions.GetTimeoutError as err:
+        # No actor ever ran, so nothing was written: leave the output path as it was found.
+        for name in names:
+            (out_dir / name).rmdir()
+        if created_out_dir:
+            out_dir.rmdir()
+        raise _no_actors_error(cfg, device) from err
+    summary: dict[str, dict] = {}
+    for i, name in enumerate(names):
+        shard, split_dir = shards[name], out_dir / name
+        files = tile_files(split_dir, [w for w in written if w["split"] == i], shard.num_rows)
+        disk = sum(f["bytes"] for f in files)
+        tokens = shard.num_rows * shard.seq_len
+        LogitCacheManifest(
+            split=name, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tok_fp, k=cfg.k, seq_len=shard.seq_len,
+            vocab_size=vocab_size, rows=shard.num_rows, tokens=tokens, eos_token_id=shard.manifest.get("eos_token_id"),
+            dtypes={"row_id": "int64", "input_ids": "int32", "topk_ids": ids_dtype(vocab_size).name,
+                    "topk_logprobs": "float16", "rest_logprob": "float32"},
+            compression=cfg.compression, files=files, disk_bytes=disk,
+            bytes_per_token=disk / max(1, tokens), teacher_dir=str(teacher_dir.resolve()),
+            tokenizer_path=tokenizer_path, tokens_dir=str(inputs[name].resolve()),
+            compute={"device": device, "dtype": dtype, "experts_implementation": cfg.experts_implementation,
+                     "actor_pool_size": cfg.actor_pool_size, "batch_size": cfg.batch_size},
+        ).write(split_dir)
+        summary[name] = {"rows": shard.num_rows, "tokens": tokens, "disk_bytes": disk}
+    seconds = time.perf_counter() - t0
+    TeacherLogitsManifest(
+        splits=list(shards), teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tok_fp, k=cfg.k,
+        vocab_size=vocab_size, seq_len=next(iter(shards.values())).seq_len, tokenizer_path=tokenizer_path,
+        teacher_dir=str(teacher_dir.resolve()), split_rows={n: v["rows"] for n, v in summary.items()},
+        config=cfg.model_dump(),
+    ).write(out_dir)
+    tokens = sum(v["tokens"] for v in summary.values())
+    disk = sum(v["disk_bytes"] for v in summary.values())
+    return {
+        "k": cfg.k, "vocab_size": vocab_size, "tokens": tokens, "rows": {n: v["rows"] for n, v in summary.items()},
+        "bytes_per_token": disk / max(1, tokens), "full_logits_bytes_per_token": 2 * vocab_size,
+        "storage_ratio": disk / max(1, tokens) / (2 * vocab_size), "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None, "device": device, "dtype": dtype,
+        "experts_implementation": cfg.experts_implementation, "teacher_fingerprint": teacher_fp,
+    }

@@ -1,0 +1,189 @@
+"""The tokenize node: text documents -> packed, fixed-length token shards (train + validation).
+
+Ray Data does the parallel work: read (per source kind) -> map_batches(decode, check, tokenize) on
+an actor pool. The driver then consumes the tokenized documents *in input order* (files sorted by
+path, records in file order; `preserve_order`) and packs them: EOS after each document, cut into
+`seq_len` rows, the incomplete tail of each split dropped. It writes the rows as Parquet files with
+fixed names (`part-00000.parquet`, ...), each written to a temporary name and renamed, then the
+manifests, last.
+
+Why packing runs on the driver rather than as another Ray stage: packing is a sequential scan
+(where a row starts depends on every document before it), so doing it per Ray block would make
+the rows depend on how Ray cut the data into blocks, which changes with the cluster size; a
+shuffle by document key (groupby) would fix that but costs two all-to-all passes, ~a minute of
+scheduling on a small machine for a few MB of text. The scan itself is cheap (numpy concatenation
+and Parquet writes, I/O-bound at tens of millions of tokens per second), so tokenizing (the CPU-heavy
+part) scales out while the output stays byte-for-byte reproducible. Writing the files ourselves
+also gives deterministic names and atomic files, which `write_parquet` (uuid names, no atomicity)
+does not.
+
+The validation split is a fixed rule on content: a document goes to validation when the first 64
+bits of the SHA-1 of its text fall under `validation_fraction`. The same input always gives the same
+split, and duplicated documents never straddle train and validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
+from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.core.storage import ensure_free_output
+from slimmoe.tasks.data.calibration import load_tokenizer
+from slimmoe.tasks.data.config import TokenizeConfig
+from slimmoe.tasks.data.formats import TokenizedDatasetManifest
+from slimmoe.tasks.data.packing import Packer
+from slimmoe.tasks.data.shards import ShardWriter
+from slimmoe.tasks.data.sources import DataSource, DataSourceError, check_source, check_text, detect_source, parse_json_line
+
+SPLITS = ("train", "validation")
+
+
+def read_documents(source: DataSource, text_field: str, hf_dataset=None):
+    """A Ray Dataset of raw records for `source`, plus the mode `_Tokenize` decodes them with.
+
+    JSONL is read as text lines and parsed in Python rather than with `read_json`: Arrow's JSON
+    reader infers one type per column across a block, so a stray non-string value anywhere in any
+    field (not only the text field) fails the whole read with an Arrow type error."""
+    import ray
+
+    files = list(source.files)
+    if source.kind == "text":
+        return ray.data.read_binary_files(files, include_paths=True), "bytes"
+    if source.kind == "jsonl":
+        return ray.data.read_text(files, include_paths=True, drop_empty_lines=True), "jsonl"
+    if source.kind == "parquet":
+        ds = ray.data.read_parquet(files, include_paths=True, file_extensions=None)
+        return ds.select_columns([text_field, "path"]), "column"
+    if source.kind == "hf_dataset":
+        return ray.data.from_huggingface(hf_dataset), "column"
+    raise DataSourceError(f"cannot tokenize a {source.kind} source")
+
+
+# -- tokenize and pack (run inside Ray workers) ----------------------------------------------------
+
+
+class _Tokenize:
+    """Decode and check records, assign each document its split by the SHA-1 of its text, tokenize."""
+
+    def __init__(self, tokenizer, mode: str, text_field: str, root: str, validation_fraction: float):
+        self.tok = tokenizer
+        self.mode = mode
+        self.text_field = text_field
+        self.root = root
+        self.threshold = int(validation_fraction * 2**64)
+
+    def _texts(self, batch) -> list[str]:
+        n = batch.num_rows
+        paths = batch.column("path").to_pylist() if "path" in batch.column_names else [self.root] * n
+        if self.mode == "bytes":
+            return [b.decode("utf-8", errors="replace") for b in batch.column("bytes").to_pylist()]
+        if self.mode == "jsonl":
+            return [parse_json_line(line, self.text_field, p) for line, p in zip(batch.column("text").to_pylist(), paths)]
+        return [check_text(v, self.text_field, p) for v, p in zip(batch.column(self.text_field).to_pylist(), paths)]
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        texts = [t for t in self._texts(batch) if t]
+        digests = [hashlib.sha1(t.encode("utf-8", errors="surrogatepass")).digest() for t in texts]
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return pa.table({
+            "split": pa.array([int(int.from_bytes(d[:8], "big") < self.threshold) for d in digests], pa.int8()),
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+        })
+
+
+# -- driver ----------------------------------------------------------------------------------------
+
+
+def find_data_source_error(err: BaseException) -> DataSourceError | None:
+    """The DataSourceError a Ray worker raised, however Ray wrapped it on the way back (the pipeline
+    sets `raise_original_map_exception`, so Ray re-raises it as RayTaskError(DataSourceError), whose
+    `.cause` is the original)."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is DataSourceError:
+            return e
+        stack.extend([e.__context__, e.__cause__, getattr(e, "cause", None)])
+    return None
+
+
+def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Tokenize `cfg.source` with the tokenizer in `tokenizer_dir` into `out_dir`/{train,validation}."""
+    out_dir = Path(out_dir)
+    ensure_free_output(out_dir)
+    source = detect_source(cfg.source)
+    hf = check_source(source, cfg.text_field)
+    tok = load_tokenizer(tokenizer_dir, trust_remote_code=cfg.trust_remote_code)
+    tok_fp = tokenizer_fingerprint(tokenizer_dir)
+    eos = tok.eos_token_id
+
+    import pyarrow as pa
+    import ray
+
+    ensure_ray()
+    packers = [Packer(cfg.seq_len, eos) for _ in SPLITS]
+    writers = [ShardWriter(out_dir / name, cfg.seq_len, cfg.rows_per_file) for name in SPLITS]
+    try:
+        records, mode = read_documents(source, cfg.text_field, hf)
+        docs = records.map_batches(
+            _Tokenize, batch_format="pyarrow", batch_size=cfg.docs_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_workers),
+            fn_constructor_kwargs=dict(tokenizer=tok, mode=mode, text_field=cfg.text_field, root=source.root,
+                                       validation_fraction=cfg.validation_fraction),
+        )
+        # Rows must not depend on which worker finished first: consume blocks in input order.
+        docs.context.execution_options.preserve_order = True
+        # A bad record raises DataSourceError in a worker: keep it, not a generic UserCodeException.
+        docs.context.raise_original_map_exception = True
+        for batch in docs.iter_batches(batch_format="pyarrow", batch_size=None):
+            split = batch.column("split").to_numpy(zero_copy_only=False)
+            ids = batch.column("input_ids")
+            for s in range(len(SPLITS)):
+                part = ids.filter(pa.array(split == s, pa.bool_())).combine_chunks()
+                if len(part) == 0:
+                    continue
+                offs = part.offsets.to_numpy()
+                flat = part.flatten().to_numpy(zero_copy_only=False)
+                writers[s].add(packers[s].add(flat, (offs[1:] - offs[0]).astype(np.int64)))
+    except Exception as err:
+        found = find_data_source_error(err)
+        if found is not None and found is not err:
+            raise found from None
+        raise
+    if sum(p.documents for p in packers) == 0:
+        raise DataSourceError(f"data {cfg.source} holds no documents (every file or record is empty)")
+    for name, packer, writer in zip(SPLITS, packers, writers):
+        if writer.rows + writer.pending_rows == 0:
+            raise DataSourceError(
+                f"the {name} split got {packer.documents} documents ({packer.tokens} tokens with EOS), not one full "
+                f"sequence of seq_len={cfg.seq_len}; give more data or lower seq_len"
+                + (", or raise validation_fraction" if name == "validation" else "")
+            )
+    split_info = {}
+    for name, packer, writer in zip(SPLITS, packers, writers):
+        m = writer.finish(tok_fp, eos, {"split": name, "documents": packer.documents, "dropped_tail_tokens": len(packer.tail)})
+        split_info[name] = {"rows": m["rows"], "tokens": m["tokens"], "documents": packer.documents}
+    TokenizedDatasetManifest(
+        seq_len=cfg.seq_len, tokenizer_fingerprint=tok_fp, tokenizer_path=str(Path(tokenizer_dir).resolve()),
+        eos_token_id=eos, vocab_size=len(tok), splits=split_info,
+        source={"path": cfg.source, "kind": source.kind, "text_field": cfg.text_field}, config=cfg.model_dump(),
+    ).write(out_dir)
+    return {
+        "train_rows": split_info["train"]["rows"], "validation_rows": split_info["validation"]["rows"],
+        "train_tokens": split_info["train"]["tokens"], "validation_tokens": split_info["validation"]["tokens"],
+        "documents": sum(v["documents"] for v in split_info.values()), "seq_len": cfg.seq_len,
+        "tokenizer_fingerprint": tok_fp,
+    }
+
+

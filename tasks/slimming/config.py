@@ -1,0 +1,249 @@
+"""A SlimMoE stage's settings, and the one rule for what a cut may ask of the model it cuts.
+
+`StageConfig` is parsed once from the workflow YAML (or built by hand) and travels as it is: to the
+stage node, then serialised to every Ray Train worker. `check_targets` is the only place that
+decides whether a cut is valid; the workflow calls it for every stage against the sizes that stage
+inherits from the one before, so a bad later stage is refused before the first one trains. It imports no torch, so parsing a workflow stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from slimmoe.tasks.core.adapters import MoEAdapter
+
+# The fused experts kernel (`torch._grouped_mm`, transformers' default on recent versions) needs
+# every expert row to start on a 16-byte boundary: a float32 expert size of 18 saves fine and then
+# fails at the first forward. Sizes must be multiples of this many elements per dtype.
+ROW_ALIGN_BYTES = 16
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class SlimTargetError(ValueError):
+    """A slimming target that cannot be built (not smaller, zero, misaligned, or more KV heads than there are).
+    `field` names the target at fault."""
+
+    def __init__(self, message: str, field: str = "expert_intermediate_size"):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SlimTargets:
+    expert_intermediate_size: int
+    num_key_value_heads: int | None = None
+    # Qwen2-MoE style shared experts with their own size key; None keeps them as they are.
+    shared_expert_intermediate_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """The sizes a cut can change, read from a model config (or a config.json as a namespace).
+
+    A workflow checked without its teacher knows only what the previous stage asked for: then
+    `adapter` and the head count are None and only the rules that need no more are applied."""
+
+    adapter: Optional["MoEAdapter"]
+    expert_intermediate_size: int
+    num_attention_heads: Optional[int]
+    num_key_value_heads: Optional[int]
+    shared_expert_intermediate_size: Optional[int]
+    source: str = "the model"  # what these are the sizes of, for messages: "the teacher", "stage_1"
+
+    @classmethod
+    def of(cls, config, source: str = "the model") -> "ModelSizes":
+        from slimmoe.tasks.core.adapters import get_adapter  # torch: kept out of the config's import
+
+        adapter = get_adapter(config)
+        shared = adapter.shared_expert_size(config) if adapter.shared_expert_size_key else None
+        return cls(adapter, adapter.expert_size(config), int(config.num_attention_heads),
+                   int(config.num_key_value_heads), shared, source)
+
+    def after(self, targets: SlimTargets, source: str) -> "ModelSizes":
+        """The sizes once `targets` is applied: what the next stage inherits."""
+        kv = targets.num_key_value_heads or self.num_key_value_heads
+        heads = (self.num_attention_heads // self.num_key_value_heads * kv
+                 if self.num_attention_heads and self.num_key_value_heads and kv else self.num_attention_heads)
+        return replace(self, expert_intermediate_size=targets.expert_intermediate_size, num_key_value_heads=kv,
+                       num_attention_heads=heads, source=source,
+                       shared_expert_intermediate_size=targets.shared_expert_intermediate_size
+                       or self.shared_expert_intermediate_size)
+
+
+def aligned_sizes_near(size: int, align: int) -> str:
+    lower = size // align * align
+    options = [s for s in (lower, lower + align) if s > 0]
+    return " or ".join(str(s) for s in options)
+
+
+def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, dtype: str | None = None) -> None:
+    """Raise SlimTargetError naming the field and the fix; nothing is built or trained before this passes.
+
+    `strict` requires the expert size to shrink (a slimming step that keeps everything is a mistake
+    in a user's config); the identity surgery in tests passes strict=False. With `dtype`, sizes must
+    also give 16-byte expert rows in that dtype."""
+    adapter, src = sizes.adapter, sizes.source
+    size_key = adapter.expert_size_key if adapter else "expert_intermediate_size"
+    current = sizes.expert_intermediate_size
+    t = targets.expert_intermediate_size
+    if t is None or t <= 0:
+        raise SlimTargetError(f"expert_intermediate_size must be a positive integer, got {t}")
+    if t > current or (strict and t == current):
+        raise SlimTargetError(
+            f"expert_intermediate_size={t} is not smaller than {src}'s {size_key}={current}; "
+            f"choose a size in 1..{current - (1 if strict else 0)}"
+        )
+    if dtype is not None:
+        align = ROW_ALIGN_BYTES // DTYPE_BYTES[dtype]
+        for name, value in (("expert_intermediate_size", t),
+                            ("shared_expert_intermediate_size", targets.shared_expert_intermediate_size)):
+            if value is not None and value % align:
+                raise SlimTargetError(
+                    f"{name}={value} gives {value * DTYPE_BYTES[dtype]}-byte expert rows in {dtype}; the fused experts "
+                    f"kernel (torch._grouped_mm) needs rows of a multiple of {ROW_ALIGN_BYTES} bytes, so sizes must be "
+                    f"multiples of {align} in {dtype}: choose {aligned_sizes_near(value, align)}", name)
+    if targets.shared_expert_intermediate_size is not None and adapter is not None:
+        if adapter.shared_expert_size_key is None:
+            raise SlimTargetError(
+                f"shared_expert_intermediate_size is not settable for {adapter.model_type}"
+                + (" (its shared experts shrink with the routed experts)" if adapter.shared_expert_multiplier_key else
+                   " (it has no shared expert)"), "shared_expert_intermediate_size")
+        cur_s = sizes.shared_expert_intermediate_size
+        s = targets.shared_expert_intermediate_size
+        if s <= 0 or s > cur_s:
+            raise SlimTargetError(
+                f"shared_expert_intermediate_size={s} must be in 1..{cur_s} ({src}'s {adapter.shared_expert_size_key})",
+                "shared_expert_intermediate_size")
+    kv = targets.num_key_value_heads
+    if kv is not None:
+        if adapter is not None:
+            adapter.require_head_pruning()
+        n_kv, n_h = sizes.num_key_value_heads, sizes.num_attention_heads
+        if kv <= 0:
+            raise SlimTargetError(f"num_key_value_heads must be a positive integer, got {kv}", "num_key_value_heads")
+        if n_kv is not None and kv > n_kv:
+            raise SlimTargetError(
+                f"num_key_value_heads={kv} is larger than {src}'s num_key_value_heads={n_kv}; "
+                f"choose a value in 1..{n_kv} (or leave it unset to keep attention as it is)", "num_key_value_heads")
+        if n_h is not None and n_kv and n_h % n_kv:
+            raise SlimTargetError(f"{src}'s num_attention_heads={n_h} is not a multiple of num_key_value_heads={n_kv}",
+                                  "num_key_value_heads")
+
+
+def validate_targets(config, targets: SlimTargets, strict: bool = True, dtype: str | None = None) -> None:
+    """`check_targets` against a model config."""
+    check_targets(ModelSizes.of(config), targets, strict=strict, dtype=dtype)
+
+
+class SlimConfig(BaseModel):
+    """One-shot slimming (`slimmoe slim`): the cut's targets and its calibration data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expert_intermediate_size: int = Field(gt=0, description="the new intermediate size of every routed expert")
+    num_key_value_heads: Optional[int] = Field(None, gt=0, description="keep this many KV groups (query heads follow)")
+    shared_expert_intermediate_size: Optional[int] = Field(None, gt=0)
+    data: Optional[str] = Field(None, description="calibration text or token shards; none: score by |w|")
+    calibration_batches: int = Field(8, gt=0)
+    batch_size: int = Field(4, gt=0)
+    seq_len: int = Field(256, ge=2)
+    text_field: str = "text"
+    trust_remote_code: bool = False
+
+    @property
+    def targets(self) -> SlimTargets:
+        return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size)
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The stage's node name in a workflow (default stage_<i>); names its log lines. Not part of its key.
+    name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    # Targets of the cut. `distill_only` skips scoring and slimming: the model keeps every size and is
+    # only distilled (a trimmed, quantized or otherwise compressed model, given the same budget).
+    expert_intermediate_size: Optional[int] = Field(default=None, gt=0)
+    distill_only: bool = False
+    num_key_value_heads: Optional[int] = Field(default=None, gt=0)
+    shared_expert_intermediate_size: Optional[int] = Field(default=None, gt=0)
+    # Scoring. "auto" scores with the next-token loss while the student still is the teacher (there the
+    # KD loss and its gradient are exactly zero, so KD scores would be noise and the cut random) and
+    # with the KD loss after.
+    calibration_batches: int = Field(default=8, gt=0)
+    score_loss: Literal["auto", "next_token", "kd"] = "auto"
+    # Distillation budget and optimisation.
+    token_budget: int = Field(gt=0)
+    micro_batch: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
+    temperature: float = Field(default=1.0, gt=0)
+    next_token_weight: float = Field(default=0.5, ge=0)
+    mask_document_boundaries: bool = True
+    budget_overflow: Literal["wrap", "refuse"] = "wrap"
+    # Bookkeeping.
+    checkpoint_interval: int = Field(default=50, gt=0)
+    log_interval: int = Field(default=10, gt=0)
+    seed: int = 0
+    # Execution.
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2, 3] = 2
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(default=1, gt=0, description="with use_gpu; a fraction packs workers on one GPU")
+    cpus_per_worker: float = Field(default=1, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+    experts_implementation: Optional[Literal["eager", "grouped_mm", "batched_mm"]] = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _targets_or_distill_only(self):
+        cut = [f for f in ("expert_intermediate_size", "num_key_value_heads", "shared_expert_intermediate_size")
+               if getattr(self, f) is not None]
+        if self.distill_only and cut:
+            raise ValueError(f"distill_only: true keeps every size; remove {', '.join(cut)} or set distill_only: false")
+        if not self.distill_only and self.expert_intermediate_size is None:
+            raise ValueError("expert_intermediate_size is required (the stage's target); "
+                             "or set distill_only: true to distill without slimming")
+        return self
+
+    @model_validator(mode="after")
+    def _zero3_needs_gpu(self):
+        if self.strategy == "deepspeed" and self.zero_stage == 3 and not self.use_gpu:
+            raise ValueError("zero_stage: 3 needs GPUs (DeepSpeed ZeRO-3 does not run on CPU); use zero_stage: 2 or use_gpu: true")
+        return self
+
+    @property
+    def targets(self) -> SlimTargets:
+        return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size)
+
+
+def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
+    """Optimizer steps for the token budget, and whether the cache must wrap around to supply them."""
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.num_workers * seq_len
+    total_steps = max(1, math.ceil(cfg.token_budget / tokens_per_step))
+    micro_batches = total_steps * cfg.grad_accum
+    if batches_per_epoch <= 0:
+        raise ValueError(
+            f"the logit cache holds fewer than micro_batch={cfg.micro_batch} x num_workers={cfg.num_workers} rows; "
+            "lower micro_batch or cache more data"
+        )
+    epochs = micro_batches / batches_per_epoch
+    if epochs > 1:
+        cache_tokens = batches_per_epoch * cfg.micro_batch * cfg.num_workers * seq_len
+        msg = (f"token_budget={cfg.token_budget} is {epochs:.2f}x what the logit cache holds ({cache_tokens} usable tokens)")
+        if cfg.budget_overflow == "refuse":
+            raise ValueError(msg + "; lower token_budget, cache more data, or set budget_overflow: wrap")
+        warnings.warn(msg + "; wrapping around the cache (budget_overflow: wrap)", stacklevel=2)
+    return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "planned_tokens": total_steps * tokens_per_step,
+            "batches_per_epoch": batches_per_epoch, "epochs": round(epochs, 4), "seq_len": seq_len}

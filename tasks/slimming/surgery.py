@@ -1,0 +1,125 @@
+"""Expert slimming surgery: keep the best neurons within each expert and the best KV groups.
+
+Every expert keeps its routing and its place; only its intermediate width shrinks. Attention
+loses whole KV groups (a KV head with the query heads that share it). The result is a fresh
+model built from a config with the new sizes, so it is exactly what `from_pretrained` rebuilds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
+from slimmoe.tasks.core.checkpoint import build_from_state
+from slimmoe.tasks.slimming.config import SlimTargets, validate_targets
+from slimmoe.tasks.slimming.scores import Scores
+
+
+def keep_all_targets(config) -> SlimTargets:
+    adapter = get_adapter(config)
+    return SlimTargets(
+        expert_intermediate_size=adapter.expert_size(config),
+        num_key_value_heads=config.num_key_value_heads if adapter.head_pruning else None,
+    )
+
+
+def _top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best along the last axis, in their original order (stable for ties)."""
+    # Sort by descending score with the index as tie-break so equal scores keep the lower index.
+    order = torch.sort(score.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
+
+
+def slimmed_config(config, targets: SlimTargets):
+    adapter = get_adapter(config)
+    new = copy.deepcopy(config)
+    setattr(new, adapter.expert_size_key, targets.expert_intermediate_size)
+    if targets.shared_expert_intermediate_size is not None:
+        setattr(new, adapter.shared_expert_size_key, targets.shared_expert_intermediate_size)
+    if targets.num_key_value_heads is not None and targets.num_key_value_heads != config.num_key_value_heads:
+        group = config.num_attention_heads // config.num_key_value_heads
+        # head_dim must be pinned: most families default it to hidden_size // num_attention_heads.
+        new.head_dim = adapter.head_dim(config)
+        new.num_key_value_heads = targets.num_key_value_heads
+        new.num_attention_heads = targets.num_key_value_heads * group
+    return new
+
+
+def _per_expert_select(w: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """w[e] restricted to idx[e] along `axis` (an axis of the full [E, ...] tensor), for every expert e."""
+    return torch.stack([w[e].index_select(axis - 1, idx[e].to(w.device)) for e in range(w.shape[0])])
+
+
+def _slice_experts(adapter: MoEAdapter, prefix: str, experts: nn.Module, keep: torch.Tensor, sd: dict) -> None:
+    inter = experts.down_proj.shape[adapter.down_axis()]
+    rows = adapter.neuron_rows(keep, inter)
+    sd[prefix + "gate_up_proj"] = _per_expert_select(experts.gate_up_proj.data, adapter.gate_up_axis(), rows)
+    sd[prefix + "down_proj"] = _per_expert_select(experts.down_proj.data, adapter.down_axis(), keep)
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        b = experts.gate_up_proj_bias.data
+        sd[prefix + "gate_up_proj_bias"] = torch.stack([b[e, rows[e]] for e in range(b.shape[0])])
+
+
+def _slice_shared(prefix: str, shared: nn.Module, keep: torch.Tensor, sd: dict) -> None:
+    sd[prefix + "gate_proj.weight"] = shared.gate_proj.weight.data[keep]
+    sd[prefix + "up_proj.weight"] = shared.up_proj.weight.data[keep]
+    sd[prefix + "down_proj.weight"] = shared.down_proj.weight.data[:, keep]
+
+
+def _slice_attention(adapter: MoEAdapter, prefix: str, attn: nn.Module, keep_groups: torch.Tensor, n_heads: int,
+                     n_kv: int, head_dim: int, sd: dict) -> None:
+    group = n_heads // n_kv
+    q_heads = (keep_groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    kv_rows = (keep_groups[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        proj = getattr(attn, name)
+        sd[f"{prefix}{name}.weight"] = proj.weight.data[rows]
+        if getattr(proj, "bias", None) is not None:
+            sd[f"{prefix}{name}.bias"] = proj.bias.data[rows]
+    sd[prefix + "o_proj.weight"] = attn.o_proj.weight.data[:, q_rows]
+    for name in adapter.per_head_attention_params:
+        sd[prefix + name] = getattr(attn, name).data[q_heads]
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): (n + "." if n else "") for n, m in model.named_modules()}
+
+
+@torch.no_grad()
+def slim_model(model: nn.Module, scores: Scores, targets: SlimTargets, strict: bool = True) -> nn.Module:
+    """A new model with `targets` sizes, keeping the best-scoring neurons per expert and KV groups per layer."""
+    config = model.config
+    validate_targets(config, targets, strict=strict)
+    adapter = get_adapter(model)
+    names = _module_names(model)
+    state = {k: v for k, v in model.state_dict().items()}
+    for idx, block in adapter.moe_blocks(model):
+        if idx not in scores.experts:
+            raise ValueError(f"scores have no expert entry for layer {idx}; were they computed on this model?")
+        keep = _top_indices(scores.experts[idx], targets.expert_intermediate_size).cpu()
+        _slice_experts(adapter, names[id(block.experts)], block.experts, keep, state)
+        shared = adapter.shared_expert(block)
+        if shared is None:
+            continue
+        new_shared = (
+            targets.expert_intermediate_size * int(getattr(config, adapter.shared_expert_multiplier_key))
+            if adapter.shared_expert_multiplier_key else targets.shared_expert_intermediate_size
+        )
+        if new_shared is not None:
+            keep_s = _top_indices(scores.shared[idx], new_shared).cpu()
+            _slice_shared(names[id(shared)], shared, keep_s, state)
+    kv = targets.num_key_value_heads
+    if kv is not None and kv != config.num_key_value_heads:
+        hd = adapter.head_dim(config)
+        for idx, layer in enumerate(adapter.decoder_layers(model)):
+            if idx not in scores.kv_groups:
+                raise ValueError(f"scores have no KV-group entry for layer {idx}; score with heads to prune heads")
+            keep_g = _top_indices(scores.kv_groups[idx], kv).cpu()
+            attn = adapter.attention(layer)
+            _slice_attention(adapter, names[id(attn)], attn, keep_g, config.num_attention_heads,
+                             config.num_key_value_heads, hd, state)
+    return build_from_state(slimmed_config(config, targets), state, model)

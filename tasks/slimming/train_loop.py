@@ -1,0 +1,340 @@
+"""The Ray Train worker loop of a stage: score and slim (or resume), then distill.
+
+Every worker reads its own shard of the logit cache. Scores are all-reduced so every rank cuts
+the same neurons; rank 0 saves the pruned checkpoint. Checkpoints (model, optimizer, scheduler,
+step, per-rank RNG) are reported every `checkpoint_interval` steps, and a restarted worker group
+resumes from the latest one at the exact data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from slimmoe.tasks.core.runtime import step_progress, warmup_cosine
+from slimmoe.tasks.slimming.config import StageConfig
+from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
+from slimmoe.tasks.core.fingerprint import model_fingerprint
+from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
+from slimmoe.tasks.core.params import count_parameters
+from slimmoe.tasks.slimming.scores import all_reduce_scores
+from slimmoe.tasks.slimming.scores import kd_score_loss, next_token_score_loss, score_model
+from slimmoe.tasks.slimming.surgery import slim_model
+from slimmoe.tasks.core.storage import write_json_atomic
+
+CALIBRATION_SEED_OFFSET = 7919  # calibration rows are drawn apart from the training order
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_true(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
+    warmup = int(total_steps * warmup_fraction)
+    return lambda step: warmup_cosine(step, warmup, step_progress(step, warmup, total_steps), min_lr_ratio)
+
+
+class MicroBatches:
+    """This rank's micro-batches in a fixed order, wrapping into a new shuffled epoch when one ends."""
+
+    def __init__(self, cache, micro_batch: int, rank: int, world: int, seed: int, start_micro: int):
+        self.cache, self.micro_batch, self.rank, self.world, self.seed = cache, micro_batch, rank, world, seed
+        self.per_epoch = cache.num_batches(micro_batch, world)
+        self.epoch, start = divmod(start_micro, self.per_epoch)
+        self._it = self._epoch_iter(start)
+
+    def _epoch_iter(self, start: int):
+        return iter(self.cache.iter_batches(self.micro_batch, rank=self.rank, world_size=self.world, shuffle=True,
+                                            seed=self.seed, epoch=self.epoch, start_batch=start))
+
+    def __next__(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = self._epoch_iter(0)
+            return next(self._it)
+
+
+class DDPEngine:
+    """Plain PyTorch DDP (gloo on CPU, NCCL on GPU) with AdamW and a warm-up + cosine schedule."""
+
+    def __init__(self, model, cfg, device, total_steps: int):
+        import ray.train.torch as rt
+
+        self.module = model
+        self.cfg, self.device = cfg, device
+        # Experts that receive no token in a batch get no gradient: DDP must be told.
+        self.model = rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+            if _world()[1] > 1 else model.to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def forward(self, input_ids):
+        if self.autocast is None:
+            return self.model(input_ids=input_ids).logits
+        with self.autocast:
+            return self.model(input_ids=input_ids).logits
+
+    def backward(self, loss, last_micro: bool):
+        scaled = loss / self.cfg.grad_accum
+        if last_micro or not hasattr(self.model, "no_sync"):
+            scaled.backward()
+        else:
+            with self.model.no_sync():
+                scaled.backward()
+
+    def step(self):
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: Path, rank: int):
+        if rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path):
+        state = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_model(self):
+        return self.module
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage from config) inside the same loop. ZeRO-2 runs on CPU with DeepSpeed's
+    CPU accelerator over gloo; ZeRO-3 is GPU-only."""
+
+    def __init__(self, model, cfg, device, total_steps: int):
+        import deepspeed
+
+        self.module = model
+        self.cfg, self.device = cfg, device
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": device.type == "cuda"},
+            "steps_per_print": 10**9,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+    def backward(self, loss, last_micro: bool):
+        # DeepSpeed scales by gradient_accumulation_steps itself and steps only at the boundary.
+        self.model.backward(loss)
+        self.model.step()
+
+    def step(self):
+        pass
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: Path, rank: int):
+        # Every rank writes its own ZeRO shard; DeepSpeed's file names carry the rank.
+        self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
+
+    def load(self, ckpt_dir: Path):
+        self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
+
+    def full_state_model(self):
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return _cpu_copy(self.module)
+        return self.module
+
+
+def _cpu_copy(model):
+    import copy
+
+    return copy.deepcopy(model).to("cpu")
+
+
+def _select_scoring_loss(cfg, model_dir: str, teacher_fp: str | None):
+    mode = cfg.score_loss
+    if mode == "auto":
+        is_teacher = teacher_fp is not None and model_fingerprint(model_dir) == teacher_fp
+        mode = "next_token" if is_teacher else "kd"
+    if mode == "next_token":
+        return "next_token", next_token_score_loss
+    return "kd", kd_score_loss(cfg.temperature, cfg.next_token_weight)
+
+
+def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
+    """Score on calibration batches (all ranks, all-reduced), slim, and (rank 0) save the pruned model."""
+    work_dir = Path(loop_cfg["work_dir"])
+    model = load_model(loop_cfg["model_dir"], device=device, trust_remote_code=cfg.trust_remote_code,
+                       experts_implementation=cfg.experts_implementation)
+    params_before = count_parameters(model)
+    if cfg.distill_only:
+        if rank == 0:
+            save_model_dir(model, work_dir / "pruned", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+            write_json_atomic(work_dir / "prepare.json", {"score_loss": None, "calibration_batches": 0,
+                                                           "params_before": params_before})
+        return model
+    loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["model_dir"], loop_cfg.get("teacher_fingerprint"))
+    batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True,
+                                 seed=cfg.seed + CALIBRATION_SEED_OFFSET)
+    calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
+    scores = all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None))
+    student = slim_model(model, scores, cfg.targets)
+    del model
+    if rank == 0:
+        scores.save(work_dir / "scores.safetensors")
+        save_model_dir(student, work_dir / "pruned", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+        write_json_atomic(work_dir / "prepare.json", {"score_loss": loss_name, "calibration_batches": scores.batches,
+                                                       "params_before": params_before})
+    return student
+
+
+def _save_checkpoint(engine, state: dict, rank: int, name: str):
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"slimmoe-ckpt-r{rank}-"))
+    if rank == 0:
+        engine.full_state_model().save_pretrained(tmp / "model", safe_serialization=True)
+        torch.save({k: v for k, v in state.items() if k != "history"}, tmp / "trainer_state.pt")
+        (tmp / "history.json").write_text(json.dumps(state["history"]))
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)},
+               tmp / f"rng_rank{rank}.pt")
+    engine.save(tmp, rank)
+    ray.train.report({"step": state["step"], "tokens": state["tokens"], "stage": name},
+                     checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    shutil.rmtree(tmp, ignore_errors=True)  # uploaded synchronously by now
+
+
+def train_loop(loop_cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch as rt
+
+    from slimmoe.tasks.data.readers import open_logit_cache
+    cfg: StageConfig = loop_cfg["stage"]
+    plan, name = loop_cfg["plan"], loop_cfg["name"]
+    rank, world = _world()
+    device = rt.get_device()
+    work_dir = Path(loop_cfg["work_dir"])
+    (work_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (work_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    torch.manual_seed(cfg.seed + rank)
+    cache = open_logit_cache(loop_cfg["cache_dir"], expect_teacher_fingerprint=loop_cfg.get("teacher_fingerprint"),
+                             expect_tokenizer_fingerprint=loop_cfg.get("tokenizer_fingerprint"))
+
+    state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None}
+    checkpoint = ray.train.get_checkpoint()
+    engine_cls = DeepSpeedEngine if cfg.strategy == "deepspeed" else DDPEngine
+    if checkpoint is None:
+        student = _prepare_student(cfg, loop_cfg, cache, device, rank, world)
+        engine = engine_cls(student.to(device), cfg, device, plan["total_steps"])
+    else:
+        with checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            student = load_model(ckpt / "model", device=device, experts_implementation=cfg.experts_implementation)
+            engine = engine_cls(student, cfg, device, plan["total_steps"])
+            engine.load(ckpt)
+            saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+            state.update(saved, history=json.loads((ckpt / "history.json").read_text()))
+            rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if torch.cuda.is_available() and rng["cuda"].numel():
+                torch.cuda.set_rng_state(rng["cuda"])
+        state["resumed_from_step"] = state["step"]
+        if rank == 0:
+            print(f"[{name}] resumed from checkpoint at step {state['step']}/{plan['total_steps']}", flush=True)
+
+    eos = cache.manifest.get("eos_token_id", getattr(student.config, "eos_token_id", None))
+    eos = eos if isinstance(eos, int) else None
+    batches = MicroBatches(cache, cfg.micro_batch, rank, world, cfg.seed, state["step"] * cfg.grad_accum)
+    engine.model.train()
+    total = plan["total_steps"]
+    t_log, tokens_at_log = time.time(), state["tokens"]
+    while state["step"] < total:
+        parts_acc: dict[str, float] = {}
+        finite = True
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            mask = document_mask(batch["input_ids"], eos) if cfg.mask_document_boundaries else None
+            logits = engine.forward(batch["input_ids"])
+            loss, parts = distillation_loss(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
+                                            batch["rest_logprob"], cfg.temperature, cfg.next_token_weight, mask)
+            finite = finite and bool(torch.isfinite(loss))
+            if not finite:
+                break
+            engine.backward(loss, last_micro=micro == cfg.grad_accum - 1)
+            parts["loss"] = float(loss.detach())
+            if cfg.temperature != 1.0:
+                with torch.no_grad():
+                    parts["kl"] = float(per_token_kl(logits.detach(), batch["topk_ids"], batch["topk_logprobs"],
+                                                     batch["rest_logprob"]).mean())
+            else:
+                parts["kl"] = parts["kd"]
+            for k, v in parts.items():
+                parts_acc[k] = parts_acc.get(k, 0.0) + v / cfg.grad_accum
+        if not _all_true(finite, device):
+            # Stop every rank together and save nothing as final; the driver raises with the step.
+            if rank == 0:
+                write_json_atomic(work_dir / "nonfinite.json", {"step": state["step"] + 1})
+            ray.train.report({"nonfinite_step": state["step"] + 1, "stage": name})
+            return
+        engine.step()
+        state["step"] += 1
+        state["tokens"] += plan["tokens_per_step"]
+        if state["step"] % cfg.log_interval == 0 or state["step"] == total:
+            now = time.time()
+            tps = (state["tokens"] - tokens_at_log) / max(now - t_log, 1e-9)
+            t_log, tokens_at_log = now, state["tokens"]
+            row = {"step": state["step"], "tokens": state["tokens"], "lr": engine.lr(), "tokens_per_s": round(tps, 1),
+                   **{k: round(v, 6) for k, v in parts_acc.items()}}
+            state["history"].append(row)
+            if rank == 0:
+                write_json_atomic(work_dir / "progress.json", row)
+                eta = (total - state["step"]) * plan["tokens_per_step"] / max(tps, 1e-9)
+                print(f"[{name}] step {state['step']}/{total} tokens {state['tokens']}/{plan['planned_tokens']} "
+                      f"loss {row['loss']:.4f} kl {row['kl']:.4f} tok/s {tps:.0f} eta {eta:.0f}s", flush=True)
+        if state["step"] % cfg.checkpoint_interval == 0 and state["step"] < total:
+            _save_checkpoint(engine, state, rank, name)
+
+    final_model = engine.full_state_model()
+    if rank == 0:
+        prepare = json.loads((work_dir / "prepare.json").read_text())
+        metrics = {"stage": name, "plan": plan, "steps_done": state["step"], "tokens_seen": state["tokens"],
+                   "resumed_from_step": state["resumed_from_step"], "history": state["history"],
+                   "params_after": count_parameters(final_model), "config": cfg.model_dump(), **prepare}
+        save_model_dir(final_model, work_dir / "final", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+        write_json_atomic(work_dir / "metrics.json", metrics)
+    ray.train.report({"step": state["step"], "tokens": state["tokens"], "stage": name, "done": True})

@@ -1,0 +1,1 @@
+"""Expert trimming components: expert / layer / block drop scores, surgery and config."""
