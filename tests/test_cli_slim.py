@@ -56,3 +56,32 @@ def test_slim_refuses_existing_output(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["slim", str(tiny_model_dir), str(out), "--expert-size", "12"])
     assert result.exit_code == 2 and "already exists" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_expert_sizes_the_fused_kernel_cannot_run_are_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    """float32 rows must be 16-byte multiples (torch._grouped_mm): 18 saves fine, then fails at the first forward."""
+    out = tmp_path / "slim"
+    result = runner.invoke(app, ["slim", str(tiny_model_dir), str(out), "--expert-size", "18"])
+    assert result.exit_code == 2, result.output
+    assert "expert_intermediate_size=18 gives 72-byte expert rows in float32" in result.output
+    assert "choose 16 or 20" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    assert runner.invoke(app, ["slim", str(tiny_model_dir), str(out), "--expert-size", "20"]).exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(8).view(1, 8)
+    assert torch.isfinite(model(input_ids=ids).logits).all()  # the kernel runs on the accepted size
+
+
+def test_the_stage_refuses_a_misaligned_size_before_it_reads_the_cache_or_starts_ray(tiny_model_dir, tmp_path):
+    import pytest
+
+    from slimmoe.tasks.nodes.stage import run_stage
+    from slimmoe.tasks.slimming.config import SlimTargetError, StageConfig
+
+    cfg = StageConfig(expert_intermediate_size=18, token_budget=64)
+    with pytest.raises(SlimTargetError, match="choose 16 or 20"):
+        run_stage(cfg, tiny_model_dir, tmp_path / "no_cache_here", tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    with pytest.raises(SlimTargetError, match="multiples of 8 in bfloat16: choose 16 or 24"):
+        run_stage(cfg.model_copy(update={"expert_intermediate_size": 20, "use_gpu": True}), tiny_model_dir,
+                  tmp_path / "no_cache_here", tmp_path / "out", tmp_path / "work")

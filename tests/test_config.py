@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_driver import make_teacher, workflow_dict, write_config
+from test_driver import make_teacher, workflow_dict, write_config, write_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
 
@@ -172,7 +172,7 @@ def test_keys_depend_on_config_and_inputs_not_on_storage(ws):
     assert changed == {"teacher_logits", "stage_1", "stage_2", "stage_3", "one_stage", "evaluate_stage_3",
                        "evaluate_one_stage"}
     # Changing the teacher's weights changes everything that reads it, but not the tokenization.
-    (ws / "teacher" / "model.safetensors").write_bytes(b"other weights")
+    write_weights(ws / "teacher" / "model.safetensors", 1.0)
     d = build_dag(write_config(ws, workflow_dict(ws), "d.yaml"))
     assert d.nodes["tokenize"].key == a.nodes["tokenize"].key
     assert d.nodes["teacher_logits"].key != a.nodes["teacher_logits"].key
@@ -243,3 +243,36 @@ def test_a_trim_baseline_can_be_followed_by_distillation_without_a_further_cut()
     raw["baselines"][1]["distill"] = {"token_budget": 10, "expert_intermediate_size": 8}
     with pytest.raises(WorkflowConfigError, match="distill_only: true keeps every size"):
         build_dag(raw, check_env=False)
+
+
+def test_pure_kd_scores_for_the_teachers_own_cut_are_refused(ws, tiny_model_dir, tmp_path):
+    """At a stage that cuts the teacher the student is the teacher: the pure KD loss is exactly zero."""
+    import pytest
+
+    from slimmoe.tasks.core.fingerprint import model_fingerprint
+    from slimmoe.tasks.nodes.stage import run_stage
+    from slimmoe.tasks.slimming.config import StageConfig
+
+    cfg = workflow_dict(ws)
+    cfg["stages"][0].update(score_loss="kd", next_token_weight=0.0)
+    for later in cfg["stages"][1:]:  # cut a stage's output: KD is informative there
+        later.update(score_loss="kd", next_token_weight=0.0)
+    msg = fails_before_work(ws, write_config(ws, cfg), r"stages\[0\]\.score_loss: score_loss: kd with next_token_weight: 0")
+    assert "stages[1]" not in msg and "stages[2]" not in msg
+    assert "baselines[0].score_loss" in msg  # the one-stage baseline takes stage_3's settings and cuts the teacher
+
+    stage = StageConfig(expert_intermediate_size=32, token_budget=64, score_loss="kd", next_token_weight=0.0)
+    with pytest.raises(ValueError, match="every score would be 0"):
+        run_stage(stage, tiny_model_dir, tmp_path / "no_cache", tmp_path / "out", tmp_path / "work",
+                  teacher_fingerprint=model_fingerprint(tiny_model_dir))
+    assert not (tmp_path / "work").exists()
+
+
+def test_relative_paths_resolve_against_the_config_file(ws):
+    from slimmoe.workflows.config import load_workflow
+
+    cfg = workflow_dict(ws, evaluate={"models": ["stage_3"], "lm_eval_include_path": "my_tasks"})
+    sub = ws / "configs"
+    sub.mkdir()
+    loaded = load_workflow(write_config(sub, cfg))
+    assert loaded.config.evaluate.lm_eval_include_path == str(sub / "my_tasks")

@@ -22,23 +22,35 @@ ALL_NODES = ["tokenize", "teacher_logits", "stage_1", "stage_2", "stage_3", "one
              "evaluate_stage_3", "evaluate_one_stage"]
 
 
+def write_weights(path: Path, value: float = 0.0) -> Path:
+    """A small but valid safetensors file (validation reads its header)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.full(4, value, dtype=np.float32)}, str(path))
+    return path
+
+
 def make_teacher(path: Path) -> Path:
     """A teacher directory as the driver sees it: a PhiMoE config.json, weights and tokenizer files."""
     from tiny import tiny_config
 
     path.mkdir(parents=True, exist_ok=True)
     tiny_config("phimoe").to_json_file(path / "config.json")
-    (path / "model.safetensors").write_bytes(b"stand-in weights")
+    write_weights(path / "model.safetensors")
     (path / "tokenizer.json").write_text('{"stand-in": true}')
     return path
 
 
 def workflow_dict(root: Path, storage: str | None = None, **changes) -> dict:
+    data = root / "data.txt"  # validation checks that the source exists
+    if not data.exists():
+        data.write_text("hello\n")
     cfg = {
         "name": "wf",
         "storage": storage or str(root / "store"),
         "teacher": {"path": str(root / "teacher")},
-        "data": {"source": "hello"},
+        "data": {"source": str(data)},
         "logits": {"k": 4},
         "resources": {"actor_pool_size": 1},
         "stages": [
@@ -209,6 +221,84 @@ def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf
     run_workflow(wf.config(stages=stages), overrides={"storage": str(reference)}, log=lambda s: None)
     assert outputs(wf.root / "store") == outputs(reference)
     assert set(outputs(reference)) == set(ALL_NODES)
+
+
+def _kill_mid_rerun(cfg: Path, wf, tmp_path: Path, log_name: str) -> Path:
+    """`slimmoe rerun CONFIG stage_2` in a subprocess, SIGKILLed in the middle of its training; returns
+    the rerun's work dir, checked before the kill to survive `status --clean` while the rerun lives."""
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+
+    env = dict(os.environ, STANDIN_CALLS=str(tmp_path / "calls.txt"), STANDIN_SLOW="stage_2:0.4",
+               PYTHONPATH=STANDIN_SITE)
+    proc = _run_cli(["rerun", str(cfg), "stage_2"], tmp_path / log_name, env)
+    work = wf.root / "store" / "wf" / "stage_2" / "_work"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        progress = list(work.glob("*-rerun-*/progress.json"))
+        if progress and json.loads(progress[0].read_text())["step"] >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, (tmp_path / log_name).read_text()
+    try:
+        rerun_dir = progress[0].parent
+        cleaned = CliRunner().invoke(app, ["status", str(cfg), "--clean"])
+        assert cleaned.exit_code == 0, cleaned.output
+        assert rerun_dir.is_dir() and str(rerun_dir) not in cleaned.output  # a live rerun's state stays
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (rerun_dir / "progress.json").exists()
+    return rerun_dir
+
+
+def test_sigkill_mid_rerun_shows_in_status_and_its_work_dir_is_removed(wf, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+    from slimmoe.workflows.driver import run_workflow, workflow_status
+
+    stages = workflow_dict(wf.root)["stages"]
+    stages[1].update(token_budget=8)
+    cfg = wf.config(stages=stages)
+    res = run_workflow(cfg, log=lambda s: None)
+    wf.calls()
+    node_dir = wf.root / "store" / "wf" / "stage_2"
+    before = {p.name: p.read_bytes() for p in (node_dir / res["stage_2"].key).iterdir()}
+    runner = CliRunner()
+
+    rerun_dir = _kill_mid_rerun(cfg, wf, tmp_path, "rerun1.log")
+    size = sum(f.stat().st_size for f in rerun_dir.rglob("*") if f.is_file())
+    row = {r["node"]: r for r in workflow_status(cfg)}["stage_2"]
+    assert row["state"] == "done"  # the output before the rerun is still in place
+    assert "last rerun was interrupted" in row["error"] and str(rerun_dir) in row["error"]
+    assert row["leftovers"] == [{"path": str(rerun_dir), "bytes": size}]
+    table = runner.invoke(app, ["status", str(cfg)]).output
+    assert "stage_2: last rerun was interrupted" in table and f"{rerun_dir} ({size} B)" in table
+
+    # The node's next run removes what the killed rerun left (the node itself is complete: skipped).
+    lines: list[str] = []
+    run_workflow(cfg, log=lines.append)
+    assert wf.calls() == ["stage_2"]  # the killed rerun's only
+    assert not rerun_dir.exists() and not list(node_dir.glob(".*.partial-*"))
+    assert any(line.startswith(f"removed {rerun_dir} ({size} B)") for line in lines)
+    assert {p.name: p.read_bytes() for p in (node_dir / res["stage_2"].key).iterdir()} == before
+    row = {r["node"]: r for r in workflow_status(cfg)}["stage_2"]
+    assert row["leftovers"] == [] and "interrupted" in row["error"] and str(rerun_dir) not in row["error"]
+
+    # `slimmoe status --clean` removes them without running anything.
+    rerun_dir = _kill_mid_rerun(cfg, wf, tmp_path, "rerun2.log")
+    assert list(node_dir.glob(".*.partial-*"))
+    result = runner.invoke(app, ["status", str(cfg), "--clean", "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"removed {rerun_dir}" in result.stderr
+    rows = json.loads(result.stdout)
+    assert all(r["leftovers"] == [] for r in rows) and {r["state"] for r in rows} == {"done"}
+    assert not rerun_dir.exists() and not list(node_dir.glob(".*.partial-*"))
+    assert {p.name: p.read_bytes() for p in (node_dir / res["stage_2"].key).iterdir()} == before
+    assert "nothing to clean" in runner.invoke(app, ["status", str(cfg), "--clean"]).output
+    assert wf.calls() == ["stage_2"]  # the killed rerun's only: cleaning ran no node
 
 
 def test_rerun_keeps_old_output_when_new_run_fails(wf, monkeypatch):

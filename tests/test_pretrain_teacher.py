@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,17 @@ def test_held_out_rule_and_bad_config(tmp_path):
     (busy / "x").write_text("x")
     with pytest.raises(FileExistsError):
         run_pretrain_teacher(PretrainTeacherConfig(**TINY), busy)
+
+
+def test_the_demo_scores_every_model_on_text_its_teacher_never_saw():
+    """The demo's data (distillation and validation) and the teacher's corpus share no file."""
+    from slimmoe.tasks.data.sources import detect_source
+    from slimmoe.workflows.config import load_workflow
+    from slimmoe.workflows.demo import demo_config_path
+
+    cfg = load_workflow(demo_config_path()).config
+    _, teacher_files = source_files(cfg.pretrain_teacher)
+    data_files = {str(Path(f).resolve()) for f in detect_source(cfg.data.source).files}
+    assert teacher_files and data_files
+    assert not {str(p.resolve()) for p in teacher_files} & data_files
+    assert sum(p.stat().st_size for p in teacher_files) >= 0.8 * cfg.pretrain_teacher.max_text_bytes  # most of 6 MB still

@@ -1,9 +1,9 @@
 """The storage layer's contract, the same on every kind of store.
 
 Each test runs on a local directory and on a `file://` URI (pyarrow's local filesystem reached the
-way a bucket is: writers stage locally and upload), both of which rename atomically, and on
-pyarrow's in-memory `mock://` filesystem, which stands in for an object store: no atomic rename,
-so publishing takes the copy-and-delete route.
+way a bucket is: writers stage locally and upload), both of which rename atomically, and on two
+object stores, where publishing takes the copy-and-delete route: pyarrow's in-memory `mock://`
+filesystem and a real S3 API (moto's server on localhost, see test_s3.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import pyarrow.fs as pafs
 import pytest
 
 from slimmoe.workflows.storage import MARKER, Store, StorageError, is_uri, leftover
+from test_s3 import s3_server  # noqa: F401  (the fixture)
 
 
-@pytest.fixture(params=["local", "file", "object"])
+@pytest.fixture(params=["local", "file", "object", "s3"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
         return Store(tmp_path / "store")
     if request.param == "file":
         return Store(f"file://{tmp_path}/store")
+    if request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        return Store(server.uri(server.new_bucket()))
     return Store("mock:///bucket/store")
 
 
@@ -65,6 +69,13 @@ def test_paths_display_and_flags(store, tmp_path):
     if store.location.startswith("mock:"):
         assert store.display(path) == "mock:///bucket/store/wf/node/abc" and not store.atomic_rename
         assert store.local_path(path) is None
+    elif store.location.startswith("s3:"):
+        # Shown without the connection options (endpoint, region): the object as a user names it.
+        bucket = store.location.split("://", 1)[1].split("/", 1)[0]
+        assert store.display(path) == f"s3://{bucket}/store/wf/node/abc" and not store.atomic_rename
+        assert store.local_path(path) is None and path == f"{bucket}/store/wf/node/abc"
+        query = store.location.split("?", 1)[1]
+        assert Store(f"{store.display(path)}?{query}").root == path
     elif is_uri(store.location):
         assert store.display(path) == f"file://{tmp_path}/store/wf/node/abc" and store.atomic_rename
         assert store.local_path(path) is None  # a URI store is always reached through its filesystem
@@ -125,6 +136,27 @@ def test_a_failed_text_write_leaves_the_old_content(kind, tmp_path):
         store.write_text(f, "new content, much longer than the old")
     assert store.read_text(f) == "old content"
     assert store.listdir(store.join("wf")) == ["status.json"]  # no temporary file is left
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_percent_encoded_uri_names_the_decoded_path(kind, tmp_path, request):
+    """pyarrow decodes `%20` in a URI's path (a bare space is no URI); the store's root is that path."""
+    if kind == "file":
+        store = Store(f"file://{tmp_path}/my%20store")
+        assert store.root == f"{tmp_path}/my store"
+    else:
+        server = request.getfixturevalue("s3_server")
+        bucket = server.new_bucket()
+        store = Store(server.uri(bucket, "my%20runs"))
+        assert store.root == f"{bucket}/my runs"
+    final = store.join("wf", "n", "k")
+    _publish(store, final, "v1", tmp_path)
+    assert _complete(store, final)["version"] == "v1"
+    assert store.display(final) == ("file://" if kind == "file" else "s3://") + final
+    if kind == "file":
+        assert (tmp_path / "my store" / "wf" / "n" / "k" / MARKER).is_file()
+    else:
+        assert "my runs/wf/n/k/_SUCCESS" in server.keys(bucket)
 
 
 def test_unopenable_and_unwritable_storage_is_a_storage_error(tmp_path):

@@ -70,7 +70,11 @@ def ray_head():
     names = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
     ports = dict(zip(names, _free_ports(len(names))))
-    low = 20000 + (uuid.uuid4().int % 400) * 100
+    # Worker ports from below the kernel's ephemeral range, where the free ports above come from:
+    # `ray start` refuses a worker range that overlaps one of them.
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = 20000 + (uuid.uuid4().int % max(1, (ephemeral_low - 20100) // 100)) * 100
+    assert not set(range(low, low + 100)) & set(ports.values())
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
             f"--temp-dir={temp_dir}", f"--min-worker-port={low}", f"--max-worker-port={low + 99}",

@@ -18,7 +18,7 @@ from slimmoe.tasks.nodes.slim import run_slim
 from slimmoe.tasks.slimming.config import SlimConfig
 from slimmoe.tasks.slimming.config import SlimTargetError, SlimTargets
 from slimmoe.tasks.slimming.surgery import keep_all_targets, slim_model
-from tiny import FAMILIES, stdlib_texts, tiny_model, train_tokenizer
+from tiny import FAMILIES, HEAD_PRUNABLE, stdlib_texts, tiny_model, train_tokenizer
 
 VOCAB = 96
 
@@ -235,3 +235,26 @@ def test_parameter_counts_drop_after_slimming():
     before, after = count_parameters(model), count_parameters(slim)
     assert after["routed_experts"] == before["routed_experts"] // 2
     assert after["total"] < before["total"] and after["active"] < before["active"]
+
+
+@pytest.mark.parametrize("family", HEAD_PRUNABLE)
+def test_a_silenced_kv_group_scores_zero_and_pruning_it_leaves_the_logits_unchanged(family):
+    """Through `_slice_attention`: the o_proj columns of KV group 0's query heads are zeroed in every
+    layer, so the group contributes nothing; its Taylor score must be 0, it must be the group cut, and
+    the slimmed model must compute what the original did."""
+    model = tiny_model(family, vocab_size=VOCAB).eval()
+    adapter = get_adapter(model)
+    n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    head_dim, group = adapter.head_dim(model.config), n_heads // n_kv
+    with torch.no_grad():
+        for layer in adapter.decoder_layers(model):
+            adapter.attention(layer).o_proj.weight[:, : group * head_dim] = 0
+    scores = taylor_scores(model, [_inputs(s) for s in range(2)], next_token_score_loss)
+    for layer_scores in scores.kv_groups.values():
+        assert layer_scores[0] == 0 and torch.all(layer_scores[1:] > 0)
+    slim = slim_model(model, scores, SlimTargets(expert_intermediate_size=adapter.expert_size(model.config),
+                                                 num_key_value_heads=n_kv - 1), strict=False).eval()
+    assert slim.config.num_key_value_heads == n_kv - 1 and slim.config.num_attention_heads == n_heads - group
+    ids = _inputs(7)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -168,6 +168,10 @@ def test_inspect_reports_the_cache(node):
     assert "(p=" in s["samples"][0]["text"]
     text = format_report(report)
     assert "bytes/token" in text and "tail mass" in text and "[validation]" in text
+    # An untouched cache: every fingerprint agrees, with the teacher directory too, and nothing warns.
+    assert report["warnings"] == [] and "WARNING" not in text
+    n = len(cache.manifest["files"])
+    assert s["teacher_check"].startswith("matches") and s["checksums"].startswith(f"{n} of {n} files carry one")
 
 
 def test_cli_inspect_json(node):

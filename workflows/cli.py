@@ -155,10 +155,17 @@ def run(
 def status(
     config: Path = typer.Argument(..., help="workflow config (YAML)"),
     as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+    clean: bool = typer.Option(False, "--clean", help="first remove what attempts that are no longer alive left "
+                                                      "(a killed rerun's work dir); resumable state stays"),
 ):
     """Each node: done / missing / running / failed / stale, key, path, time, headline metric."""
-    from slimmoe.workflows.driver import format_status, workflow_status
+    from slimmoe.workflows.driver import clean_workflow, format_status, workflow_status
 
+    if clean:
+        # On stderr with --json, which keeps stdout one JSON document.
+        removed = _driver_call(lambda: clean_workflow(config, log=lambda line: typer.echo(line, err=as_json)))
+        if not removed:
+            typer.echo("nothing to clean", err=as_json)
     rows = _driver_call(lambda: workflow_status(config))
     print(json.dumps(rows, indent=2) if as_json else format_status(rows))
 

@@ -12,6 +12,7 @@ from stage to stage) are checked in `check_structure` and by the DAG builder.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,17 +278,54 @@ def describe_error(err: dict, model: type[BaseModel] | None = None) -> str:
     return msg
 
 
+def _close_to_missing(errors: list[dict]) -> dict[tuple, tuple]:
+    """Pairs of an unknown key and a missing required field beside it whose names are close (a typo):
+    the location of each, mapped to the location of the other."""
+    unknown: dict[tuple, list[str]] = {}
+    missing: dict[tuple, list[str]] = {}
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if loc and isinstance(loc[-1], str):
+            group = unknown if e.get("type") == "extra_forbidden" else missing if e.get("type") == "missing" else None
+            if group is not None:
+                group.setdefault(loc[:-1], []).append(loc[-1])
+    pairs: dict[tuple, tuple] = {}
+    for parent, keys in unknown.items():
+        left = list(missing.get(parent, ()))
+        for key in keys:
+            match = difflib.get_close_matches(key, left, n=1, cutoff=0.75)
+            if match:
+                left.remove(match[0])
+                pairs[parent + (key,)] = parent + (match[0],)
+                pairs[parent + (match[0],)] = parent + (key,)
+    return pairs
+
+
 def problems_from_validation(err: ValidationError, loaded: "LoadedWorkflow", prefix: tuple = (),
                              model: type[BaseModel] | None = None) -> list[Problem]:
+    errors = err.errors(include_url=False)
+    typos = _close_to_missing(errors)
     out = []
-    for e in err.errors(include_url=False):
+    for e in errors:
         loc = tuple(e.get("loc", ()))
-        # A baseline is a union tagged by its `kind`; pydantic puts the tag into the location
-        # (baselines.1.trim.n), which is not a path in the user's YAML.
-        if len(loc) > 2 and loc[0] == "baselines" and isinstance(loc[1], int) and loc[2] in _BASELINE_CLASSES:
-            loc = loc[:2] + loc[3:]
-        out.append(loaded.problem(prefix + loc, describe_error(e, model)))
+        message = describe_error(e, model)
+        other = typos.get(loc)
+        if other is not None and e.get("type") == "extra_forbidden":
+            # The list of every valid field buries the one the user meant.
+            message = f"unknown field {loc[-1]!r}; did you mean {other[-1]}?"
+        elif other is not None:
+            line = yaml_line(loaded.yaml_root, prefix + _user_loc(other))
+            message += f"; the unknown field {other[-1]!r}{f' (line {line})' if line else ''} looks like a typo of it"
+        out.append(loaded.problem(prefix + _user_loc(loc), message))
     return out
+
+
+def _user_loc(loc: tuple) -> tuple:
+    """A pydantic location as a path in the user's YAML. A baseline is a union tagged by its `kind`;
+    pydantic puts the tag into the location (baselines.1.trim.n)."""
+    if len(loc) > 2 and loc[0] == "baselines" and isinstance(loc[1], int) and loc[2] in _BASELINE_CLASSES:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +373,8 @@ def _resolve_local(value: str, base_dir: Path, must_exist: bool = False) -> str:
 
 # Local paths in the raw config, resolved against the config file's directory before validation.
 _PATH_FIELDS = ((("storage",), False), (("cache_dir",), False), (("teacher", "path"), False),
-                (("data", "source"), True), (("pretrain_teacher", "source_dir"), True))
+                (("data", "source"), True), (("pretrain_teacher", "source_dir"), True),
+                (("evaluate", "lm_eval_include_path"), False))
 
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:

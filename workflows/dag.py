@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, StageConfig, check_targets
+from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, StageConfig, check_score_loss, check_targets
 
-from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, describe_error, fill_workflow_values,
-                     load_workflow_collecting, workflow_values)
+from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, fill_workflow_values,
+                     load_workflow_collecting, problems_from_validation, workflow_values)
 from .nodes import NodeKind, get_node_kind
-from .storage import Store, StorageError
+from .storage import MARKER, Store, StorageError, is_uri
 
 EXTERNAL = "external"
 
@@ -115,8 +115,7 @@ def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -
     try:
         return StageConfig.model_validate(fields)
     except ValidationError as err:
-        for e in err.errors(include_url=False):
-            problems.append(loaded.problem(("baselines", i) + tuple(e.get("loc", ())), describe_error(e, StageConfig)))
+        problems.extend(problems_from_validation(err, loaded, ("baselines", i), StageConfig))
         return None
 
 
@@ -126,9 +125,7 @@ def _distill_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> 
     try:
         return StageConfig.model_validate({**fields, "distill_only": True, "name": b.distilled_name()})
     except ValidationError as err:
-        for e in err.errors(include_url=False):
-            problems.append(loaded.problem(("baselines", i, "distill") + tuple(e.get("loc", ())),
-                                           describe_error(e, StageConfig)))
+        problems.extend(problems_from_validation(err, loaded, ("baselines", i, "distill"), StageConfig))
         return None
 
 
@@ -192,11 +189,14 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         problems.append(loaded.problem(loc, f"teacher directory {path} has no config.json; it is not a Hugging Face "
                                             "model directory"))
         return None
+    from slimmoe.tasks.core.checkpoint import BrokenCheckpointError, check_safetensors
     from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
 
     try:
+        # Else a truncated shard is found only when the teacher_logits actors load it, and dies as ActorDiedError.
+        check_safetensors(path)
         node.facets = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(path)}
-    except (FileNotFoundError, OSError) as err:
+    except (BrokenCheckpointError, OSError) as err:
         problems.append(loaded.problem(loc, str(err)))
         return None
     try:
@@ -204,6 +204,19 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
     except ValueError as err:
         problems.append(loaded.problem(loc, f"{path / 'config.json'} is not valid JSON: {err}"))
         return None
+
+
+def _data_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
+    """The data source is found and readable now, not at tokenize after the teacher and Ray started."""
+    from slimmoe.tasks.data.sources import DataSourceError, check_source, detect_source
+
+    data = loaded.config.data
+    if is_uri(data.source):  # listing a bucket prefix can take minutes: left to the tokenize node
+        return
+    try:
+        check_source(detect_source(data.source), data.text_field)
+    except (DataSourceError, OSError, ValueError) as err:  # ValueError: e.g. a manifest.json that is not JSON
+        problems.append(loaded.problem(("data", "source"), str(err)))
 
 
 def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem]) -> Optional[ModelSizes]:
@@ -249,6 +262,12 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
         return sizes.after(cfg.targets, node.name)
 
     cfg = loaded.config
+    for node in nodes.values():
+        if node.kind == "stage" and node.task_config is not None:
+            try:
+                check_score_loss(node.task_config, cuts_the_teacher=node.inputs.get("model") == "teacher")
+            except ValueError as err:
+                problems.append(loaded.problem(node.section + ("score_loss",), str(err)))
     sizes = teacher_sizes
     for i, name in enumerate(cfg.stage_names()):
         node = nodes[name]
@@ -280,6 +299,9 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
 
     teacher_sizes = _teacher_sizes(loaded, nodes["teacher"], check_env, problems)
     _size_checks(loaded, nodes, teacher_sizes, problems)
+    data_problems: list[Problem] = []
+    if check_env:
+        _data_checks(loaded, data_problems)
 
     try:
         store = Store(cfg.storage)
@@ -292,7 +314,7 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
         except StorageError as err:
             problems.append(loaded.problem(("storage",), str(err)))
     if problems:
-        raise WorkflowConfigError(problems)
+        raise WorkflowConfigError(problems + data_problems)
 
     for node in nodes.values():
         if node.is_external:
@@ -305,7 +327,18 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
             inputs[role] = parent.facets.get(role, parent.key)  # tokenize depends on the teacher's tokenizer only
         node.key = _hash({"kind": kind.name, "version": kind.version, "config": _keyed_config(node, kind),
                           "inputs": inputs})
+    # Once tokenized, the text is never read again: a run after the data was moved or deleted goes on.
+    if data_problems and not _complete(store, cfg.name, nodes["tokenize"]):
+        raise WorkflowConfigError(data_problems)
     return Dag(loaded, nodes, store)
+
+
+def _complete(store: Store, workflow: str, node: Node) -> bool:
+    text = store.read_text(store.join(workflow, node.name, node.key, MARKER))
+    try:
+        return text is not None and json.loads(text).get("key") == node.key
+    except ValueError:
+        return False
 
 
 def validate_workflow(source, overrides: dict | None = None, check_storage: bool = True) -> Dag:

@@ -53,6 +53,31 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj if obj is not None else {}, default=str))
 
 
+# A forced rerun's work dir is `<key>-rerun-<id>`, fresh each time: Ray Train silently resumes from a reused one.
+RERUN_TAG = "-rerun-"
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:  # removed while we walk
+                pass
+    return total
+
+
+def _format_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,7 +195,7 @@ class Driver:
         return self.marker(name) is not None
 
     # -- leftovers -----------------------------------------------------------------------------------
-    def _cleanup(self, name: str) -> None:
+    def _cleanup(self, name: str) -> list[tuple[str, Optional[int]]]:
         """Settle what interrupted attempts left beside the outputs: staged `.<key>.partial-<id>` and
         set-aside `.<key>.old-<id>` directories (see `Store.publish`), unless a live attempt owns them.
 
@@ -188,6 +213,7 @@ class Driver:
             if attempt_alive(att) and leftover(att.get("partial") or "") == parsed:
                 continue  # a running attempt's own staging (or the old output it set aside)
             found.setdefault(key, []).append(entry)
+        removed = []
         for key, entries in found.items():
             final = self.store.sub(node_dir, key)
             if self._valid_marker(final, key) is None:
@@ -199,7 +225,12 @@ class Driver:
                     self.store.move(self.store.sub(node_dir, best), final)
                     entries.remove(best)
             for entry in entries:
-                self.store.delete_dir(self.store.sub(node_dir, entry))
+                path = self.store.sub(node_dir, entry)
+                local = self.store.local_path(path)
+                size = _dir_bytes(Path(local)) if local else None
+                self.store.delete_dir(path)
+                removed.append((self.store.display(path), size))
+        return removed
 
     # -- inputs ----------------------------------------------------------------------------------------
     def local_input(self, name: str) -> str:
@@ -219,12 +250,63 @@ class Driver:
         os.replace(tmp, local)
         return str(local)
 
+    def _work_root(self, name: str) -> Path:
+        in_store = self.store.local_path(self.store.join(self.dag.name, name, "_work"))
+        return Path(in_store) if in_store else self.cache_dir / "work" / self.dag.name / name
+
     def work_dir(self, name: str, work_name: str) -> str:
         """A node's resumable scratch (Ray Train checkpoints): in the store when it is a local path, else
         in the local cache (tasks take local paths; for a multi-node cluster put cache_dir on a shared
         filesystem, as Ray Train needs its storage_path visible from every worker)."""
-        in_store = self.store.local_path(self.store.join(self.dag.name, name, "_work", work_name))
-        return in_store or str(self.cache_dir / "work" / self.dag.name / name / work_name)
+        return str(self._work_root(name) / work_name)
+
+    def _dead_work_dirs(self, name: str) -> list[Path]:
+        """Work dirs that no live attempt uses and no run will resume from: a forced rerun's (a rerun
+        always starts afresh), and the stable one of a key whose output is complete (killed between
+        publishing and removing it). A stable work dir of an unfinished key is resumable and stays."""
+        root = self._work_root(name)
+        if not root.is_dir():
+            return []
+        out = []
+        for entry in sorted(root.iterdir()):
+            key, rerun, _ = entry.name.partition(RERUN_TAG)
+            att = self.attempt(name, key)
+            if attempt_alive(att) and os.path.basename(att.get("work_dir") or "") == entry.name:
+                continue
+            if rerun or self.marker(name, key) is not None:
+                out.append(entry)
+        return out
+
+    def _dead_staging(self, name: str) -> list[Path]:
+        """Local copies that attempts no longer alive staged for a URI store (`<key>.partial-<id>`)."""
+        if self.store.local_path(self.store.root) is not None:
+            return []
+        root = self.cache_dir / "staging" / self.dag.name / name
+        out = []
+        for entry in sorted(root.iterdir()) if root.is_dir() else ():
+            parsed = leftover("." + entry.name)
+            att = self.attempt(name, parsed[0]) if parsed else None
+            if not (attempt_alive(att) and att.get("partial") == "." + entry.name):
+                out.append(entry)
+        return out
+
+    def _settle(self, name: str) -> list[tuple[str, Optional[int]]]:
+        """Remove what attempts that are no longer alive left behind (and recover a complete output an
+        interrupted publish left beside its place); returns (path, bytes) of each removed directory."""
+        removed: list[tuple[str, Optional[int]]] = []
+        for entry in self._dead_work_dirs(name) + self._dead_staging(name):
+            removed.append((str(entry), _dir_bytes(entry)))
+            shutil.rmtree(entry, ignore_errors=True)
+        if self.store.exists(self.dag.node_dir(name)):
+            removed += self._cleanup(name)
+        for path, size in removed:
+            self.log(f"removed {path}{f' ({_format_bytes(size)})' if size is not None else ''}: left by an attempt "
+                     f"of {name} that is gone")
+        return removed
+
+    def clean(self) -> list[tuple[str, Optional[int]]]:
+        """`_settle` every node: what `slimmoe status --clean` removes."""
+        return [r for name, node in self.dag.nodes.items() if not node.is_external for r in self._settle(name)]
 
     def teacher_fingerprint(self) -> Optional[str]:
         teacher = self.dag.nodes["teacher"]
@@ -254,10 +336,10 @@ class Driver:
                     results[name] = NodeResult(name, "skipped", node.key, path)
                     continue
                 if name not in force:
+                    # A killed publish may have left the complete output beside its place; a killed rerun,
+                    # its work dir (model and optimizer state) beside a complete output.
+                    self._settle(name)
                     m = self.marker(name)
-                    if m is None and self.store.exists(self.dag.node_dir(name)):
-                        self._cleanup(name)  # a killed publish may have left the complete output beside its place
-                        m = self.marker(name)
                     if m is not None:
                         self.log(f"skipped {name} (key {node.key})")
                         results[name] = NodeResult(name, "skipped", node.key, path, m.get("duration_s", 0.0),
@@ -278,7 +360,7 @@ class Driver:
             ensure_ray(self.address)
         node_dir = self.dag.node_dir(name)
         self.store.makedirs(node_dir)
-        self._cleanup(name)
+        self._settle(name)
         inputs = {role: self.local_input(parent) for role, parent in node.inputs.items()}
 
         previous = self.attempt(name, key)
@@ -292,7 +374,7 @@ class Driver:
         work_dir = None
         if kind.uses_work_dir:
             # A forced rerun gets a fresh work dir: Ray Train silently resumes from a reused one.
-            work_name = key if not forced else f"{key}-rerun-{uuid.uuid4().hex[:8]}"
+            work_name = key if not forced else f"{key}{RERUN_TAG}{uuid.uuid4().hex[:8]}"
             work_dir = self.work_dir(name, work_name)
             os.makedirs(work_dir, exist_ok=True)
         has_state = bool(work_dir) and bool(os.listdir(work_dir))
@@ -304,12 +386,8 @@ class Driver:
         partial_name = os.path.basename(staged)
         if self.store.local_path(staged) is not None:
             out_dir = Path(self.store.local_path(staged))  # the task writes the staged copy itself
-        else:  # tasks take local paths: stage locally, `publish` uploads
-            staging = self.cache_dir / "staging" / self.dag.name / name
-            if staging.is_dir() and not attempt_alive(previous):  # what killed attempts of this key staged
-                for old in staging.glob(f"{key}.partial-*"):
-                    shutil.rmtree(old, ignore_errors=True)
-            out_dir = staging / partial_name[1:]
+        else:  # tasks take local paths: stage locally (`_settle` removed what dead attempts staged), `publish` uploads
+            out_dir = self.cache_dir / "staging" / self.dag.name / name / partial_name[1:]
         out_dir.mkdir(parents=True, exist_ok=False)
 
         note = ""
@@ -328,7 +406,7 @@ class Driver:
 
         ctx = NodeContext(name=name, kind=node.kind, config=copy.deepcopy(node.task_config), inputs=inputs,
                           out_dir=out_dir, work_dir=work_dir, resumed=resumed, log=self.log,
-                          teacher_fingerprint=self.teacher_fingerprint() if node.role == "stage" else None)
+                          teacher_fingerprint=self.teacher_fingerprint() if node.role in ("stage", "evaluate") else None)
         publishing = False
         try:
             metrics = _jsonable(kind.run(ctx))
@@ -352,6 +430,8 @@ class Driver:
             # `_cleanup`, and only a local staging copy beside it goes.
             if not publishing or str(out_dir) != self.store.local_path(staged):
                 shutil.rmtree(out_dir, ignore_errors=True)
+            if forced and work_dir is not None:  # no run resumes a rerun's work dir
+                shutil.rmtree(work_dir, ignore_errors=True)
             self.log(f"{state} {name} after {seconds:.1f}s: {type(err).__name__}: {err}")
             if isinstance(err, Exception):
                 raise NodeFailed(name, err, self.store.display(self._log_path or "")) from err
@@ -371,25 +451,29 @@ class Driver:
             row = {"node": name, "kind": node.kind if not node.is_external else "external", "key": node.key,
                    "path": node.external_path if node.is_external else self.store.display(self.dag.output_path(name)),
                    "state": "missing", "seconds": None, "finished": None, "metric": "", "metrics": None,
-                   "error": None}
+                   "error": None, "leftovers": []}
             if node.is_external:
                 row["state"] = "done"
                 rows.append(row)
                 continue
             marker = self.marker(name)
             att = self.attempt(name)
+            gone = f"pid {att.get('pid')} on {att.get('host')} is gone" if att else ""
             if marker is not None:
                 row.update(state="done", seconds=marker.get("duration_s"), finished=marker.get("finished"),
                            metrics=marker.get("metrics"), metric=headline_of(node.kind, marker.get("metrics")))
-                if att and att.get("state") == "failed" and att.get("started", "") > marker.get("finished", ""):
+                rerun = att and att.get("started", "") > marker.get("finished", "")
+                if rerun and att.get("state") == "failed":
                     row["error"] = f"last rerun failed: {att.get('error')}"
                 elif attempt_alive(att):
                     row["error"] = "a rerun is in progress"
+                elif rerun and att.get("state") == "running":  # killed: it could not record its end
+                    row["error"] = f"last rerun was interrupted ({gone}); the output in place is the one before it"
             elif attempt_alive(att):
                 row.update(state="running", seconds=None, finished=None,
                            error=f"pid {att.get('pid')} on {att.get('host')} since {att.get('started')}")
             elif att and att.get("state") in ("running", "failed"):
-                err = att.get("error") or f"interrupted (pid {att.get('pid')} on {att.get('host')} is gone)"
+                err = att.get("error") or f"{'rerun ' if att.get('forced') else ''}interrupted ({gone})"
                 row.update(state="failed", error=err, finished=att.get("finished"))
             else:
                 stale = self._stale_output(name)
@@ -399,6 +483,12 @@ class Driver:
                                finished=m.get("finished"), metrics=m.get("metrics"),
                                metric=headline_of(node.kind, m.get("metrics")),
                                error=f"config changed: output for key {m.get('key')} exists, current key {node.key}")
+            row["leftovers"] = [{"path": str(p), "bytes": _dir_bytes(p)} for p in self._dead_work_dirs(name)]
+            if row["leftovers"]:
+                left = ", ".join(f"{x['path']} ({_format_bytes(x['bytes'])})" for x in row["leftovers"])
+                row["error"] = "; ".join(filter(None, [row["error"], f"work dir left by an attempt that is gone: {left}; "
+                                                                     "the node's next run or `slimmoe status --clean` "
+                                                                     "removes it"]))
             rows.append(row)
         return rows
 
@@ -443,9 +533,19 @@ def rerun_node(config, node: str, *, downstream: bool = False, address: Optional
 
 
 def workflow_status(config, overrides: dict | None = None) -> list[dict]:
-    """One row per node: node, kind, state (done/missing/running/failed/stale), key, path, times, metric."""
+    """One row per node: node, kind, state (done/missing/running/failed/stale), key, path, times, metric,
+    and the work dirs that attempts no longer alive left (`leftovers`)."""
     dag = build_dag(config, overrides, check_storage=False)
     return Driver(dag, log=lambda s: None, command="status").status()
+
+
+def clean_workflow(config, overrides: dict | None = None,
+                   log: Callable[[str], None] = print) -> list[tuple[str, Optional[int]]]:
+    """Remove what attempts that are no longer alive left: a killed rerun's work dir, staged copies of
+    an unfinished publish. A live attempt's files and a work dir a run resumes from stay. Returns
+    (path, bytes) per removed directory (bytes None where the store is a URI)."""
+    dag = build_dag(config, overrides, check_storage=False)
+    return Driver(dag, log=log, command="status").clean()
 
 
 def format_status(rows: list[dict]) -> str:
@@ -462,4 +562,4 @@ def format_status(rows: list[dict]) -> str:
 
 
 __all__ = ["Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
-           "workflow_status", "format_status"]
+           "workflow_status", "clean_workflow", "format_status"]

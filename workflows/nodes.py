@@ -117,7 +117,8 @@ def _run_stage(ctx: NodeContext):
 
 def _run_evaluate(ctx: NodeContext):
     return _node("evaluate", "run_evaluate")(ctx.config, ctx.inputs["model"], ctx.inputs["tokens"],
-                                             ctx.inputs.get("logits"), ctx.out_dir)
+                                             ctx.inputs.get("logits"), ctx.out_dir,
+                                             teacher_fingerprint=ctx.teacher_fingerprint)
 
 
 def _run_trim(ctx: NodeContext):

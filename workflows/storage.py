@@ -34,7 +34,7 @@ import posixpath
 import uuid
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -84,6 +84,8 @@ class Store:
         # A URI is opened on first use (opening S3 already talks to the network, and a config is
         # validated or its keys computed on machines without credentials); its root is derived from
         # the text the way pyarrow does, and checked against pyarrow's answer when it is opened.
+        # The query (`?endpoint_override=...&region=...`) is the connection's, not the path's: urlsplit
+        # keeps it apart, and pyarrow reads it when the URI is opened.
         parts = urlsplit(location)
         if not parts.scheme:
             raise StorageError(f"storage {location!r} is not a URI pyarrow can open (no scheme)")
@@ -93,10 +95,15 @@ class Store:
             root = parts.path.lstrip("/")
         else:
             root = parts.netloc + parts.path
+        # pyarrow percent-decodes the path (`s3://bucket/my%20runs` is the prefix `my runs`, and a URI
+        # cannot hold a bare space): the root must be the decoded one, or the check in `fs` refuses it.
+        root = unquote(root)
         self.root = root.rstrip("/") or ("/" if root.startswith("/") else "")
-        base = location.split("?", 1)[0].split("#", 1)[0]
+        base = unquote(location.split("?", 1)[0].split("#", 1)[0])
         base = base.rstrip("/") if self.root != "/" else base
-        # What a store path is prefixed with to be shown as a URI: `s3://` + `bucket/prefix`.
+        # What a store path is prefixed with to be shown as a URI: `s3://` + `bucket/prefix`. The query
+        # is left off: it says how this process connects (endpoint, region, scheme), not where the
+        # data is, and a store path shown with it would read as one more path component.
         self._prefix = base[: len(base) - len(self.root)] if base.endswith(self.root) else f"{parts.scheme}://"
 
     @property

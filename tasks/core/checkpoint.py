@@ -3,19 +3,87 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.core.fingerprint import TOKENIZER_FILES
 from slimmoe.tasks.core.storage import atomic_output_dir
 
+# torch and transformers are imported where they are used: the workflow's validation calls
+# `check_safetensors` and must not spend seconds importing them.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class BrokenCheckpointError(ValueError):
+    """A model directory whose safetensors files cannot be loaded: truncated, not safetensors, or missing."""
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """The file holds exactly what its header describes (safetensors refuses anything else)."""
+    again = "; copy or download it again"
+    size = path.stat().st_size
+    if size < 8:
+        raise BrokenCheckpointError(f"{path} is truncated: {size} bytes, not even the 8-byte header length{again}")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if 8 + header_len > size:
+            raise BrokenCheckpointError(f"{path} is truncated: {size} bytes, but its header alone is {8 + header_len} "
+                                        f"bytes (or it is not a safetensors file){again}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        ends = [int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise BrokenCheckpointError(f"{path} is not a safetensors file (its header is not a safetensors "
+                                    f"tensor table){again}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise BrokenCheckpointError(f"{path} is truncated: {size} bytes, but its header describes {expected} bytes "
+                                    f"({expected - size} missing){again}")
+    if size > expected:
+        raise BrokenCheckpointError(f"{path} is corrupt: {size} bytes, {size - expected} more than the {expected} "
+                                    f"its header describes{again}")
+
+
+def check_safetensors(model_dir: str | Path) -> list[Path]:
+    """Check the weights `load_model` would read, from their headers only (no tensor is read): each
+    file an index names exists, and each file has the size its header implies. Returns the files;
+    raises BrokenCheckpointError naming the file."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise BrokenCheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map); "
+                                        "copy or download it again") from None
+        files = [model_dir / n for n in names]
+        missing = [n for n, f in zip(names, files) if not f.is_file()]
+        if missing:
+            raise BrokenCheckpointError(f"{index} names {len(missing)} file(s) that {model_dir} lacks: "
+                                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                        "copy or download the missing shards")
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise BrokenCheckpointError(f"{model_dir} holds no *.safetensors weights; save the model with "
+                                        "safe_serialization=True (slimmoe loads safetensors only)")
+    for f in files:
+        _check_safetensors_file(f)
+    return files
+
 
 def load_config(model_dir: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    from slimmoe.tasks.core.adapters import get_adapter
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -24,10 +92,16 @@ def load_config(model_dir: str | Path, trust_remote_code: bool = False):
     return config
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                trust_remote_code: bool = False, experts_implementation: str | None = None) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     load_config(model_dir, trust_remote_code)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # A truncated file otherwise fails deep inside from_pretrained (in a Ray actor: as ActorDiedError)
+    # with a message that does not name it.
+    check_safetensors(model_dir)
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir), **kwargs)
@@ -65,6 +139,9 @@ def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_from: str | 
 def build_from_state(config, state: dict[str, torch.Tensor], buffers_from: nn.Module) -> nn.Module:
     """A model of `config` holding `state`, built on the meta device so no memory is spent on an init
     that is overwritten at once. Non-persistent buffers (rotary tables) come from `buffers_from`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         new = AutoModelForCausalLM.from_config(config, dtype=dtype)

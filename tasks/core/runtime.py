@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from typing import Optional
 
 import torch
@@ -63,3 +65,44 @@ def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: floa
 def step_progress(step: int, warmup_steps: int, total_steps: int) -> float:
     """How far past the warm-up `step` is, as a fraction of the steps after it."""
     return (step - warmup_steps) / max(1, total_steps - warmup_steps)
+
+
+def progress_line(message: str) -> None:
+    """One progress line, on stderr. Ray Train workers tee their stdout into the job's log and the
+    driver's echo alike, so a line printed there shows up twice; stderr is echoed once."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+class Progress:
+    """At most one progress line per `interval_s` for a pass over data: done/total, rate, ETA."""
+
+    def __init__(self, name: str, total: int | None, unit: str, interval_s: float = 10.0,
+                 log=progress_line, clock=time.monotonic):
+        self.name, self.total, self.unit, self.interval_s, self.log, self.clock = name, total, unit, interval_s, log, clock
+        self.start = self.last = clock()
+        self.done = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            self.log(self._line(now))
+
+    def finish(self) -> None:
+        self.log(self._line(self.clock()))
+
+    def _line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total:,}" if self.total else ""
+        eta = f", eta {max(self.total - self.done, 0) / max(rate, 1e-9):.0f}s" if self.total else ""
+        return f"[{self.name}] {self.done:,}{of} {self.unit}, {rate:,.0f} {self.unit}/s{eta}"
+
+
+def quiet_ray_data_progress(context) -> None:
+    """Without a terminal, Ray Data logs a several-line status block of every operator every 10 s; the
+    nodes print their own one-line `Progress` instead. With a terminal its progress bars stay.
+    `context`: the dataset's own DataContext (a dataset keeps the one it was created with)."""
+    if not sys.stdout.isatty():
+        context.enable_progress_bars = False

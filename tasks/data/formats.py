@@ -14,11 +14,29 @@ On-disk encoding of a logit cache row (one row per sequence of T tokens, top-k o
 The three per-token arrays are raw bytes rather than Parquet lists: a list column pays Parquet
 definition/repetition levels for every element, which made decoding ~10x slower (0.3 s vs 0.03 s
 for 1024 rows of 128x64 here), and the distillation loop reads this every step.
+
+Integrity. Every Parquet file is written with page checksums (CRC-32 per data page) and its
+manifest entry records `checksum`, "crc32:<8 hex digits>" of the whole file's bytes. Byte sizes
+alone miss damage that keeps the size (a zeroed block), which decoded into NaN statistics or an
+opaque zstd error far from the file. The file checksum is computed from the serialised bytes
+before they reach the disk and checked wherever a reader loads a file whole; the page checksums
+serve the readers that stream pages (Ray Data) and files whose manifest has no checksum. CRC-32
+rather than a cryptographic hash: it is there to catch accidental damage, it is ~2.5x faster than
+sha256 here, and nobody who can edit a manifest is kept out by a hash they can recompute.
+Manifests written before checksums existed have no `checksum` and stay readable (the field is
+optional, so FORMAT_VERSION stays 1). A logit cache's log-probs are finite: readers refuse NaN/inf.
+
+A logit-cache file also carries its teacher and tokenizer fingerprints in its Parquet footer
+(`slimmoe.teacher_fingerprint`, `slimmoe.tokenizer_fingerprint`), where the file checksum covers
+them: a fingerprint edited in a manifest then disagrees with the files it lists.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
+import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -38,10 +56,27 @@ class LogitCacheError(ValueError):
     """A token-shard or logit-cache directory that is incomplete, damaged, or from another model."""
 
 
+# Parquet footer keys (file key-value metadata) a writer stamps its provenance under.
+FOOTER_PREFIX = "slimmoe."
+
+# How to rebuild a damaged directory of each kind, for the messages that refuse one.
+REBUILD = {
+    "logit_cache": "rerun the teacher_logits node (`slimmoe rerun CONFIG teacher_logits`), or run "
+                   "`slimmoe teacher-logits` again for a cache made by hand",
+    "token_shards": "rerun the tokenize node (`slimmoe rerun CONFIG tokenize`), or run `slimmoe tokenize` "
+                    "again for shards made by hand",
+}
+
+
+def rebuild_hint(kind: str | None) -> str:
+    return "Rebuild it: " + REBUILD.get(kind or "", "rerun the node that made it (`slimmoe rerun CONFIG NODE`)")
+
+
 class FileEntry(BaseModel):
     path: str  # relative to the manifest's directory
     rows: int
     bytes: int
+    checksum: Optional[str] = None  # "crc32:<hex>" of the file's bytes; absent in older manifests
 
 
 class _Manifest(BaseModel):
@@ -128,6 +163,57 @@ def read_manifest(path: str | Path) -> dict:
         return json.loads(mf.read_text())
     except json.JSONDecodeError as err:
         raise LogitCacheError(f"{mf} is not valid JSON ({err}); rebuild {path}") from err
+
+
+# -- checksummed Parquet files -------------------------------------------------------------------
+
+
+def file_checksum(data) -> str:
+    """The manifest checksum of a file's bytes (anything with the buffer protocol)."""
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def checksum_mismatch(expected: str, data) -> str | None:
+    """None when `data` has the checksum `expected`, else the checksum it has."""
+    algorithm = expected.split(":", 1)[0]
+    if algorithm != "crc32":
+        raise LogitCacheError(f"checksum {expected!r} uses {algorithm!r}, which this reader does not know; "
+                              "upgrade slimmoe or rebuild the directory")
+    got = file_checksum(data)
+    return None if got == expected else got
+
+
+def write_parquet_file(table, path: str | Path, provenance: dict[str, Optional[str]] | None = None,
+                       **write_kwargs) -> dict:
+    """Write `table` to `path` atomically (a temporary name, then a rename) with Parquet page checksums
+    and `provenance` under FOOTER_PREFIX in the footer; return its manifest fields {"bytes", "checksum"}.
+    The file is serialised in memory first so that the checksum is of exactly the bytes written, at
+    no cost of reading them back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    stamp = {f"{FOOTER_PREFIX}{k}".encode(): str(v).encode() for k, v in (provenance or {}).items() if v is not None}
+    if stamp:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **stamp})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, write_page_checksum=True, **write_kwargs)
+    data = sink.getvalue()
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"bytes": data.size, "checksum": file_checksum(data)}
+
+
+def footer_provenance(key_value_metadata: dict | None) -> dict[str, str]:
+    """What `write_parquet_file` stamped into a footer, keys without the prefix (empty for older files)."""
+    prefix = FOOTER_PREFIX.encode()
+    return {k[len(prefix):].decode(): v.decode() for k, v in (key_value_metadata or {}).items() if k.startswith(prefix)}
 
 
 # -- column encodings ------------------------------------------------------------------------------

@@ -7,6 +7,12 @@ Definitions (per token position):
                 (so it ignores the tail; the tail is reported separately)
   tail_mass     exp(rest_logprob): probability mass outside the top-k
   mass_error    |sum(exp(top-k log-probs)) + tail_mass - 1|: float16 storage error, should be ~1e-3
+
+Damage is not a statistic: a file that fails its checksums or holds NaN / inf log-probs raises
+(LogitCacheError, naming the file). Disagreeing teacher fingerprints (a split's manifest against
+its files' footers, its node output's manifest, the other splits, or the teacher directory the
+manifest records, when that is still there) are reported as `warnings` and WARNING lines, because
+inspecting is how one finds out which of them is wrong.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from slimmoe.tasks.core.fingerprint import model_fingerprint
 from slimmoe.tasks.data.readers import LogitCache, open_logit_cache
-from slimmoe.tasks.data.formats import read_manifest
+from slimmoe.tasks.data.formats import MANIFEST, read_manifest
 
 ENTROPY_NOTE = "entropy (nats) of the top-k probabilities renormalised within the top-k"
 
@@ -93,10 +100,34 @@ def _samples(cache: LogitCache, n: int, tok, alternatives: int = 4, context: int
     return out
 
 
+def _teacher_dir_check(manifest: dict, where: str, seen: dict[str, str | None]) -> tuple[list[str], str]:
+    """(warnings, what was checked) comparing the manifest's teacher fingerprint with the teacher
+    directory it records. `seen` memoises fingerprints by directory (one teacher, several manifests)."""
+    teacher_dir, said = manifest.get("teacher_dir"), manifest.get("teacher_fingerprint")
+    if not teacher_dir:
+        return [], "not checked: the manifest records no teacher directory"
+    if teacher_dir not in seen:
+        try:
+            seen[teacher_dir] = model_fingerprint(teacher_dir) if Path(teacher_dir).is_dir() else None
+        except (FileNotFoundError, OSError, ValueError):
+            seen[teacher_dir] = None
+    actual = seen[teacher_dir]
+    if actual is None:
+        return [], f"not checked: the recorded teacher directory {teacher_dir} is not there (or holds no model)"
+    if actual == said:
+        return [], f"matches {teacher_dir}"
+    warning = (f"{where} says teacher fingerprint {said}, but the teacher directory it records, {teacher_dir}, has "
+               f"fingerprint {actual}: the teacher changed since the cache was built, or the manifest was edited")
+    return [warning], f"differs from {teacher_dir} ({actual})"
+
+
 def inspect_split(path: str | Path, samples: int = 5, tokenizer_dir: str | Path | None = None,
-                  max_rows: int | None = None, seed: int = 0) -> dict[str, Any]:
-    cache = open_logit_cache(path)
+                  max_rows: int | None = None, seed: int = 0, teacher_fps: dict | None = None) -> dict[str, Any]:
+    cache = open_logit_cache(path, strict=False)
     m = cache.manifest
+    warnings = list(cache.problems)
+    found, teacher_check = _teacher_dir_check(m, str(Path(path) / MANIFEST), {} if teacher_fps is None else teacher_fps)
+    warnings += found
     tok_dir = tokenizer_dir if tokenizer_dir is not None else m.get("tokenizer_path")
     tok = _load_tokenizer(tok_dir)
     if tokenizer_dir is not None and tok is None:
@@ -111,8 +142,12 @@ def inspect_split(path: str | Path, samples: int = 5, tokenizer_dir: str | Path 
     full = cache.full_logits_bytes_per_token()
     manifest = {k: v for k, v in m.items() if k != "files"}
     manifest["num_files"] = len(m["files"])
+    with_checksum = sum(1 for f in m["files"] if f.get("checksum"))
     return {
-        "path": str(path), "manifest": manifest, "rows": cache.num_rows, "tokens": tokens,
+        "path": str(path), "manifest": manifest, "warnings": warnings, "teacher_check": teacher_check,
+        "checksums": f"{with_checksum} of {len(m['files'])} files carry one, each checked as it was read"
+                     if with_checksum else "none in the manifest (written before checksums were recorded)",
+        "rows": cache.num_rows, "tokens": tokens,
         "tokens_inspected": int(len(rows) * cache.seq_len), "sampled_rows": bool(sampled),
         "disk_bytes": disk, "bytes_per_token": disk / max(1, tokens), "full_fp16_bytes_per_token": full,
         "storage_ratio": disk / max(1, tokens) / full,
@@ -129,10 +164,21 @@ def inspect_cache(path: str | Path, samples: int = 5, tokenizer_dir: str | Path 
     """Numbers for one logit-cache split, or for every split of a teacher_logits node output."""
     path = Path(path)
     manifest = read_manifest(path)
+    teacher_fps: dict[str, str | None] = {}
     if manifest.get("kind") == "teacher_logits":
-        return {"kind": "teacher_logits", "path": str(path), "manifest": manifest,
-                "splits": {name: inspect_split(path / name, samples, tokenizer_dir, max_rows) for name in manifest["splits"]}}
-    return {"kind": "logit_cache", "path": str(path), "splits": {manifest.get("split") or path.name: inspect_split(path, samples, tokenizer_dir, max_rows)}}
+        splits = {name: inspect_split(path / name, samples, tokenizer_dir, max_rows, teacher_fps=teacher_fps)
+                  for name in manifest["splits"]}
+        warnings, teacher_check = _teacher_dir_check(manifest, str(path / MANIFEST), teacher_fps)
+        by_split = {name: s["manifest"].get("teacher_fingerprint") for name, s in splits.items()}
+        if len(set(by_split.values())) > 1:
+            warnings.append("the splits disagree on the teacher fingerprint: "
+                            + ", ".join(f"{name} {fp}" for name, fp in by_split.items()))
+        warnings += [f"[{name}] {w}" for name, s in splits.items() for w in s["warnings"]]
+        return {"kind": "teacher_logits", "path": str(path), "manifest": manifest, "warnings": warnings,
+                "teacher_check": teacher_check, "splits": splits}
+    split = inspect_split(path, samples, tokenizer_dir, max_rows, teacher_fps=teacher_fps)
+    return {"kind": "logit_cache", "path": str(path), "warnings": list(split["warnings"]),
+            "splits": {manifest.get("split") or path.name: split}}
 
 
 def _fmt_stats(s: dict) -> str:
@@ -141,16 +187,21 @@ def _fmt_stats(s: dict) -> str:
 
 def format_report(report: dict) -> str:
     lines = [f"{report['kind']}: {report['path']}"]
+    warnings = report.get("warnings") or []
+    # First, so that a contradicted teacher is not read past on the way to the statistics.
+    lines += [f"WARNING: {w}" for w in warnings]
     if report["kind"] == "teacher_logits":
         m = report["manifest"]
         lines.append(f"  teacher {m['teacher_fingerprint']}  tokenizer {m['tokenizer_fingerprint']}  k={m['k']}  "
                      f"vocab={m.get('vocab_size')}  splits: {', '.join(m['splits'])}")
+        lines.append(f"  teacher fingerprint {report['teacher_check']}")
     for name, s in report["splits"].items():
         m = s["manifest"]
         lines += [
             f"\n[{name}] {s['path']}",
             f"  teacher {m.get('teacher_fingerprint')}  tokenizer {m.get('tokenizer_fingerprint')}  k={m['k']}  "
             f"seq_len={m['seq_len']}  vocab={m['vocab_size']}",
+            f"  teacher fingerprint {s['teacher_check']}; checksums: {s['checksums']}",
             f"  rows {s['rows']}  tokens {s['tokens']}  files {m['num_files']}  dtypes {m.get('dtypes')}  compression {m.get('compression')}",
             f"  disk {s['disk_bytes'] / 2**20:.2f} MiB = {s['bytes_per_token']:.1f} bytes/token; full float16 logits "
             f"{s['full_fp16_bytes_per_token']} bytes/token; ratio {100 * s['storage_ratio']:.3f}%",
@@ -163,4 +214,7 @@ def format_report(report: dict) -> str:
         if s["samples"]:
             lines.append(f"  samples{' (no tokenizer: token ids)' if s['tokenizer'] is None else ''}:")
             lines += [f"    row {x['row']} pos {x['position']}: {x['text']}" for x in s["samples"]]
+    if warnings:
+        lines.append(f"\nWARNING: {len(warnings)} disagreement(s), listed at the top, about what made this cache; the "
+                     "readers refuse it. Rebuild it: rerun the teacher_logits node (`slimmoe rerun CONFIG teacher_logits`)")
     return "\n".join(lines)

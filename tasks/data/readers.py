@@ -3,8 +3,12 @@
 Both are directories of Parquet files plus a `manifest.json` written last. A reader trusts the
 manifest's file list, never a directory listing (Ray's `write_parquet` may leave extra files from a
 retried write), and refuses a directory whose manifest is missing (the writer did not finish),
-whose files differ from the manifest (missing, other size or row count), or whose teacher /
-tokenizer fingerprints differ from what the caller expects.
+whose files differ from the manifest (missing, other size or row count, content checksum, Parquet
+page checksums), whose logit cache holds NaN or inf log-probs, whose manifest contradicts its
+files' stamped fingerprints or its node output's manifest, or whose teacher / tokenizer
+fingerprints differ from what the caller expects. Every refusal names the file or manifest and how
+to rebuild it. The content checksum is checked where a file is read whole anyway (on its first
+decode), not at open: opening reads footers only, so a large cache still opens in milliseconds.
 
 Memory trade-off of the reader: a file is decoded whole on first use and kept in an LRU bounded
 by `cache_bytes`. Shuffling is windowed: the files are shuffled, then rows are shuffled within
@@ -18,14 +22,16 @@ size) only, so a resumed run sees the same batches.
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from slimmoe.tasks.data.formats import (FORMAT_VERSION, MANIFEST, MULTI_SPLIT_KINDS, LogitCacheError, binary_column_to_numpy,
-                                      ids_dtype, list_column_to_numpy, read_manifest)
+                                        checksum_mismatch, file_checksum, footer_provenance, ids_dtype, list_column_to_numpy,
+                                        read_manifest, rebuild_hint)
 
 DEFAULT_CACHE_BYTES = 2 << 30
 DEFAULT_SHUFFLE_WINDOW_BYTES = 1 << 30
@@ -44,35 +50,88 @@ def _refuse_multi_split(path: Path, manifest: dict, wanted: str) -> None:
         )
 
 
-def verify_files(path: Path, manifest: dict) -> list[tuple[Path, int, int]]:
-    """(absolute path, rows, bytes) of every manifest file, after checking each against the manifest."""
+class ManifestFile(NamedTuple):
+    """One manifest-listed file, as checked against its manifest entry."""
+
+    path: Path
+    rows: int
+    bytes: int
+    checksum: str | None  # None in manifests written before file checksums were recorded
+    provenance: dict[str, str]  # what its writer stamped into the footer (fingerprints)
+
+
+def verify_files(path: Path, manifest: dict, kind: str | None = None) -> list[ManifestFile]:
+    """Every manifest file, after checking its size, footer and row count against the manifest (the
+    content checksum is checked where a file is read whole: `_ParquetRows._read_file`)."""
     import pyarrow.parquet as pq
 
+    rebuild = rebuild_hint(kind or manifest.get("kind"))
     files = manifest.get("files")
     if not isinstance(files, list) or not files:
-        raise LogitCacheError(f"{path / MANIFEST} lists no files; rebuild {path}")
+        raise LogitCacheError(f"{path / MANIFEST} lists no files. {rebuild}")
     out = []
     for entry in files:
         f = path / entry["path"]
         if not f.exists():
-            raise LogitCacheError(f"{path}: file {entry['path']} listed in the manifest is missing; the directory is damaged, rebuild it")
+            raise LogitCacheError(f"{path}: file {entry['path']} listed in the manifest is missing; the directory is damaged. {rebuild}")
         size = f.stat().st_size
         if size != entry["bytes"]:
             raise LogitCacheError(
                 f"{path}: file {entry['path']} has {size} bytes, the manifest says {entry['bytes']} "
-                "(truncated or overwritten); rebuild the directory"
+                f"(truncated or overwritten). {rebuild}"
             )
         try:
-            rows = pq.ParquetFile(f).metadata.num_rows
+            meta = pq.ParquetFile(f).metadata
         except Exception as err:  # a damaged footer: pyarrow raises ArrowInvalid / OSError
-            raise LogitCacheError(f"{path}: file {entry['path']} is not readable Parquet ({err}); rebuild the directory") from err
-        if rows != entry["rows"]:
-            raise LogitCacheError(f"{path}: file {entry['path']} holds {rows} rows, the manifest says {entry['rows']}; rebuild the directory")
-        out.append((f, rows, size))
-    total = sum(r for _, r, _ in out)
+            raise LogitCacheError(f"{path}: file {entry['path']} is not readable Parquet ({err}). {rebuild}") from err
+        if meta.num_rows != entry["rows"]:
+            raise LogitCacheError(f"{path}: file {entry['path']} holds {meta.num_rows} rows, the manifest says {entry['rows']}. {rebuild}")
+        out.append(ManifestFile(f, meta.num_rows, size, entry.get("checksum"), footer_provenance(meta.metadata)))
+    total = sum(f.rows for f in out)
     if total != manifest.get("rows"):
-        raise LogitCacheError(f"{path}: files hold {total} rows, the manifest says {manifest.get('rows')}; rebuild the directory")
+        raise LogitCacheError(f"{path}: files hold {total} rows, the manifest says {manifest.get('rows')}. {rebuild}")
     return out
+
+
+def parent_manifest(path: str | Path) -> dict | None:
+    """The manifest of the node output (teacher_logits, tokenized_dataset) that lists `path` as one of
+    its splits, or None for a directory standing on its own."""
+    path = Path(path).resolve()
+    mf = path.parent / MANIFEST
+    if not mf.exists():
+        return None
+    try:
+        parent = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    splits = parent.get("splits") if isinstance(parent, dict) else None
+    if parent.get("kind") in MULTI_SPLIT_KINDS and isinstance(splits, (dict, list)) and path.name in splits:
+        return parent
+    return None
+
+
+def provenance_problems(path: Path, manifest: dict, files: Sequence[ManifestFile]) -> list[str]:
+    """Where a split's manifest disagrees with the fingerprints stamped into its own files or with the
+    manifest of the node output that lists it. The writer makes all of them from one value at one
+    time, so any disagreement means a manifest was edited or files from another output were copied in."""
+    problems = []
+    for key in ("teacher_fingerprint", "tokenizer_fingerprint"):
+        said = manifest.get(key)
+        stamped: dict[str, list[str]] = {}
+        for f in files:
+            if key in f.provenance and f.provenance[key] != said:
+                stamped.setdefault(f.provenance[key], []).append(f.path.name)
+        for value, names in stamped.items():
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            problems.append(f"{path / MANIFEST} says {key.replace('_', ' ')} {said}, but its files were written "
+                            f"with {value} ({names[0]}{more})")
+    parent = parent_manifest(path)
+    if parent is not None:
+        for key in ("teacher_fingerprint", "tokenizer_fingerprint", "k"):
+            if key in parent and key in manifest and parent[key] != manifest[key]:
+                problems.append(f"{path / MANIFEST} says {key.replace('_', ' ')} {manifest[key]}, but the "
+                                f"{parent['kind']} output's {Path(path).resolve().parent / MANIFEST} says {parent[key]}")
+    return problems
 
 
 def tile_files(directory: str | Path, spans: list[dict], expected_rows: int) -> list[dict]:
@@ -91,7 +150,7 @@ def tile_files(directory: str | Path, spans: list[dict], expected_rows: int) -> 
         if not options:
             raise RuntimeError(f"{directory}: no written file starts at row {nxt}; rows were lost (expected {expected_rows})")
         best = max(options, key=lambda s: (int(s["rows"]), s["path"]))
-        entries.append({"path": best["path"], "rows": int(best["rows"]), "bytes": int(best["bytes"])})
+        entries.append(_entry(directory, best, spans))
         used.add(best["path"])
         nxt += int(best["rows"])
     if nxt != expected_rows:
@@ -102,7 +161,16 @@ def tile_files(directory: str | Path, spans: list[dict], expected_rows: int) -> 
     return entries
 
 
-# -- decoding --------------------------------------------------------------------------------------
+def _entry(directory: Path, chosen: dict, spans: list[dict]) -> dict:
+    """The manifest entry of a chosen file as it is on disk. Two writes of the same run of rows (a
+    retried task) share its name and the last rename wins; a GPU teacher need not give the same bits
+    twice, so when their checksums differ the file itself decides."""
+    entry = {"path": chosen["path"], "rows": int(chosen["rows"]), "bytes": int(chosen["bytes"]),
+             "checksum": chosen.get("checksum")}
+    if len({s.get("checksum") for s in spans if s["path"] == chosen["path"]}) > 1:
+        data = (directory / chosen["path"]).read_bytes()
+        entry.update(bytes=len(data), checksum=file_checksum(data))
+    return entry
 
 
 # -- readers ---------------------------------------------------------------------------------------
@@ -119,8 +187,8 @@ class _ParquetRows:
         self.path = Path(path)
         self.manifest = manifest
         self.seq_len = int(manifest["seq_len"])
-        self._files = verify_files(self.path, manifest)
-        rows = np.array([r for _, r, _ in self._files], dtype=np.int64)
+        self._files = verify_files(self.path, manifest, self.kind)
+        rows = np.array([f.rows for f in self._files], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(rows)])
         self.num_rows = int(self._starts[-1])
         self._cache: collections.OrderedDict[int, dict[str, np.ndarray]] = collections.OrderedDict()
@@ -140,23 +208,67 @@ class _ParquetRows:
 
     @property
     def files(self) -> list[Path]:
-        return [f for f, _, _ in self._files]
+        return [f.path for f in self._files]
+
+    def _damaged(self, f: ManifestFile, what: str) -> LogitCacheError:
+        return LogitCacheError(f"{self.path}: file {f.path.name} {what}. {rebuild_hint(self.kind)}")
+
+    def _read_file(self, f: ManifestFile):
+        """A file's bytes, checked against its manifest checksum (when the manifest has one)."""
+        import pyarrow as pa
+
+        try:
+            with pa.OSFile(str(f.path)) as handle:
+                data = handle.read_buffer()
+        except OSError as err:
+            raise self._damaged(f, f"cannot be read ({err})") from err
+        if f.checksum is not None:
+            try:
+                got = checksum_mismatch(f.checksum, data)
+            except LogitCacheError as err:
+                raise self._damaged(f, f"cannot be checked: {err}") from err
+            if got is not None:
+                raise self._damaged(f, f"does not match its checksum (the manifest says {f.checksum}, the file has "
+                                       f"{got}): it was damaged after it was written")
+        return data
+
+    def verify_checksums(self) -> None:
+        """Read every file once and check it against its manifest checksum, without decoding it: for
+        a caller that hands the files to another reader (Ray Data) and wants damage named up front."""
+        for f in self._files:
+            if f.checksum is not None:
+                self._read_file(f)
+
+    def _check_values(self, f: ManifestFile, arrays: dict[str, np.ndarray]) -> None:
+        """Subclasses: refuse decoded values no writer produces."""
 
     def _file_arrays(self, i: int) -> dict[str, np.ndarray]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         hit = self._cache.get(i)
         if hit is not None:
             self._cache.move_to_end(i)
             return hit
-        path, rows, _ = self._files[i]
-        table = pq.read_table(path, columns=list(self.columns))
-        if table.num_rows != rows:
-            raise LogitCacheError(f"{path} holds {table.num_rows} rows, the manifest says {rows}; rebuild {self.path}")
-        arrays = self._decode(table)
-        want = np.arange(self._starts[i], self._starts[i] + rows)
+        f = self._files[i]
+        data = self._read_file(f)
+        try:
+            # The file checksum covers every page, so the page checksums are checked only without one
+            # (they cost as much again: a second CRC over the same bytes).
+            table = pq.read_table(pa.BufferReader(data), columns=list(self.columns),
+                                  page_checksum_verification=f.checksum is None)
+        except (OSError, pa.ArrowException) as err:  # a failed page CRC, a corrupt zstd frame, a bad page header
+            raise self._damaged(f, f"is damaged ({err})") from err
+        if table.num_rows != f.rows:
+            raise self._damaged(f, f"holds {table.num_rows} rows, the manifest says {f.rows}")
+        try:
+            arrays = self._decode(table)
+        except LogitCacheError as err:
+            raise self._damaged(f, f"does not decode: {err}") from err
+        want = np.arange(self._starts[i], self._starts[i] + f.rows)
         if not np.array_equal(arrays["row_id"], want):
-            raise LogitCacheError(f"{path} does not hold rows {want[0]}..{want[-1]} in order as the manifest implies; rebuild {self.path}")
+            raise self._damaged(f, f"does not hold rows {want[0]}..{want[-1]} in order as the manifest implies")
+        self._check_values(f, arrays)
         size = sum(a.nbytes for a in arrays.values())
         self._cache[i] = arrays
         self._cache_used += size
@@ -242,11 +354,20 @@ class _ParquetRows:
         from slimmoe.tasks.core.runtime import ensure_ray
 
         ensure_ray()
+        read_kwargs.setdefault("fragment_scan_options", page_verifying_scan_options())
         ds = ray.data.read_parquet([str(f) for f in self.files], file_extensions=None, **read_kwargs)
         ds = ds.select_columns(list(self.columns))
         if decode:
             ds = ds.map_batches(_DecodeBatch(self), batch_format="pyarrow")
         return ds
+
+
+def page_verifying_scan_options():
+    """Ray Data / pyarrow.dataset scan options that check Parquet page checksums, with the buffered
+    reads Ray Data uses by default (giving `fragment_scan_options` replaces its defaults)."""
+    import pyarrow.dataset as pds
+
+    return pds.ParquetFragmentScanOptions(page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 << 20)
 
 
 class _DecodeBatch:
@@ -255,10 +376,57 @@ class _DecodeBatch:
     def __init__(self, reader: _ParquetRows):
         self.decode = type(reader)._decode_table
         self.info = reader._shape_info()
+        self.path = str(reader.path)
+        self.kind = reader.kind
 
     def __call__(self, table):
         arrays = self.decode(table, **self.info)
+        bad = nonfinite_values(arrays)
+        if bad is not None:
+            column, count, row = bad
+            raise LogitCacheError(f"{self.path}: row {row} holds non-finite values (NaN or inf) in {column} "
+                                  f"({count} in this batch). {rebuild_hint(self.kind)}")
         return {k: (v.astype(np.int32) if v.dtype == np.uint16 else v) for k, v in arrays.items()}
+
+
+# Log-prob columns: a writer stores finite values only, so NaN or inf means a broken teacher or damage.
+FINITE_COLUMNS = ("topk_logprobs", "rest_logprob")
+
+
+# IEEE exponent bits of each float width: a value is NaN or inf exactly when its magnitude bits reach them.
+_NONFINITE_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+_CHUNK = 1 << 20
+
+
+def _any_nonfinite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all() negated, ~10x faster on float16 (which numpy has no fast isfinite for),
+    in chunks so a decoded file costs no full-size temporary; this runs on every file read."""
+    bits = _NONFINITE_BITS.get(a.dtype.itemsize) if a.dtype.kind == "f" else None
+    flat = np.ravel(a)
+    if bits is None:
+        return not bool(np.isfinite(flat).all())
+    utype, magnitude, exponent = bits
+    u = flat.view(utype)
+    scratch = np.empty(min(_CHUNK, u.size), utype)
+    for lo in range(0, u.size, _CHUNK):
+        part = scratch[: min(_CHUNK, u.size - lo)]
+        np.bitwise_and(u[lo : lo + _CHUNK], magnitude, out=part)
+        if part.max() >= exponent:
+            return True
+    return False
+
+
+def nonfinite_values(arrays: dict[str, np.ndarray]) -> tuple[str, int, int] | None:
+    """(column, how many, first row id) of the first log-prob column holding NaN or inf, else None."""
+    for column in FINITE_COLUMNS:
+        a = arrays.get(column)
+        if a is None or a.size == 0 or not _any_nonfinite(a):
+            continue
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = int(np.nonzero(bad.reshape(len(a), -1).any(axis=1))[0][0])
+            return column, int(bad.sum()), int(arrays["row_id"][first])
+    return None
 
 
 class TokenShards(_ParquetRows):
@@ -295,6 +463,15 @@ class LogitCache(_ParquetRows):
         self.vocab_size = int(manifest["vocab_size"])
         self.teacher_fingerprint = manifest.get("teacher_fingerprint")
         self.tokenizer_fingerprint = manifest.get("tokenizer_fingerprint")
+        self.problems = provenance_problems(self.path, manifest, self._files)
+
+    def _check_values(self, f, arrays):
+        bad = nonfinite_values(arrays)
+        if bad is not None:
+            column, count, row = bad
+            raise self._damaged(f, f"holds {count} non-finite values (NaN or inf) in {column}, the first in row {row}: "
+                                   "the teacher that made it produced them (diverged or broken weights), or the file "
+                                   "was damaged; a cache holds finite log-probs only")
 
     def _shape_info(self) -> dict:
         return {"seq_len": self.seq_len, "k": self.k, "ids": ids_dtype(self.vocab_size).name}
@@ -329,7 +506,7 @@ class LogitCache(_ParquetRows):
         return 2 * self.vocab_size
 
     def disk_bytes(self) -> int:
-        return sum(b for _, _, b in self._files)
+        return sum(f.bytes for f in self._files)
 
 
 def _check_kind(path: Path, manifest: dict, kind: str) -> None:
@@ -343,21 +520,40 @@ def _check_kind(path: Path, manifest: dict, kind: str) -> None:
 
 
 def open_logit_cache(path: str | Path, expect_teacher_fingerprint: str | None = None,
-                     expect_tokenizer_fingerprint: str | None = None, **reader_kwargs) -> LogitCache:
-    """Open one split of a teacher logit cache, refusing it if incomplete, damaged or from another
-    teacher / tokenizer than the caller expects. `reader_kwargs`: cache_bytes, shuffle_window_bytes."""
+                     expect_tokenizer_fingerprint: str | None = None, strict: bool = True, **reader_kwargs) -> LogitCache:
+    """Open one split of a teacher logit cache, refusing it if incomplete, damaged, from another
+    teacher / tokenizer than the caller expects, or (with `strict`) when its manifest contradicts the
+    fingerprints stamped into its files or its node output's manifest; without `strict` those
+    contradictions are left in `cache.problems` for the caller to report (`slimmoe logits inspect`).
+    `reader_kwargs`: cache_bytes, shuffle_window_bytes."""
     path = Path(path)
     manifest = read_manifest(path)
     _check_kind(path, manifest, "logit_cache")
+    cache = LogitCache(path, manifest, **reader_kwargs)
+    # Contradictions first: when a manifest was edited, "the teacher changed" would be the wrong story.
+    if strict and cache.problems:
+        raise LogitCacheError(
+            f"logit cache {path} contradicts itself: " + "; ".join(cache.problems) + ". A manifest was edited by hand "
+            f"or files of another cache were copied in, so which teacher made it is unknown. {rebuild_hint('logit_cache')}"
+        )
     for what, expected in (("teacher", expect_teacher_fingerprint), ("tokenizer", expect_tokenizer_fingerprint)):
-        got = manifest.get(f"{what}_fingerprint")
-        if expected is not None and got != expected:
+        if expected is None:
+            continue
+        key = f"{what}_fingerprint"
+        got = manifest.get(key)
+        if got != expected:
             raise LogitCacheError(
                 f"logit cache {path} was made with {what} fingerprint {got}, but {expected} is expected: "
                 f"the {what} changed since the cache was built. Rebuild the cache for this {what} "
                 "(rerun the teacher_logits node) or point at the cache made for it"
             )
-    return LogitCache(path, manifest, **reader_kwargs)
+        stamped = sorted({f.provenance[key] for f in cache._files if key in f.provenance} - {expected})
+        if stamped:
+            raise LogitCacheError(
+                f"logit cache {path}: its manifest says {what} fingerprint {expected} as expected, but its files were "
+                f"written with {stamped[0]}: the manifest was edited. {rebuild_hint('logit_cache')}"
+            )
+    return cache
 
 
 def open_token_shards(path: str | Path, expect_tokenizer_fingerprint: str | None = None, **reader_kwargs) -> TokenShards:

@@ -1,18 +1,18 @@
 """Writing token shards: fixed-name Parquet files of (row_id, input_ids), each written to a temporary
 name and renamed, then the manifest, last. Ray's `write_parquet` gives uuid names and no atomicity,
-so the tokenize node writes its files itself; tests and benchmarks make shards the same way."""
+so the tokenize node writes its files itself; tests and benchmarks make shards the same way. Each
+file carries Parquet page checksums and its manifest entry a checksum of its bytes (see
+`slimmoe.tasks.data.formats`)."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slimmoe.tasks.core.storage import ensure_free_output
-from slimmoe.tasks.data.formats import TokenizedDatasetManifest, TokenShardsManifest
+from slimmoe.tasks.data.formats import TokenizedDatasetManifest, TokenShardsManifest, write_parquet_file
 
 
 class ShardWriter:
@@ -38,7 +38,6 @@ class ShardWriter:
 
     def _flush(self, n: int) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         out, rest = block[:n], block[n:]
@@ -49,10 +48,8 @@ class ShardWriter:
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(out.reshape(-1), pa.int32())),
         })
         name = f"part-{len(self.files):05d}.parquet"
-        tmp = self.dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.dir / name)
-        self.files.append({"path": name, "rows": n, "bytes": (self.dir / name).stat().st_size})
+        written = write_parquet_file(table, self.dir / name)
+        self.files.append({"path": name, "rows": n, **written})
         self.rows += n
 
     def finish(self, tokenizer_fp: str, eos_token_id: int | None, extra: dict | None = None) -> dict:

@@ -30,6 +30,11 @@ class EvaluateConfig(BaseModel):
     lm_eval_limit: Optional[int] = Field(None, gt=0, description="examples per lm-eval task (None = all)")
     lm_eval_batch_size: int = Field(8, gt=0)
     lm_eval_num_fewshot: Optional[int] = Field(None, ge=0)
+    # lm-eval's own tasks fetch their data from the Hugging Face Hub; an offline cluster runs task
+    # YAMLs of its own (data files beside them) from a directory that lm-eval indexes too.
+    lm_eval_include_path: Optional[str] = Field(
+        None, description="directory of extra lm-eval task YAMLs (lm-eval's TaskManager include_path); "
+                          "it must exist where the evaluation runs")
     # MC-MoE online dynamic pruning (ODP) during evaluation: a fixed beta, or a target fraction of
     # second experts to drop (beta calibrated). Both unset: the model runs unchanged.
     dynamic_pruning: Optional[float] = Field(None, ge=0, le=1, description="ODP beta")

@@ -19,7 +19,7 @@ from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.runtime import DTYPES, resolve_device
 from slimmoe.tasks.core.storage import ensure_free_output, write_json_atomic
-from slimmoe.tasks.data.readers import open_logit_cache, open_token_shards, split_dir
+from slimmoe.tasks.data.readers import open_logit_cache, open_token_shards, parent_manifest, split_dir
 from slimmoe.tasks.evaluation.config import EvaluateConfig
 from slimmoe.tasks.evaluation.lm_eval import run_lm_eval_tasks
 from slimmoe.tasks.evaluation.metrics import PeakMemory, measure_throughput, score_rows
@@ -61,9 +61,11 @@ def _dynamic_pruning(model, cfg: EvaluateConfig, tokens_dir: Path, tokens, devic
 
 
 def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | Path, logits_dir: str | Path | None,
-                 out_dir: str | Path) -> dict:
+                 out_dir: str | Path, teacher_fingerprint: str | None = None) -> dict:
     """Evaluate `model_dir` on the validation split of `tokens_dir` (and against the teacher cache in
-    `logits_dir`, if given); write `out_dir/report.json`. Returns the headline metrics."""
+    `logits_dir`, if given); write `out_dir/report.json`. Returns the headline metrics.
+    `teacher_fingerprint`: the teacher the cache must come from, when the caller has it; otherwise
+    the one its teacher_logits output's manifest records (a split that disagrees is refused)."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     # Every input is checked before the model is loaded.
     ensure_free_output(out_dir)
@@ -84,7 +86,10 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
         if cache_path is None:
             cache_note = f"the teacher-logits output {logits_dir} has no validation split"
         else:
-            cache = open_logit_cache(cache_path, expect_tokenizer_fingerprint=data_tok_fp)
+            parent = parent_manifest(cache_path)
+            expect_teacher = teacher_fingerprint or (parent or {}).get("teacher_fingerprint")
+            cache = open_logit_cache(cache_path, expect_teacher_fingerprint=expect_teacher,
+                                     expect_tokenizer_fingerprint=data_tok_fp)
             if cache.num_rows > tokens.num_rows:
                 raise ValueError(f"the logit cache holds {cache.num_rows} rows, the token split only {tokens.num_rows}; "
                                  "pass the teacher-logits output made from this tokens_dir")

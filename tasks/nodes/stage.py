@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, has_tokenizer, load_config
-from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
 from slimmoe.tasks.core.runtime import ensure_ray
-from slimmoe.tasks.data.readers import open_logit_cache, split_dir
-from slimmoe.tasks.slimming.config import StageConfig, plan_steps, validate_targets
+from slimmoe.tasks.data.formats import LogitCacheError
+from slimmoe.tasks.data.readers import open_logit_cache, parent_manifest, split_dir
+from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from slimmoe.tasks.slimming.config import StageConfig, check_score_loss, plan_steps, validate_targets
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
@@ -39,9 +40,13 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     config = load_config(model_dir, cfg.trust_remote_code)
     if not cfg.distill_only:
         validate_targets(config, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
+    check_score_loss(cfg, teacher_fingerprint is not None and model_fingerprint(model_dir) == teacher_fingerprint)
     expect_tok = tokenizer_fingerprint(model_dir) if has_tokenizer(model_dir) else None
     cache_dir = split_dir(logits_dir, SPLIT, "logit_cache")
-    cache = open_logit_cache(cache_dir, expect_teacher_fingerprint=teacher_fingerprint, expect_tokenizer_fingerprint=expect_tok)
+    # Without the driver's teacher, the split must at least agree with its own node output's manifest.
+    parent = parent_manifest(cache_dir)
+    expect_teacher = teacher_fingerprint or (parent or {}).get("teacher_fingerprint")
+    cache = open_logit_cache(cache_dir, expect_teacher_fingerprint=expect_teacher, expect_tokenizer_fingerprint=expect_tok)
     if cache.vocab_size != config.vocab_size:
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
     plan = plan_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.num_workers))
@@ -69,7 +74,14 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         ),
     )
     started = time.time()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        damaged = _cache_error(err)
+        if damaged is None:
+            raise
+        # Ray Train wraps the worker's error in its own report; the file and the fix are what matter.
+        raise LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: {damaged}") from err
     final_dir = work_dir / "final"
     nonfinite_file = work_dir / "nonfinite.json"
     if nonfinite_file.exists():
@@ -84,6 +96,23 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     metrics["wall_seconds_last_attempt"] = round(time.time() - started, 2)
     _assemble_output(final_dir, work_dir, model_dir, out_dir, metrics)
     return _headline(metrics)
+
+
+def _cache_error(err: BaseException) -> LogitCacheError | None:
+    """The LogitCacheError a worker raised, found inside Ray Train's failure (worker_failures, causes)."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, LogitCacheError):
+            return cause
+        if isinstance(e, LogitCacheError):
+            return e
+        todo += [cause, e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+    return None
 
 
 def _assemble_output(final_dir: Path, work_dir: Path, model_dir: Path, out_dir: Path, metrics: dict) -> None:

@@ -20,6 +20,12 @@ Per token the cache keeps the top-k ids, their log-probs normalised over the FUL
 and the exact log-mass outside the top-k (float32, summed over the complement, so it stays exact when the top-k holds almost all the mass),
 as `slimming.losses.topk_with_rest` defines them, computed by `fast_topk_with_rest` (same numbers, one exp
 pass instead of two). Encoding: see `slimmoe.tasks.data.formats`.
+
+Integrity: each file is written with Parquet page checksums, its footer stamped with the teacher
+and tokenizer fingerprints, and its manifest entry carries a checksum of its bytes. The token
+shards are checked against their checksums before the pass (a damaged shard is named on the
+driver, not inside a Ray task), and a batch whose log-probs hold NaN or inf fails the pass rather
+than being cached for every later stage to train on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +40,12 @@ import numpy as np
 
 from slimmoe.tasks.core.checkpoint import has_tokenizer, load_config
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
 from slimmoe.tasks.data.config import TeacherLogitsConfig
 from slimmoe.tasks.data.formats import (LogitCacheError, LogitCacheManifest, TeacherLogitsManifest, ids_dtype,
-                                        list_column_to_numpy, numpy_to_binary_column, read_manifest)
-from slimmoe.tasks.data.readers import open_token_shards, split_dirs, tile_files
+                                        list_column_to_numpy, numpy_to_binary_column, read_manifest, write_parquet_file)
+from slimmoe.tasks.data.readers import open_token_shards, page_verifying_scan_options, split_dirs, tile_files
 from slimmoe.tasks.slimming.losses import fast_topk_with_rest
 
 class _TeacherActor:
@@ -86,7 +91,16 @@ class _TeacherActor:
             topk_ids = topk_ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
             topk_logprobs = topk_logprobs.to(torch.float16).cpu().numpy()
             rest = rest.to(torch.float32).cpu().numpy()
-        split = np.array([self.split_of_path[_norm(p)] for p in batch.column("path").to_pylist()], dtype=np.int8)
+        paths = batch.column("path").to_pylist()
+        for name, values in (("top-k log-probs", topk_logprobs), ("rest log-mass", rest)):
+            bad = ~np.isfinite(values)
+            if bad.any():
+                first = int(np.nonzero(bad.reshape(n, -1).any(axis=1))[0][0])
+                raise ValueError(
+                    f"the teacher gave {int(bad.sum())} non-finite {name} (NaN or inf) in this batch, the first for row "
+                    f"{batch.column('row_id')[first].as_py()} of {paths[first]}: its weights are broken or its dtype "
+                    "overflows (try dtype float32); no manifest is written, so nothing of this pass counts as a cache")
+        split = np.array([self.split_of_path[_norm(p)] for p in paths], dtype=np.int8)
         return pa.table({
             "split": pa.array(split),
             "row_id": batch.column("row_id").combine_chunks().cast(pa.int64()),
@@ -101,14 +115,14 @@ def _norm(path) -> str:
     return os.path.normpath(os.path.abspath(str(path)))
 
 
-def write_row_runs(batch, root: str, splits: list[str], compression: str):
+def write_row_runs(batch, root: str, splits: list[str], compression: str, provenance: dict | None = None):
     """Write a batch of cache rows as one Parquet file per split and contiguous run of row ids, under
-    root/<split>/; return what was written (split, path, first, rows, bytes) for the manifests."""
+    root/<split>/, with `provenance` (the fingerprints) in each footer; return what was written
+    (split, path, first, rows, bytes, checksum) for the manifests."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    meta = {"split": [], "path": [], "first": [], "rows": [], "bytes": []}
+    meta = {"split": [], "path": [], "first": [], "rows": [], "bytes": [], "checksum": []}
     split_col = batch.column("split").to_numpy(zero_copy_only=False)
     for s in np.unique(split_col):
         part = batch.filter(pc.equal(batch.column("split"), pa.scalar(int(s), pa.int8()))).drop_columns(["split"])
@@ -121,16 +135,14 @@ def write_row_runs(batch, root: str, splits: list[str], compression: str):
             first, last = int(rid[lo]), int(rid[hi - 1])
             name = f"rows-{first:012d}-{last:012d}.parquet"
             directory = Path(root) / splits[int(s)]
-            tmp = directory / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-            pq.write_table(part.slice(lo, hi - lo), tmp, compression=compression, use_dictionary=False,
-                           write_statistics=["row_id"])
-            os.replace(tmp, directory / name)
+            written = write_parquet_file(part.slice(lo, hi - lo), directory / name, provenance, compression=compression,
+                                         use_dictionary=False, write_statistics=["row_id"])
             for key, value in (("split", int(s)), ("path", name), ("first", first), ("rows", int(hi - lo)),
-                               ("bytes", (directory / name).stat().st_size)):
+                               ("bytes", written["bytes"]), ("checksum", written["checksum"])):
                 meta[key].append(value)
     return pa.table({"split": pa.array(meta["split"], pa.int8()), "path": pa.array(meta["path"], pa.string()),
                      "first": pa.array(meta["first"], pa.int64()), "rows": pa.array(meta["rows"], pa.int64()),
-                     "bytes": pa.array(meta["bytes"], pa.int64())})
+                     "bytes": pa.array(meta["bytes"], pa.int64()), "checksum": pa.array(meta["checksum"], pa.string())})
 
 
 def _pass_device(cfg: TeacherLogitsConfig) -> tuple[str, str]:
@@ -182,6 +194,8 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     if cfg.k >= vocab_size:
         raise ValueError(f"k={cfg.k} must be smaller than the teacher's vocabulary ({vocab_size})")
     teacher_fp = model_fingerprint(teacher_dir)
+    for shard in shards.values():
+        shard.verify_checksums()
     tokenizer_path = str(teacher_dir.resolve()) if has_tokenizer(teacher_dir) else in_manifest.get("tokenizer_path")
 
     import ray
@@ -202,7 +216,8 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     # One pipeline (and one file listing) over every split, so the teacher loads once; each row's
     # split comes from the path of the file it was read from.
     split_of_path = {_norm(f): i for i, name in enumerate(names) for f in shards[name].files}
-    ds = ray.data.read_parquet(list(split_of_path), include_paths=True, file_extensions=None, num_cpus=0.5)
+    ds = ray.data.read_parquet(list(split_of_path), include_paths=True, file_extensions=None, num_cpus=0.5,
+                               fragment_scan_options=page_verifying_scan_options())
     ds = ds.select_columns(["row_id", "input_ids", "path"])
     ds = ds.map_batches(
         _TeacherActor, batch_size=cfg.batch_size, batch_format="pyarrow",
@@ -215,13 +230,21 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     )
     # Half a CPU: writing is light, and must not wait behind the actors for a whole free CPU.
     ds = ds.map_batches(write_row_runs, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs={"root": str(out_dir.resolve()), "splits": names, "compression": cfg.compression})
+                        fn_kwargs={"root": str(out_dir.resolve()), "splits": names, "compression": cfg.compression,
+                                   "provenance": {"teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp}})
     # In-order blocks give long runs, i.e. few files (correctness does not depend on the order).
     ds.context.execution_options.preserve_order = True
     ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s
     ds.context.raise_original_map_exception = True  # e.g. a token id outside the vocabulary: keep its message
+    quiet_ray_data_progress(ds.context)
+    progress = Progress("teacher_logits", sum(s.num_rows for s in shards.values()), "rows")
     try:
-        written = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+        written = []
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = b.to_pylist()
+            written.extend(rows)
+            progress.advance(sum(int(r["rows"]) for r in rows))
+        progress.finish()
     except ray.exceptions.GetTimeoutError as err:
         # No actor ever ran, so nothing was written: leave the output path as it was found.
         for name in names:

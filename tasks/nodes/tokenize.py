@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
-from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
 from slimmoe.tasks.data.calibration import load_tokenizer
 from slimmoe.tasks.data.config import TokenizeConfig
@@ -146,6 +146,8 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
         docs.context.execution_options.preserve_order = True
         # A bad record raises DataSourceError in a worker: keep it, not a generic UserCodeException.
         docs.context.raise_original_map_exception = True
+        quiet_ray_data_progress(docs.context)
+        progress = Progress("tokenize", None, "documents")
         for batch in docs.iter_batches(batch_format="pyarrow", batch_size=None):
             split = batch.column("split").to_numpy(zero_copy_only=False)
             ids = batch.column("input_ids")
@@ -156,6 +158,8 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
                 offs = part.offsets.to_numpy()
                 flat = part.flatten().to_numpy(zero_copy_only=False)
                 writers[s].add(packers[s].add(flat, (offs[1:] - offs[0]).astype(np.int64)))
+            progress.advance(len(split))
+        progress.finish()
     except Exception as err:
         found = find_data_source_error(err)
         if found is not None and found is not err:

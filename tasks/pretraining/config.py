@@ -17,6 +17,9 @@ class PretrainTeacherConfig(BaseModel):
         default_factory=lambda: ["test", "tests", "encodings", "pydoc_data", "idle_test"],
         description="directory names skipped anywhere in the tree (test suites, codec tables, doc dumps)",
     )
+    # The demo scores its compressed models on the top-level modules (`${PYTHON_STDLIB}/*.py`): a
+    # teacher that never read them gives a held-out number, not one on its own training text.
+    exclude_top_level: bool = Field(False, description="skip the *.py files directly in source_dir (train on packages only)")
     max_text_bytes: int = Field(6_000_000, gt=0, description="stop adding files (in sorted order) past this many bytes")
     validation_every: int = Field(20, ge=2, description="file index % validation_every == 0 is held out")
     # Tokenizer

@@ -27,7 +27,8 @@ def source_files(cfg: PretrainTeacherConfig) -> tuple[Path, list[Path]]:
         raise ValueError(f"source_dir {str(root)!r} is not a directory; point source_dir at a tree of *.py files")
     skip = set(cfg.exclude_dirs) | set(_NOT_STDLIB)
     files = sorted(
-        (p for p in root.rglob("*.py") if p.is_file() and not skip.intersection(p.relative_to(root).parts[:-1])),
+        (p for p in root.rglob("*.py") if p.is_file() and not skip.intersection(p.relative_to(root).parts[:-1])
+         and not (cfg.exclude_top_level and p.parent == root)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     chosen, total = [], 0

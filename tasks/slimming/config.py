@@ -228,6 +228,16 @@ class StageConfig(BaseModel):
         return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size)
 
 
+def check_score_loss(cfg: "StageConfig", cuts_the_teacher: bool) -> None:
+    """A stage that cuts the teacher itself must not score with the pure KD loss: there the student
+    equals the teacher, so the loss and its gradient are exactly zero and every score is 0 (the cut
+    would be arbitrary)."""
+    if cuts_the_teacher and cfg.score_loss == "kd" and cfg.next_token_weight == 0 and not cfg.distill_only:
+        raise ValueError("score_loss: kd with next_token_weight: 0 scores the teacher's own cut with a loss that is "
+                         "exactly zero there (the student is the teacher), so every score would be 0; use score_loss: "
+                         "auto (next-token scores while the student is the teacher) or next_token")
+
+
 def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
     """Optimizer steps for the token budget, and whether the cache must wrap around to supply them."""
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.num_workers * seq_len

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from slimmoe.tasks.core.runtime import step_progress, warmup_cosine
+from slimmoe.tasks.core.runtime import progress_line, step_progress, warmup_cosine
 from slimmoe.tasks.slimming.config import StageConfig
 from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
 from slimmoe.tasks.core.fingerprint import model_fingerprint
@@ -275,7 +275,7 @@ def train_loop(loop_cfg: dict) -> None:
                 torch.cuda.set_rng_state(rng["cuda"])
         state["resumed_from_step"] = state["step"]
         if rank == 0:
-            print(f"[{name}] resumed from checkpoint at step {state['step']}/{plan['total_steps']}", flush=True)
+            progress_line(f"[{name}] resumed from checkpoint at step {state['step']}/{plan['total_steps']}")
 
     eos = cache.manifest.get("eos_token_id", getattr(student.config, "eos_token_id", None))
     eos = eos if isinstance(eos, int) else None
@@ -324,8 +324,8 @@ def train_loop(loop_cfg: dict) -> None:
             if rank == 0:
                 write_json_atomic(work_dir / "progress.json", row)
                 eta = (total - state["step"]) * plan["tokens_per_step"] / max(tps, 1e-9)
-                print(f"[{name}] step {state['step']}/{total} tokens {state['tokens']}/{plan['planned_tokens']} "
-                      f"loss {row['loss']:.4f} kl {row['kl']:.4f} tok/s {tps:.0f} eta {eta:.0f}s", flush=True)
+                progress_line(f"[{name}] step {state['step']}/{total} tokens {state['tokens']}/{plan['planned_tokens']} "
+                      f"loss {row['loss']:.4f} kl {row['kl']:.4f} tok/s {tps:.0f} eta {eta:.0f}s")
         if state["step"] % cfg.checkpoint_interval == 0 and state["step"] < total:
             _save_checkpoint(engine, state, rank, name)
 
