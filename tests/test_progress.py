@@ -18,6 +18,10 @@ def test_progress_prints_at_most_one_line_per_interval_and_a_last_one():
         p.advance(10)
     p.finish()
     assert len(lines) == 3
+    now[0] += 12
+    p.advance(0)  # an interval line that says nothing new...
+    p.finish()  # ...is not repeated by the closing line
+    assert len(lines) == 4 and lines[-1].startswith("[pass] 100/100 rows")
     assert lines[0] == "[pass] 40/100 rows, 3 rows/s, eta 18s"
     assert lines[-1].startswith("[pass] 100/100 rows")
 

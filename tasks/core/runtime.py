@@ -1,4 +1,5 @@
-"""Runtime helpers every node shares: device and dtype names, the Ray connection, the learning-rate schedule."""
+"""Runtime helpers every node shares: device and dtype names, the Ray connection, the learning-rate
+schedule, and one-line progress output."""
 
 from __future__ import annotations
 
@@ -82,16 +83,23 @@ class Progress:
         self.name, self.total, self.unit, self.interval_s, self.log, self.clock = name, total, unit, interval_s, log, clock
         self.start = self.last = clock()
         self.done = 0
+        self._shown = -1  # `done` when the last line was printed
 
     def advance(self, n: int) -> None:
         self.done += n
         now = self.clock()
         if now - self.last >= self.interval_s:
             self.last = now
-            self.log(self._line(now))
+            self._show(now)
 
     def finish(self) -> None:
-        self.log(self._line(self.clock()))
+        """The closing line, unless the last one already said the same."""
+        if self.done != self._shown:
+            self._show(self.clock())
+
+    def _show(self, now: float) -> None:
+        self._shown = self.done
+        self.log(self._line(now))
 
     def _line(self, now: float) -> str:
         rate = self.done / max(now - self.start, 1e-9)
