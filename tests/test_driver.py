@@ -175,6 +175,21 @@ def _run_cli(args: list[str], out_path: Path, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env)
 
 
+def kill_mid_stage(proc: subprocess.Popen, work: Path, log: Path, at_step: int = 3, timeout_s: float = 120) -> int:
+    """SIGKILL the driver `proc` once its stage stand-in (work dirs under `work`) has passed `at_step`;
+    return the step the killed stage had reached."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        progress = list(work.glob("*/progress.json"))
+        if progress and json.loads(progress[0].read_text())["step"] >= at_step:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, log.read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(list(work.glob("*/progress.json"))[0].read_text())["step"]
+
+
 def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf, tmp_path):
     from slimmoe.workflows.driver import run_workflow, workflow_status
 
@@ -186,16 +201,7 @@ def test_sigkill_mid_stage_then_restart_resumes_and_matches_uninterrupted_run(wf
 
     first = _run_cli(["run", str(cfg)], tmp_path / "first.log", env)
     work = wf.root / "store" / "wf" / "stage_2" / "_work"
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        progress = list(work.glob("*/progress.json"))
-        if progress and json.loads(progress[0].read_text())["step"] >= 3:
-            break
-        time.sleep(0.1)
-    assert first.poll() is None, (tmp_path / "first.log").read_text()
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    killed_at = json.loads(list(work.glob("*/progress.json"))[0].read_text())["step"]
+    killed_at = kill_mid_stage(first, work, tmp_path / "first.log")
     assert 3 <= killed_at < 8
     state = {r["node"]: r for r in workflow_status(cfg)}
     assert state["stage_1"]["state"] == "done"

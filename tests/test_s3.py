@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from test_driver import ALL_NODES, STANDIN_SITE, make_teacher, workflow_dict, write_config
+from test_driver import ALL_NODES, STANDIN_SITE, kill_mid_stage, make_teacher, workflow_dict, write_config
 
 # Dummy credentials: the AWS SDK inside pyarrow signs every request and would find none; and no
 # lookups at a cloud metadata service this machine does not have (each one waits for a timeout).
@@ -171,16 +169,7 @@ def test_sigkill_mid_stage_on_s3_resumes_to_the_uninterrupted_outputs(s3_wf, tmp
 
     first = _cli(["run", str(cfg)], tmp_path / "first.log", env)
     work = tmp_path / "cache" / "work" / "wf" / "stage_2"  # a URI store's work dirs are in the local cache
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None:
-        progress = list(work.glob("*/progress.json"))
-        if progress and json.loads(progress[0].read_text())["step"] >= 3:
-            break
-        time.sleep(0.1)
-    assert first.poll() is None, (tmp_path / "first.log").read_text()
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    killed_at = json.loads(list(work.glob("*/progress.json"))[0].read_text())["step"]
+    killed_at = kill_mid_stage(first, work, tmp_path / "first.log", timeout_s=180)
     assert 3 <= killed_at < 8
     assert s3_wf.calls() == ["tokenize", "teacher_logits", "stage_1", "stage_2"]
 

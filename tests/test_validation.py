@@ -8,24 +8,15 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from slimmoe.workflows.cli import app
-from test_driver import make_teacher, workflow_dict, write_config, write_weights
+from test_config import ws  # noqa: F401  (the fixture)
+from test_driver import workflow_dict, write_config, write_weights
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def ws(tmp_path, monkeypatch):
-    import standins
-
-    standins.install()
-    make_teacher(tmp_path / "teacher")
-    monkeypatch.setenv("STANDIN_CALLS", str(tmp_path / "calls.txt"))
-    yield tmp_path
-    standins.uninstall()
 
 
 def refused(ws: Path, cfg: dict, *patterns: str, fresh: bool = True) -> tuple[str, Path]:
