@@ -87,9 +87,7 @@ def wf(tmp_path, monkeypatch):
 
         @staticmethod
         def calls() -> list[str]:
-            out = calls.read_text().split() if calls.exists() else []
-            calls.unlink(missing_ok=True)
-            return out
+            return take_calls(calls)
 
         @staticmethod
         def config(**changes) -> Path:
@@ -97,6 +95,13 @@ def wf(tmp_path, monkeypatch):
 
     yield W
     standins.uninstall()
+
+
+def take_calls(path: Path) -> list[str]:
+    """The stand-in calls recorded in `path` since the last look (the file is emptied)."""
+    out = path.read_text().split() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return out
 
 
 def outputs(store: Path, workflow: str = "wf") -> dict[str, dict[str, str]]:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_driver import ALL_NODES, STANDIN_SITE, kill_mid_stage, make_teacher, workflow_dict, write_config
+from test_driver import ALL_NODES, STANDIN_SITE, kill_mid_stage, make_teacher, take_calls, workflow_dict, write_config
 
 # Dummy credentials: the AWS SDK inside pyarrow signs every request and would find none; and no
 # lookups at a cloud metadata service this machine does not have (each one waits for a timeout).
@@ -127,9 +127,7 @@ def s3_wf(tmp_path, s3_server, s3_bucket, monkeypatch):
 
         @staticmethod
         def calls() -> list[str]:
-            out = calls.read_text().split() if calls.exists() else []
-            calls.unlink(missing_ok=True)
-            return out
+            return take_calls(calls)
 
         @staticmethod
         def config(**changes) -> Path:

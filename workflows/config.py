@@ -138,6 +138,16 @@ _SECTION_CLASSES = {"pretrain_teacher": PretrainTeacherConfig, "data": TokenizeC
 _BASELINE_CLASSES = {"one_stage": StageConfig, "trim": TrimConfig, "quantize": QuantizeConfig}
 
 
+def _fill_baseline(baseline: Any, fill) -> Any:
+    """A baseline's own fields, and its `distill` stage's (a trim baseline distilled afterwards)."""
+    if not isinstance(baseline, dict) or baseline.get("kind") not in _BASELINE_CLASSES:
+        return baseline
+    filled = fill(baseline, _BASELINE_CLASSES[baseline["kind"]])
+    if isinstance(filled.get("distill"), dict):
+        filled["distill"] = fill(filled["distill"], StageConfig)
+    return filled
+
+
 def workflow_values(raw: dict) -> dict:
     """The workflow-wide values sections receive: the resources, and the teacher's trust_remote_code."""
     values = ResourcesSection.model_validate(raw.get("resources") or {}).model_dump()
@@ -188,8 +198,7 @@ class WorkflowConfig(_Strict):
         if isinstance(raw.get("stages"), list):
             raw["stages"] = [fill(s, StageConfig) for s in raw["stages"]]
         if isinstance(raw.get("baselines"), list):
-            raw["baselines"] = [fill(b, _BASELINE_CLASSES[b["kind"]]) if isinstance(b, dict) and b.get("kind")
-                                in _BASELINE_CLASSES else b for b in raw["baselines"]]
+            raw["baselines"] = [_fill_baseline(b, fill) for b in raw["baselines"]]
         return raw
 
     def stage_names(self) -> list[str]:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, StageConfig, check_score_loss, check_targets
 
-from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, fill_workflow_values,
-                     load_workflow_collecting, problems_from_validation, workflow_values)
+from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, load_workflow_collecting,
+                     problems_from_validation)
 from .nodes import NodeKind, get_node_kind
 from .storage import MARKER, Store, StorageError, is_uri
 
@@ -121,9 +121,8 @@ def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -
 
 def _distill_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
     b = loaded.config.baselines[i]
-    fields = fill_workflow_values(b.distill, StageConfig, workflow_values(loaded.config.model_dump(by_alias=True)))
     try:
-        return StageConfig.model_validate({**fields, "distill_only": True, "name": b.distilled_name()})
+        return StageConfig.model_validate({**b.distill, "distill_only": True, "name": b.distilled_name()})
     except ValidationError as err:
         problems.extend(problems_from_validation(err, loaded, ("baselines", i, "distill"), StageConfig))
         return None

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from slimmoe.tasks.core.storage import atomic_output_dir
+
 from .dag import Dag, Node, build_dag
 from .nodes import NodeContext, get_node_kind, headline_of
 from .storage import MARKER, leftover
@@ -242,12 +244,9 @@ class Driver:
         marker = local / MARKER
         if marker.is_file() and json.loads(marker.read_text()).get("key") == node.key:
             return str(local)
-        tmp = local.with_name(f".{node.key}.partial-{uuid.uuid4().hex[:8]}")
         self.log(f"downloading {name} from {self.dag.output_path(name)}")
-        self.store.download_dir(self.dag.output_path(name), tmp)
-        if local.exists():
-            shutil.rmtree(local)
-        os.replace(tmp, local)
+        with atomic_output_dir(local, overwrite=True) as tmp:  # an incomplete copy is never taken as `local`
+            self.store.download_dir(self.dag.output_path(name), tmp)
         return str(local)
 
     def _work_root(self, name: str) -> Path:

@@ -15,11 +15,21 @@ from pathlib import Path
 from typing import Iterator
 
 
-def write_json_atomic(path: str | Path, data) -> None:
+def write_bytes_atomic(path: str | Path, data) -> None:
+    """`data` (bytes or a buffer) as `path`: a reader sees the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def ensure_free_output(path: str | Path) -> None:

@@ -34,8 +34,6 @@ them: a fingerprint edited in a manifest then disagrees with the files it lists.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zlib
 from pathlib import Path
 from typing import Literal, Optional
@@ -43,7 +41,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimmoe.tasks.core.storage import write_json_atomic
+from slimmoe.tasks.core.storage import write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -199,14 +197,7 @@ def write_parquet_file(table, path: str | Path, provenance: dict[str, Optional[s
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, write_page_checksum=True, **write_kwargs)
     data = sink.getvalue()
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
     return {"bytes": data.size, "checksum": file_checksum(data)}
 
 

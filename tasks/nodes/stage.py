@@ -40,13 +40,18 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     config = load_config(model_dir, cfg.trust_remote_code)
     if not cfg.distill_only:
         validate_targets(config, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
-    check_score_loss(cfg, teacher_fingerprint is not None and model_fingerprint(model_dir) == teacher_fingerprint)
+    model_fp = model_fingerprint(model_dir)
+    check_score_loss(cfg, model_fp == teacher_fingerprint)  # before anything else is read, when the driver knows
     expect_tok = tokenizer_fingerprint(model_dir) if has_tokenizer(model_dir) else None
     cache_dir = split_dir(logits_dir, SPLIT, "logit_cache")
     # Without the driver's teacher, the split must at least agree with its own node output's manifest.
     parent = parent_manifest(cache_dir)
     expect_teacher = teacher_fingerprint or (parent or {}).get("teacher_fingerprint")
     cache = open_logit_cache(cache_dir, expect_teacher_fingerprint=expect_teacher, expect_tokenizer_fingerprint=expect_tok)
+    # Whether this stage cuts the teacher itself decides the scoring loss; worked out here once, for all workers.
+    cuts_the_teacher = model_fp == cache.manifest.get("teacher_fingerprint")
+    if teacher_fingerprint is None:
+        check_score_loss(cfg, cuts_the_teacher)
     if cache.vocab_size != config.vocab_size:
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
     plan = plan_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.num_workers))
@@ -56,7 +61,7 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         "stage": cfg,  # the config object itself: workers get exactly what was validated
         "model_dir": str(model_dir), "cache_dir": str(cache_dir), "work_dir": str(work_dir),
         "teacher_fingerprint": cache.manifest.get("teacher_fingerprint"), "tokenizer_fingerprint": expect_tok,
-        "plan": plan, "name": name,
+        "plan": plan, "name": name, "cuts_the_teacher": cuts_the_teacher,
     }
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from slimmoe.tasks.core.runtime import progress_line, step_progress, warmup_cosine
 from slimmoe.tasks.slimming.config import StageConfig
 from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
-from slimmoe.tasks.core.fingerprint import model_fingerprint
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.slimming.scores import all_reduce_scores
@@ -185,11 +184,10 @@ def _cpu_copy(model):
     return copy.deepcopy(model).to("cpu")
 
 
-def _select_scoring_loss(cfg, model_dir: str, teacher_fp: str | None):
+def _select_scoring_loss(cfg, cuts_the_teacher: bool):
     mode = cfg.score_loss
     if mode == "auto":
-        is_teacher = teacher_fp is not None and model_fingerprint(model_dir) == teacher_fp
-        mode = "next_token" if is_teacher else "kd"
+        mode = "next_token" if cuts_the_teacher else "kd"
     if mode == "next_token":
         return "next_token", next_token_score_loss
     return "kd", kd_score_loss(cfg.temperature, cfg.next_token_weight)
@@ -207,7 +205,7 @@ def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
             write_json_atomic(work_dir / "prepare.json", {"score_loss": None, "calibration_batches": 0,
                                                            "params_before": params_before})
         return model
-    loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["model_dir"], loop_cfg.get("teacher_fingerprint"))
+    loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["cuts_the_teacher"])
     batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True,
                                  seed=cfg.seed + CALIBRATION_SEED_OFFSET)
     calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
