@@ -196,8 +196,13 @@ class StageConfig(BaseModel):
     log_interval: int = Field(default=10, gt=0)
     seed: int = 0
     # Execution.
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: Literal[1, 2, 3] = 2
+    # "auto": fsdp for a GPU stage with more than one worker (the only strategy that shards a model that
+    # does not fit one device), ddp otherwise (small models, CPU, the demo). Resolved at parse time, so the
+    # node's key and the workers see the concrete strategy.
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+    zero_stage: Literal[1, 2] = 2
+    # fsdp only: recompute each decoder layer's activations in backward instead of keeping them.
+    activation_checkpointing: bool = False
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     gpus_per_worker: float = Field(default=1, gt=0, description="with use_gpu; a fraction packs workers on one GPU")
@@ -217,10 +222,23 @@ class StageConfig(BaseModel):
                              "or set distill_only: true to distill without slimming")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_zero3(cls, data):
+        # Our loop builds the whole model on every rank before DeepSpeed sees it, so ZeRO-3 would
+        # shard nothing that matters; FSDP2 never materialises the full model.
+        if isinstance(data, dict) and data.get("zero_stage") == 3:
+            raise ValueError("zero_stage: 3 (DeepSpeed ZeRO-3) is not supported: the model would be fully loaded on every rank before "
+                             "DeepSpeed partitions it. Use strategy: fsdp (sharded loading, scoring and training), "
+                             "or zero_stage: 2")
+        return data
+
     @model_validator(mode="after")
-    def _zero3_needs_gpu(self):
-        if self.strategy == "deepspeed" and self.zero_stage == 3 and not self.use_gpu:
-            raise ValueError("zero_stage: 3 needs GPUs (DeepSpeed ZeRO-3 does not run on CPU); use zero_stage: 2 or use_gpu: true")
+    def _resolve_strategy(self):
+        if self.strategy == "auto":
+            self.strategy = "fsdp" if self.use_gpu and self.num_workers > 1 else "ddp"
+        if self.activation_checkpointing and self.strategy != "fsdp":
+            raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {self.strategy})")
         return self
 
     @property
