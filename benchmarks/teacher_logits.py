@@ -1,26 +1,37 @@
-"""Teacher-logit caching: node throughput vs bare teacher forwards, storage, and what top-k loses.
+"""Teacher-logit caching: node throughput vs bare teacher forwards, before and after the overlap.
 
-    python benchmarks/teacher_logits.py [--rows 192] [--threads 1] [--hidden 256] [--compare-experts]
+    python benchmarks/teacher_logits.py [--rows 1600] [--threads 1] [--variants committed,overlap]
+                                        [--before-rev REV] [--hidden 256] [--compare-experts]
 
-In one process and on the same sequences it measures
-  (a) a bare loop of teacher forward passes that discards the output, and
-  (b) the teacher_logits node end to end (Ray Data, one CPU actor, top-k + rest, Parquet, manifest),
-then prints JSON: tokens/s of each and their ratio (goal: >= 0.9 on CPU with one actor), bytes per
-token on disk versus full float16 logits (goal: < 1% at a 32k vocabulary and k=64), and the mean
-KL(full teacher || top-k + rest), the rest spread uniformly over the other ids (what the cache
-cannot tell a student). The node runs three times: cold (fresh Ray session), warm (same data
-again), and on one batch; the warm and one-batch runs give its fixed cost (Ray worker start,
-imports, model load, scheduling: ~20 s here) and its marginal tokens/s, which is what the node
-reaches on a cache that takes hours to build.
+In one process and on the same >= 200k tokens it measures
+  (a) a bare loop of teacher forward passes that discards the output (before and after the node
+      runs; their mean is the baseline),
+  (b) where an actor's time goes per batch: forward, top-k + rest, encoding + Arrow columns, and
+      the write stage's Parquet file per batch,
+  (c) the teacher_logits node end to end (Ray Data, one CPU actor, top-k + rest, Parquet, manifest)
+      in each of `--variants`:
+        committed  the node as committed at `--before-rev` (default HEAD), loaded from git: the
+                   "before", with the top-k and encoding in series with the forwards
+        serial     the current node with pipeline_depth 1 (its stages in series)
+        overlap    the current node as configured by default (pipeline_depth 2: the finish of a
+                   batch runs while the next batch's forward does)
+then prints JSON: for each variant the end-to-end tokens/s (a whole node run, fixed cost included)
+and the marginal tokens/s (the difference of a full and a one-batch run, so the fixed cost
+cancels), each as a ratio to the bare forward (goal: >= 0.9 on CPU with one actor); bytes per
+token on disk versus full float16 logits, and the mean KL(full teacher || top-k + rest), the rest
+spread uniformly over the other ids (what the cache cannot tell a student).
 
-The teacher is a random PhiMoE big enough that its forward dominates (hidden 256, 4 layers,
-8 experts, vocabulary 32000); token ids are random, so the KL is that of a random teacher.
+A small warm-up node run comes first (its time is the cold Ray session's cost), so that every
+timed run finds Ray started. The teacher is a random PhiMoE big enough that its forward dominates
+(hidden 256, 4 layers, 8 experts, vocabulary 32000); token ids are random.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,13 +92,81 @@ def topk_kl(teacher_dir: Path, cache_dir: Path, n_rows: int, impl: str) -> dict:
             "kl_tokens": int(kl.numel())}
 
 
-def rows_seconds(rows: np.ndarray, tokens_per_s: float) -> float:
-    return rows.size / tokens_per_s
+def load_committed_node(rev: str, tmp: Path):
+    """The teacher_logits node module as committed at `rev`, importable by the Ray workers (pickled
+    by value), or None when git cannot give it."""
+    import importlib.util
+    import subprocess
+
+    import ray.cloudpickle
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:tasks/nodes/teacher_logits.py"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+        commit = subprocess.run(["git", "rev-parse", rev], cwd=root, check=True, capture_output=True,
+                                text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    path = tmp / "committed_teacher_logits.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("committed_teacher_logits", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    ray.cloudpickle.register_pickle_by_value(module)
+    return module, commit
+
+
+def stage_profile(teacher_dir: Path, rows: np.ndarray, args, n_batches: int = 6) -> dict:
+    """Milliseconds per batch of each stage of one actor, run in this process one after the other."""
+    import pyarrow as pa
+
+    from slimmoe.tasks.nodes import teacher_logits as node
+
+    torch.set_num_threads(args.threads)
+    actor = node._TeacherActor(str(teacher_dir), k=args.k, dtype="float32", device="cpu", gpus=0,
+                               experts_implementation=args.experts_implementation, trust_remote_code=False,
+                               torch_threads=args.threads, vocab_size=args.vocab, split_of_path={node._norm("x"): 0})
+    b = args.batch_size
+    times = {"forward": 0.0, "topk_and_rest": 0.0, "encode_and_columns": 0.0}
+    tables = []
+    for i in range(n_batches + 1):  # the first batch warms up
+        chunk = rows[i * b:(i + 1) * b]
+        batch = pa.table({"row_id": pa.array(np.arange(i * b, i * b + len(chunk)), pa.int64()),
+                          "input_ids": pa.array(chunk.astype(np.int32).tolist(), pa.list_(pa.int32())),
+                          "path": pa.array(["x"] * len(chunk))})
+        t0 = time.perf_counter()
+        logits = actor.forward(batch)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            from slimmoe.tasks.slimming.losses import fast_topk_with_rest
+
+            if actor.work is None:
+                actor.work = torch.empty_like(logits)
+            fast_topk_with_rest(logits, args.k, actor.work)
+        t2 = time.perf_counter()
+        out = actor.finish(batch, logits)  # top-k again, then encoding and columns
+        t3 = time.perf_counter()
+        if i:
+            times["forward"] += t1 - t0
+            times["topk_and_rest"] += t2 - t1
+            times["encode_and_columns"] += max(0.0, (t3 - t2) - (t2 - t1))
+            tables.append(out)
+    with tempfile.TemporaryDirectory() as out_dir:
+        (Path(out_dir) / "train").mkdir()
+        t0 = time.perf_counter()
+        node.write_row_runs(pa.concat_tables(tables), out_dir, ["train"], "zstd")
+        times["write_parquet"] = (time.perf_counter() - t0)
+    ms = {k: round(1000 * v / n_batches, 1) for k, v in times.items()}
+    ms["finish_share_of_forward"] = round((ms["topk_and_rest"] + ms["encode_and_columns"] + ms["write_parquet"])
+                                          / ms["forward"], 3)
+    return ms
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=192, help="train sequences (validation gets rows/12)")
+    ap.add_argument("--rows", type=int, default=1600, help="train sequences (validation gets rows/12)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--k", type=int, default=64)
@@ -98,14 +177,20 @@ def main() -> None:
     # One thread by default: on a small shared machine multi-threaded timings swing by 2x between runs.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm", "batched_mm"])
+    ap.add_argument("--variants", default="committed,overlap", help="comma-separated: committed, serial, overlap")
+    ap.add_argument("--before-rev", default="HEAD", help="the git revision whose node is the 'committed' variant")
     ap.add_argument("--compare-experts", action="store_true", help="also time a bare forward with the other CPU kernel")
     args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"committed", "serial", "overlap"}
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}; choose from committed, serial, overlap")
 
     import ray
 
     from slimmoe.tasks.data.config import TeacherLogitsConfig
-    from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
     from slimmoe.tasks.data.shards import write_tokenized_dataset
+    from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
 
     rng = np.random.default_rng(0)
     val_rows = max(args.batch_size, args.rows // 12)
@@ -118,7 +203,19 @@ def main() -> None:
         small = {name: rows[: args.batch_size] for name, rows in (("train", splits["train"]),)}
         write_tokenized_dataset(tmp / "tokens_small", small, "random-ids", eos_token_id=2, vocab_size=args.vocab)
         all_rows = np.concatenate([splits["train"], splits["validation"]])
+        runs = {}
+        if "committed" in variants:
+            committed, commit = load_committed_node(args.before_rev, tmp)
+            if committed is None:
+                raise SystemExit(f"git cannot show tasks/nodes/teacher_logits.py at {args.before_rev}; "
+                                 "leave 'committed' out of --variants")
+            runs["committed"] = (committed.run_teacher_logits, {})
+        if "serial" in variants:
+            runs["serial"] = (run_teacher_logits, {"pipeline_depth": 1})
+        if "overlap" in variants:
+            runs["overlap"] = (run_teacher_logits, {})
 
+        profile = stage_profile(teacher, all_rows, args)
         bare = bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads)
         other = None
         if args.compare_experts:
@@ -129,44 +226,57 @@ def main() -> None:
 
         # One actor with the bare loop's threads, and one more logical CPU for the read/write tasks.
         ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        cfg = TeacherLogitsConfig(k=args.k, batch_size=args.batch_size, actor_pool_size=1, cpus_per_actor=args.threads,
-                                  torch_threads=args.threads, experts_implementation=args.experts_implementation,
-                                  rows_per_file=1024, device="cpu")
-        timings = {}
-        for run, tokens_dir in (("cold", "tokens"), ("warm", "tokens"), ("small", "tokens_small")):
-            t0 = time.perf_counter()
-            metrics = run_teacher_logits(cfg, teacher, tmp / tokens_dir, tmp / f"logits_{run}")
-            timings[run] = time.perf_counter() - t0
-            if run == "cold":
-                node_metrics = metrics
+        base = dict(k=args.k, batch_size=args.batch_size, actor_pool_size=1, cpus_per_actor=args.threads,
+                    torch_threads=args.threads, experts_implementation=args.experts_implementation,
+                    rows_per_file=1024, device="cpu")
+        t0 = time.perf_counter()
+        run_teacher_logits(TeacherLogitsConfig(**base), teacher, tmp / "tokens_small", tmp / "logits_warmup")
+        cold_s = time.perf_counter() - t0
+        timings, node_metrics = {}, None
+        for name, (run, extra) in runs.items():
+            cfg = TeacherLogitsConfig(**base, **extra)
+            for size, tokens_dir in (("full", "tokens"), ("small", "tokens_small")):
+                t0 = time.perf_counter()
+                metrics = run(cfg, teacher, tmp / tokens_dir, tmp / f"logits_{name}_{size}")
+                timings[(name, size)] = time.perf_counter() - t0
+                if size == "full" and node_metrics is None:
+                    node_metrics, cache_dir = metrics, tmp / f"logits_{name}_{size}"
         ray.shutdown()
         # The machine may be shared: time the bare loop again after the node and use the mean of both.
         bare_after = bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads)
         bare_tps = (bare["tokens_per_s"] + bare_after["tokens_per_s"]) / 2
-        small_tokens = args.batch_size * args.seq_len
-        # Fixed cost (Ray worker, imports, model load, scheduling) cancels in the difference of two runs.
-        marginal_tps = (all_rows.size - small_tokens) / max(1e-9, timings["warm"] - timings["small"])
-        startup_s = max(0.0, timings["small"] - small_tokens / marginal_tps)
-
-        quality = topk_kl(teacher, tmp / "logits_cold" / "validation", min(val_rows, 16), args.experts_implementation)
         tokens = all_rows.size
+        small_tokens = args.batch_size * args.seq_len
+        node = {}
+        for name in runs:
+            full_s, small_s = timings[(name, "full")], timings[(name, "small")]
+            # Fixed cost (Ray worker, imports, model load, scheduling) cancels in the difference of two runs.
+            marginal = (tokens - small_tokens) / max(1e-9, full_s - small_s)
+            node[name] = {
+                "end_to_end_tokens_per_s": round(tokens / full_s, 1),
+                "end_to_end_vs_bare": round(tokens / full_s / bare_tps, 3),
+                "marginal_tokens_per_s": round(marginal, 1),
+                "marginal_vs_bare": round(marginal / bare_tps, 3),
+                "fixed_cost_s": round(max(0.0, small_s - small_tokens / marginal), 2),
+                "seconds": {"full": round(full_s, 2), "one_batch": round(small_s, 2)},
+            }
+        if "committed" in runs:
+            node["committed"]["revision"] = commit
+
+        quality = topk_kl(teacher, cache_dir / "validation", min(val_rows, 16), args.experts_implementation)
         raw = 8 / args.seq_len + 4 + args.k * (2 + 2) + 4
         result = {
-            "device": "cpu", "torch_threads": args.threads, "experts_implementation": args.experts_implementation,
+            "device": "cpu", "dtype": "float32", "experts_implementation": args.experts_implementation,
+            "torch_threads": args.threads, "machine_cpus": os.cpu_count(), "actor_pool_size": 1,
             "teacher": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "vocab": args.vocab,
                         "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher).parameters())},
             "tokens": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k,
             "bare_forward_tokens_per_s": round(bare_tps, 1),
             "bare_forward_tokens_per_s_before_after": [round(bare["tokens_per_s"], 1), round(bare_after["tokens_per_s"], 1)],
-            "node_end_to_end_tokens_per_s": {"cold_ray_session": round(tokens / timings["cold"], 1),
-                                              "warm_ray_session": round(tokens / timings["warm"], 1)},
-            "node_vs_bare_end_to_end": {"cold_ray_session": round(tokens / timings["cold"] / bare_tps, 3),
-                                        "warm_ray_session": round(tokens / timings["warm"] / bare_tps, 3)},
-            "node_fixed_cost_s": round(startup_s, 2),
-            "node_marginal_tokens_per_s": round(marginal_tps, 1),
-            "node_vs_bare_marginal": round(marginal_tps / bare_tps, 3),
-            "node_seconds": {k: round(v, 2) for k, v in timings.items()},
-            "bare_seconds": round(rows_seconds(all_rows, bare_tps), 2),
+            "bare_seconds": round(tokens / bare_tps, 2),
+            "actor_ms_per_batch": profile,
+            "node": node,
+            "cold_ray_session_one_batch_s": round(cold_s, 2),
             "bytes_per_token_disk": round(node_metrics["bytes_per_token"], 2),
             "bytes_per_token_raw_encoding": round(raw, 2),
             "full_fp16_logits_bytes_per_token": 2 * args.vocab,

@@ -27,3 +27,11 @@ def tiny_model_dir(tmp_path_factory):
     from tiny import save_tiny_model_dir
 
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_phimoe"), "phimoe")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, ray_cluster):
+    """A small trained teacher, its tokenized data and its logit cache (read-only for tests)."""
+    from stage_helpers import build_stage_pipeline
+
+    return build_stage_pipeline(tmp_path_factory.mktemp("stage"))

@@ -55,7 +55,8 @@ def slim(
     out_dir: Path = typer.Argument(..., help="where the slimmed checkpoint is written (must not exist)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
-    """Score, slim and save a checkpoint in one shot (the same surgery a SlimMoE stage runs)."""
+    """Score, slim and save a checkpoint in one shot (the same surgery a SlimMoE stage runs), streamed
+    one tensor at a time; with saved scores the model is never loaded."""
     from slimmoe.tasks.nodes.slim import run_slim
 
     try:
@@ -66,7 +67,7 @@ def slim(
         print(json.dumps(report, indent=2))
         return
     _print_sizes(report)
-    print(f"scores: {report['scores']}; wrote {out_dir}")
+    print(f"scores: {report['scores']}; wrote {out_dir} ({len(report['written']['files'])} weight file(s))")
 
 
 @app.command()

@@ -70,6 +70,9 @@ def _option(name: str, info, aliases: list[str], help_text: Optional[str]) -> in
             default = ",".join(map(str, default)) or None
     elif kind is bool:
         decls[0] += f"/--no-{name.replace('_', '-')}"
+    elif get_origin(kind) in (Union, types.UnionType) and all(
+            a in (int, float, str) or get_origin(a) is Literal for a in get_args(kind)):
+        kind = str  # e.g. `2` or `auto`: the model converts and checks the string
     elif kind not in (int, float, str) and get_origin(kind) is not Literal:
         raise TypeError(f"{name}: {info.annotation} has no command-line form; hide the field or give it a simpler type")
     annotation = Optional[kind] if default is None else kind

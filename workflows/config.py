@@ -85,6 +85,9 @@ class ResourcesSection(_Strict):
     gpus_per_worker: float = Field(1.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     actor_pool_size: int = Field(1, ge=1, description="teacher actors for the logits pass")
+    # What `slimmoe plan` (and run / submit, before any node starts) checks each GPU node against.
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one GPU in GB (1e9 bytes); default: "
+                                                                   "this machine's GPU, if it has one")
 
 
 class OneStageBaseline(_Strict):

@@ -280,12 +280,14 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
             check(nodes[b.name], teacher_sizes, ("baselines", i))
 
 
-def build_dag(source, overrides: dict | None = None, check_env: bool = True, check_storage: bool = True) -> Dag:
+def build_dag(source, overrides: dict | None = None, check_env: bool = True, check_storage: bool = True,
+              check_plan: bool = False) -> Dag:
     """Validate a workflow completely and return its DAG with every key computed.
 
     Raises WorkflowConfigError listing every problem (schema, structure, sizes, teacher, storage)
     before any work is done. `check_env=False` skips what needs the teacher and storage (keys of
-    nodes after an external teacher are then placeholders): for checking a config on another machine."""
+    nodes after an external teacher are then placeholders): for checking a config on another machine.
+    `check_plan` also refuses nodes the memory plan says do not fit (`slimmoe plan`; run and submit)."""
     loaded, problems = load_workflow_collecting(source, overrides)
     cfg = loaded.config
     nodes = _nodes_from_config(loaded, problems)
@@ -312,6 +314,10 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
             store.check_writable(store.join(cfg.name))
         except StorageError as err:
             problems.append(loaded.problem(("storage",), str(err)))
+    if check_plan and not problems:  # the plan needs a config that is otherwise valid
+        from .plan import plan_problems
+
+        problems.extend(plan_problems(loaded, nodes))
     if problems:
         raise WorkflowConfigError(problems + data_problems)
 
@@ -340,9 +346,10 @@ def _complete(store: Store, workflow: str, node: Node) -> bool:
         return False
 
 
-def validate_workflow(source, overrides: dict | None = None, check_storage: bool = True) -> Dag:
+def validate_workflow(source, overrides: dict | None = None, check_storage: bool = True,
+                      allow_infeasible: bool = False) -> Dag:
     """Everything `run` checks before it starts: raises WorkflowConfigError naming each problem."""
-    return build_dag(source, overrides, check_env=True, check_storage=check_storage)
+    return build_dag(source, overrides, check_env=True, check_storage=check_storage, check_plan=not allow_infeasible)
 
 
 __all__ = ["Dag", "Node", "build_dag", "validate_workflow", "WorkflowConfigError"]

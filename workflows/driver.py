@@ -510,19 +510,21 @@ class Driver:
 
 
 def run_workflow(config, *, address: Optional[str] = None, overrides: dict | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, NodeResult]:
-    """Validate the workflow (raises WorkflowConfigError before any work), then run every node whose
-    output is not complete. `config` is a YAML path, a dict, a WorkflowConfig or a LoadedWorkflow.
+                 log: Callable[[str], None] = print, allow_infeasible: bool = False) -> dict[str, NodeResult]:
+    """Validate the workflow (raises WorkflowConfigError before any work, also for a node the memory
+    plan says does not fit unless `allow_infeasible`), then run every node whose output is not
+    complete. `config` is a YAML path, a dict, a WorkflowConfig or a LoadedWorkflow.
     Returns NodeResult per node; raises NodeFailed when a node fails (completed nodes are kept)."""
-    dag = build_dag(config, overrides)
+    dag = build_dag(config, overrides, check_plan=not allow_infeasible)
     return Driver(dag, log=log, address=address, command="run").run()
 
 
 def rerun_node(config, node: str, *, downstream: bool = False, address: Optional[str] = None,
-               overrides: dict | None = None, log: Callable[[str], None] = print) -> dict[str, NodeResult]:
+               overrides: dict | None = None, log: Callable[[str], None] = print,
+               allow_infeasible: bool = False) -> dict[str, NodeResult]:
     """Recompute `node` even if complete (and, with `downstream`, every node after it). Missing
     inputs are computed first. The old output stays in place until the new one is complete."""
-    dag = build_dag(config, overrides)
+    dag = build_dag(config, overrides, check_plan=not allow_infeasible)
     valid = [n for n, nd in dag.nodes.items() if not nd.is_external]
     if node not in valid:
         raise UnknownNodeError(f"unknown node {node!r}; the workflow's nodes are: {', '.join(valid)}")
@@ -547,6 +549,15 @@ def clean_workflow(config, overrides: dict | None = None,
     return Driver(dag, log=log, command="status").clean()
 
 
+def plan_workflow(config, options=None, overrides: dict | None = None):
+    """The memory / compute plan of a workflow (`slimmoe plan`): reads the workflow and the teacher's
+    config.json only, so it runs on a laptop for a cluster's workflow. Returns a `workflows.plan.Plan`."""
+    from .plan import plan_dag
+
+    dag = build_dag(config, overrides, check_env=False, check_storage=False)
+    return plan_dag(dag.workflow, dag.nodes, options)
+
+
 def format_status(rows: list[dict]) -> str:
     headers = ["node", "state", "key", "time", "metric", "path"]
     table = []
@@ -561,4 +572,4 @@ def format_status(rows: list[dict]) -> str:
 
 
 __all__ = ["Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
-           "workflow_status", "clean_workflow", "format_status"]
+           "workflow_status", "clean_workflow", "format_status", "plan_workflow"]

@@ -47,6 +47,12 @@ class MoEAdapter:
     head_pruning_blocker: str = ""
     # Per-query-head parameters of attention (GPT-OSS attention sinks).
     per_head_attention_params: tuple[str, ...] = ()
+    # How checkpoints name what the model fuses. transformers 5 saves and loads routed experts one
+    # tensor per expert (`experts.<e>.<gate|up|down>.weight`) and fuses them into gate_up_proj /
+    # down_proj in memory; some families also rename modules on disk. None: stored fused, as named.
+    checkpoint_expert_names: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
+    # (in the model's name, on disk) substitutions, applied in order.
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     # -- walking the model ---------------------------------------------------------------------
 
@@ -124,6 +130,12 @@ class MoEAdapter:
         inter = t.shape[1] // 2
         return t[:, :inter] + t[:, inter:]
 
+    def checkpoint_name(self, model_name: str) -> str:
+        """The name `model_name` has on disk when it is not fused (after the family's renames)."""
+        for ours, theirs in self.checkpoint_renames:
+            model_name = model_name.replace(ours, theirs)
+        return model_name
+
     def per_neuron_down(self, tensor: torch.Tensor) -> torch.Tensor:
         t = tensor.abs()
         return t.sum(dim=2) if self.transposed_experts else t.sum(dim=1)
@@ -142,9 +154,12 @@ ADAPTERS: dict[str, MoEAdapter] = {
     a.model_type: a
     for a in [
         MoEAdapter("phimoe", moe_attr="mlp", router_attr="router",
-                   expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
+                   expert_size_key="intermediate_size", num_experts_key="num_local_experts",
+                   checkpoint_expert_names=("w1", "w3", "w2"),
+                   checkpoint_renames=((".mlp.", ".block_sparse_moe."), (".router.weight", ".gate.weight"))),
         MoEAdapter("mixtral", moe_attr="mlp", router_attr="gate",
-                   expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
+                   expert_size_key="intermediate_size", num_experts_key="num_local_experts",
+                   checkpoint_expert_names=("w1", "w3", "w2"), checkpoint_renames=((".mlp.", ".block_sparse_moe."),)),
         MoEAdapter("qwen2_moe", moe_attr="mlp", router_attr="gate",
                    expert_size_key="moe_intermediate_size", num_experts_key="num_experts",
                    shared_expert_attr="shared_expert", shared_expert_size_key="shared_expert_intermediate_size",
@@ -164,7 +179,7 @@ ADAPTERS: dict[str, MoEAdapter] = {
         MoEAdapter("gpt_oss", moe_attr="mlp", router_attr="router",
                    expert_size_key="intermediate_size", num_experts_key="num_local_experts",
                    transposed_experts=True, interleaved_gate_up=True,
-                   per_head_attention_params=("sinks",)),
+                   per_head_attention_params=("sinks",), checkpoint_expert_names=None),
     ]
 }
 

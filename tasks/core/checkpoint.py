@@ -79,6 +79,68 @@ def check_safetensors(model_dir: str | Path) -> list[Path]:
     return files
 
 
+class CheckpointTensors:
+    """A checkpoint's tensors under the model's own names, read a dim-0 row range at a time without
+    loading whole files. Fused expert tensors the checkpoint stores one expert at a time (as
+    transformers 5 saves them) are assembled from just the experts asked for."""
+
+    def __init__(self, model_dir: str | Path, adapter):
+        from safetensors import safe_open
+
+        self.model_dir, self.adapter = Path(model_dir), adapter
+        files = check_safetensors(self.model_dir)
+        self._handles = {f.name: safe_open(str(f), "pt") for f in files}
+        self.where = {name: f for f, h in self._handles.items() for name in h.keys()}
+
+    def _slice(self, name: str):
+        return self._handles[self.where[name]].get_slice(name)
+
+    def _per_expert(self, model_name: str) -> tuple[list[str], str] | None:
+        """(on-disk names per expert for one fused tensor, which part) when the checkpoint splits it."""
+        names = self.adapter.checkpoint_expert_names
+        for fused, parts in (("gate_up_proj", names[:2] if names else None), ("down_proj", names[2:] if names else None)):
+            if parts and model_name.endswith(".experts." + fused):
+                prefix = self.adapter.checkpoint_name(model_name[: -len(fused)])
+                return [prefix + "{e}." + p + ".weight" for p in parts], fused
+        return None
+
+    def has(self, model_name: str) -> bool:
+        if model_name in self.where or self.adapter.checkpoint_name(model_name) in self.where:
+            return True
+        split = self._per_expert(model_name)
+        return split is not None and split[0][0].format(e=0) in self.where
+
+    def shape(self, model_name: str) -> tuple[int, ...]:
+        for name in (model_name, self.adapter.checkpoint_name(model_name)):
+            if name in self.where:
+                return tuple(self._slice(name).get_shape())
+        patterns, _ = self._per_expert(model_name)
+        n = 0
+        while patterns[0].format(e=n) in self.where:
+            n += 1
+        first = [tuple(self._slice(p.format(e=0)).get_shape()) for p in patterns]
+        return (n, sum(s[0] for s in first), *first[0][1:])
+
+    def rows(self, model_name: str, start: int, end: int):
+        """Rows [start, end) along dim 0 (for fused experts: experts start..end-1) in the model's layout."""
+        import torch
+
+        for name in (model_name, self.adapter.checkpoint_name(model_name)):
+            if name in self.where:
+                return self._slice(name)[start:end]
+        split = self._per_expert(model_name)
+        if split is None or not self.has(model_name):
+            raise KeyError(f"{self.model_dir} stores no tensor for {model_name} (looked for "
+                           f"{self.adapter.checkpoint_name(model_name)} and per-expert tensors)")
+        patterns, _ = split
+        # gate rows first, then up: the fused layout of gate_up_proj [E, 2I, H]
+        experts = [torch.cat([self._slice(p.format(e=e))[:] for p in patterns], dim=0) for e in range(start, end)]
+        return torch.stack(experts) if experts else torch.empty((0, *self.shape(model_name)[1:]))
+
+    def full(self, model_name: str):
+        return self.rows(model_name, 0, self.shape(model_name)[0])
+
+
 def load_config(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -93,7 +155,10 @@ def load_config(model_dir: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               trust_remote_code: bool = False, experts_implementation: str | None = None) -> nn.Module:
+               trust_remote_code: bool = False, experts_implementation: str | None = None,
+               device_map: dict | str | None = None) -> nn.Module:
+    """The model of a Hugging Face directory on `device`, or split over several by `device_map`
+    ({module: device}, e.g. `core.placement.balanced_device_map`; then `device` is not used)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +169,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
+    if device_map is not None:
+        # Loaded straight to each module's device (never whole on one), with hooks that move the
+        # activations between devices.
+        return AutoModelForCausalLM.from_pretrained(Path(model_dir), device_map=device_map, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(Path(model_dir), **kwargs)
     return model.to(device)
 
@@ -123,6 +192,19 @@ def copy_tokenizer_files(src: str | Path | None, dst: str | Path) -> list[str]:
             shutil.copy2(p, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def copy_model_dir(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Copy a model directory's config, safetensors weights (and index) and tokenizer file by file;
+    `dst` appears only once complete."""
+    src, dst = Path(src), Path(dst)
+    names = ["config.json", "generation_config.json", SAFETENSORS_INDEX] + [f.name for f in check_safetensors(src)]
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        for name in names:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        copy_tokenizer_files(src, tmp)
+    return dst
 
 
 def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_from: str | Path | None = None,

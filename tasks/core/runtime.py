@@ -63,6 +63,12 @@ def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: floa
     return base * (min_ratio + (1.0 - min_ratio) * cos)
 
 
+def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
+    """A LambdaLR multiplier: linear warm-up over `warmup_fraction` of the steps, then cosine to `min_lr_ratio`."""
+    warmup = int(total_steps * warmup_fraction)
+    return lambda step: warmup_cosine(step, warmup, step_progress(step, warmup, total_steps), min_lr_ratio)
+
+
 def step_progress(step: int, warmup_steps: int, total_steps: int) -> float:
     """How far past the warm-up `step` is, as a fraction of the steps after it."""
     return (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -42,20 +42,33 @@ from slimmoe.tasks.core.checkpoint import has_tokenizer, load_config
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
 from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
-from slimmoe.tasks.data.config import TeacherLogitsConfig
+from slimmoe.tasks.data.config import TeacherLogitsConfig, cpu_pass_with_gpus
 from slimmoe.tasks.data.formats import (LogitCacheError, LogitCacheManifest, TeacherLogitsManifest, ids_dtype,
                                         list_column_to_numpy, numpy_to_binary_column, read_manifest, write_parquet_file)
 from slimmoe.tasks.data.readers import open_token_shards, page_verifying_scan_options, split_dirs, tile_files
+from slimmoe.tasks.planning.memory import GB, model_shape, teacher_actor_gpus, teacher_logit_bytes
 from slimmoe.tasks.slimming.losses import fast_topk_with_rest
 
 class _TeacherActor:
-    """One teacher per actor, loaded once; turns a batch of sequences into cache rows."""
+    """One teacher per actor, loaded once (split over the actor's GPUs when it has several); turns
+    batches of sequences into cache rows with up to `pipeline_depth` batches in flight.
 
-    def __init__(self, teacher_dir: str, k: int, dtype: str, device: str, experts_implementation: str,
-                 trust_remote_code: bool, torch_threads: int | None, vocab_size: int, split_of_path: dict[str, int]):
+    An async UDF, so that Ray Data hands it the next batch before the last one is done. Each batch
+    goes through two one-thread stages: the forward (and on a GPU the top-k, milliseconds there),
+    then the finish (on CPU the top-k, the heavy part: one exp pass over [tokens, vocab]; the
+    float16 encoding, the finite checks and the Arrow columns). A semaphore of `pipeline_depth` keeps
+    at most that many batches' logits alive. torch and most of numpy / pyarrow release the GIL, so
+    the finish of batch i runs while the forward of batch i+1 does."""
+
+    def __init__(self, teacher_dir: str, k: int, dtype: str, device: str, gpus: int, experts_implementation: str,
+                 trust_remote_code: bool, torch_threads: int | None, vocab_size: int, split_of_path: dict[str, int],
+                 pipeline_depth: int = 2, head_reserve_bytes: int = 0):
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
         from slimmoe.tasks.core.checkpoint import load_model
+        from slimmoe.tasks.core.placement import balanced_device_map, input_device
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -64,14 +77,37 @@ class _TeacherActor:
         self.k = k
         self.vocab_size = vocab_size
         self.ids_dtype = ids_dtype(vocab_size)
-        self.work = None  # scratch [batch, seq, vocab] float32, reused across batches
+        self.work = None  # scratch [batch, seq, vocab] float32 for the CPU top-k, reused across batches
         self.split_of_path = split_of_path
+        device_map = None
+        if device == "cuda" and gpus > 1:
+            visible = torch.cuda.device_count()
+            if visible < gpus:
+                raise RuntimeError(f"this teacher actor was given {gpus} GPUs by Ray but sees {visible} CUDA "
+                                   f"device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            device_map = balanced_device_map(load_config(teacher_dir, trust_remote_code), list(range(gpus)),
+                                             reserve_bytes=head_reserve_bytes, dtype_bytes=getattr(torch, dtype).itemsize)
         self.model = load_model(teacher_dir, dtype=getattr(torch, dtype), device=device,
-                                trust_remote_code=trust_remote_code, experts_implementation=experts_implementation).eval()
+                                trust_remote_code=trust_remote_code, experts_implementation=experts_implementation,
+                                device_map=device_map).eval()
+        self.input_device = input_device(self.model)
+        self.depth = max(1, int(pipeline_depth))
+        self.slots = None  # made on the event loop Ray Data runs __call__ on
+        self.forward_stage = ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
+        self.finish_stage = ThreadPoolExecutor(1, thread_name_prefix="teacher-finish")
 
-    def __call__(self, batch):
-        import pyarrow as pa
+    async def __call__(self, batch):
+        import asyncio
 
+        loop = asyncio.get_running_loop()
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.depth)
+        async with self.slots:
+            staged = await loop.run_in_executor(self.forward_stage, self.forward, batch)
+            return await loop.run_in_executor(self.finish_stage, self.finish, batch, staged)
+
+    def forward(self, batch):
+        """The teacher's logits of a batch (CPU), or its top-k on their way to host memory (GPU)."""
         torch = self.torch
         n = batch.num_rows
         col = batch.column("input_ids").combine_chunks()
@@ -81,16 +117,39 @@ class _TeacherActor:
             raise ValueError(f"token id {int(ids.max())} is outside the teacher's vocabulary of {self.vocab_size}: "
                              "the tokens were made with another tokenizer")
         with torch.inference_mode():
-            x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
-            logits = self.model(input_ids=x, use_cache=False).logits
-            logits = logits.float()
-            # CPU only: CUDA's caching allocator already reuses memory, and GPU memory is scarcer.
-            if self.device == "cpu" and (self.work is None or self.work.shape != logits.shape):
-                self.work = torch.empty_like(logits)
-            topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k, self.work)
-            topk_ids = topk_ids.to(torch.int32).cpu().numpy().astype(self.ids_dtype)
-            topk_logprobs = topk_logprobs.to(torch.float16).cpu().numpy()
-            rest = rest.to(torch.float32).cpu().numpy()
+            x = torch.from_numpy(ids.astype(np.int64)).to(self.input_device)
+            logits = self.model(input_ids=x, use_cache=False).logits.float()
+            if logits.device.type == "cpu":
+                return logits
+            topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k)
+            # Copied without waiting, so this thread goes on to launch the next forward; the finish
+            # waits for the copy's event, which follows only the work queued before it.
+            host = (topk_ids.to(torch.int32).to("cpu", non_blocking=True),
+                    topk_logprobs.to(torch.float16).to("cpu", non_blocking=True),
+                    rest.to("cpu", non_blocking=True))
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(logits.device))
+            return host, copied
+
+    def finish(self, batch, staged):
+        """Cache rows of a batch from what `forward` gave: top-k ids, float16 log-probs, float32 rest."""
+        torch = self.torch
+        if isinstance(staged, tuple):
+            (topk_ids, topk_logprobs, rest), copied = staged
+            copied.synchronize()
+        else:
+            logits = staged
+            with torch.inference_mode():
+                # CPU only: CUDA's caching allocator already reuses memory, and GPU memory is scarcer.
+                if self.work is None or self.work.shape != logits.shape:
+                    self.work = torch.empty_like(logits)
+                topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k, self.work)
+                del logits, staged
+                topk_ids, topk_logprobs = topk_ids.to(torch.int32), topk_logprobs.to(torch.float16)
+        topk_ids = topk_ids.numpy().astype(self.ids_dtype)
+        topk_logprobs = topk_logprobs.numpy()
+        rest = rest.to(torch.float32).numpy()
+        n = batch.num_rows
         paths = batch.column("path").to_pylist()
         for name, values in (("top-k log-probs", topk_logprobs), ("rest log-mass", rest)):
             bad = ~np.isfinite(values)
@@ -100,15 +159,21 @@ class _TeacherActor:
                     f"the teacher gave {int(bad.sum())} non-finite {name} (NaN or inf) in this batch, the first for row "
                     f"{batch.column('row_id')[first].as_py()} of {paths[first]}: its weights are broken or its dtype "
                     "overflows (try dtype float32); no manifest is written, so nothing of this pass counts as a cache")
-        split = np.array([self.split_of_path[_norm(p)] for p in paths], dtype=np.int8)
-        return pa.table({
-            "split": pa.array(split),
-            "row_id": batch.column("row_id").combine_chunks().cast(pa.int64()),
-            "input_ids": col,
-            "topk_ids": numpy_to_binary_column(topk_ids),
-            "topk_logprobs": numpy_to_binary_column(topk_logprobs),
-            "rest_logprob": numpy_to_binary_column(rest),
-        })
+        return _cache_rows(batch, self.split_of_path, topk_ids, topk_logprobs, rest)
+
+
+def _cache_rows(batch, split_of_path: dict[str, int], topk_ids, topk_logprobs, rest):
+    import pyarrow as pa
+
+    split = np.array([split_of_path[_norm(p)] for p in batch.column("path").to_pylist()], dtype=np.int8)
+    return pa.table({
+        "split": pa.array(split),
+        "row_id": batch.column("row_id").combine_chunks().cast(pa.int64()),
+        "input_ids": batch.column("input_ids").combine_chunks(),
+        "topk_ids": numpy_to_binary_column(topk_ids),
+        "topk_logprobs": numpy_to_binary_column(topk_logprobs),
+        "rest_logprob": numpy_to_binary_column(rest),
+    })
 
 
 def _norm(path) -> str:
@@ -160,15 +225,79 @@ def _pass_device(cfg: TeacherLogitsConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def _no_actors_error(cfg: TeacherLogitsConfig, device: str) -> ValueError:
+def _biggest_node_gpus() -> int:
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    want = f"{cfg.actor_pool_size} actor(s) with {cfg.cpus_per_actor} CPU" + (" and 1 GPU" if device == "cuda" else "")
+    return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+def _probe_gpu_memory(cfg: TeacherLogitsConfig) -> int:
+    """The memory of one GPU as a GPU worker sees it (the driver may have none)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def gpu_memory() -> int:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0
+
+    ref = gpu_memory.remote()
+    try:
+        got = ray.get(ref, timeout=cfg.wait_for_actors_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        got = 0
+    if not got:
+        raise ValueError(f"logits.gpus_per_actor: auto needs the memory of one GPU, and no GPU worker answered within "
+                         f"wait_for_actors_s={cfg.wait_for_actors_s}s; set resources.gpu_memory_gb (logits.gpu_memory_gb, "
+                         "--gpu-memory-gb by hand), or give logits.gpus_per_actor a number")
+    return got
+
+
+def actor_gpus(cfg: TeacherLogitsConfig, device: str, dtype: str, model_config, seq_len: int) -> int:
+    """The GPUs each teacher actor asks Ray for (0 on CPU), checked against the cluster before the
+    pool starts: `gpus_per_actor`, or for "auto" the fewest GPUs that hold the pass."""
+    if device != "cuda":
+        if cfg.gpus_per_actor not in (1, "auto"):
+            raise ValueError(cpu_pass_with_gpus(cfg.gpus_per_actor, "the Ray cluster has no GPUs and neither "
+                                                "logits.device nor resources.use_gpu asks for them"))
+        return 0
+    biggest = _biggest_node_gpus()  # 0 while an autoscaler has not started any GPU node yet
+    gpus = cfg.gpus_per_actor
+    if gpus == "auto":
+        memory = int(cfg.gpu_memory_gb * GB) if cfg.gpu_memory_gb else _probe_gpu_memory(cfg)
+        try:
+            gpus = teacher_actor_gpus(model_config, cfg.batch_size, seq_len, cfg.k, memory,
+                                      dtype_bytes=2 if dtype == "bfloat16" else 4, max_gpus=biggest or 8)
+        except ValueError as err:
+            raise ValueError(f"logits.gpus_per_actor: auto: {err}") from None
+    if biggest and gpus > biggest:
+        raise ValueError(f"logits.gpus_per_actor={gpus}, but the biggest node of the Ray cluster has {biggest} GPUs "
+                         "(an actor's GPUs must be on one node); lower logits.gpus_per_actor, or add nodes with more GPUs")
+    return int(gpus)
+
+
+def teacher_pool_args(cfg: TeacherLogitsConfig, device: str, gpus: int) -> dict[str, Any]:
+    """The actor pool's arguments to `map_batches`: the pool and each actor's Ray resources."""
+    import ray
+
+    args: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=cfg.actor_pool_size), "num_cpus": cfg.cpus_per_actor}
+    if device == "cuda":  # on CPU no GPU request at all (a GPU request without GPUs waits forever)
+        args["num_gpus"] = gpus
+    if cfg.memory_per_actor_gb:
+        args["memory"] = int(cfg.memory_per_actor_gb * 2**30)
+    return args
+
+
+def _no_actors_error(cfg: TeacherLogitsConfig, device: str, gpus: int = 1) -> ValueError:
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    want = f"{cfg.actor_pool_size} actor(s) with {cfg.cpus_per_actor} CPU" + (f" and {gpus} GPU" if device == "cuda" else "")
     fix = ("add GPU nodes, or run on CPU (logits.device: cpu, or resources.use_gpu: false)" if device == "cuda"
            else "lower resources.actor_pool_size or logits.cpus_per_actor, or add nodes")
     return ValueError(f"no teacher actor started within wait_for_actors_s={cfg.wait_for_actors_s}s: the pool needs {want}, "
-                      f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs and {gpus:g} GPUs; {fix}")
+                      f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs and {have:g} GPUs; {fix}")
 
 
 def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens_dir: str | Path,
@@ -202,12 +331,13 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
 
     ensure_ray()
     device, dtype = _pass_device(cfg)
+    seq_len = max(s.seq_len for s in shards.values())
+    gpus = actor_gpus(cfg, device, dtype, config, seq_len)
+    head_reserve = 0
+    if gpus > 1:  # the logits and their top-k buffers sit on the GPU of the output head
+        elem = 2 if dtype == "bfloat16" else 4
+        head_reserve = teacher_logit_bytes(model_shape(config), cfg.batch_size * seq_len, elem, cfg.k)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    remote_args: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor}
-    if device == "cuda":  # on CPU no GPU request at all (a GPU request without GPUs waits forever)
-        remote_args["num_gpus"] = 1
-    if cfg.memory_per_actor_gb:
-        remote_args["memory"] = int(cfg.memory_per_actor_gb * 2**30)
     names = list(shards)
     created_out_dir = not out_dir.exists()
     for name in names:
@@ -221,12 +351,12 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     ds = ds.select_columns(["row_id", "input_ids", "path"])
     ds = ds.map_batches(
         _TeacherActor, batch_size=cfg.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actor_pool_size),
         fn_constructor_kwargs=dict(teacher_dir=str(teacher_dir.resolve()), k=cfg.k, dtype=dtype, device=device,
-                                   experts_implementation=cfg.experts_implementation,
+                                   gpus=gpus, experts_implementation=cfg.experts_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads, vocab_size=vocab_size,
-                                   split_of_path=split_of_path),
-        **remote_args,
+                                   split_of_path=split_of_path, pipeline_depth=cfg.pipeline_depth,
+                                   head_reserve_bytes=head_reserve),
+        **teacher_pool_args(cfg, device, gpus),
     )
     # Half a CPU: writing is light, and must not wait behind the actors for a whole free CPU.
     ds = ds.map_batches(write_row_runs, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
@@ -251,7 +381,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
             (out_dir / name).rmdir()
         if created_out_dir:
             out_dir.rmdir()
-        raise _no_actors_error(cfg, device) from err
+        raise _no_actors_error(cfg, device, gpus) from err
     summary: dict[str, dict] = {}
     for i, name in enumerate(names):
         shard, split_dir = shards[name], out_dir / name
@@ -267,7 +397,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
             bytes_per_token=disk / max(1, tokens), teacher_dir=str(teacher_dir.resolve()),
             tokenizer_path=tokenizer_path, tokens_dir=str(inputs[name].resolve()),
             compute={"device": device, "dtype": dtype, "experts_implementation": cfg.experts_implementation,
-                     "actor_pool_size": cfg.actor_pool_size, "batch_size": cfg.batch_size},
+                     "actor_pool_size": cfg.actor_pool_size, "gpus_per_actor": gpus, "batch_size": cfg.batch_size},
         ).write(split_dir)
         summary[name] = {"rows": shard.num_rows, "tokens": tokens, "disk_bytes": disk}
     seconds = time.perf_counter() - t0
@@ -283,6 +413,6 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
         "k": cfg.k, "vocab_size": vocab_size, "tokens": tokens, "rows": {n: v["rows"] for n, v in summary.items()},
         "bytes_per_token": disk / max(1, tokens), "full_logits_bytes_per_token": 2 * vocab_size,
         "storage_ratio": disk / max(1, tokens) / (2 * vocab_size), "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None, "device": device, "dtype": dtype,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None, "device": device, "dtype": dtype, "gpus_per_actor": gpus,
         "experts_implementation": cfg.experts_implementation, "teacher_fingerprint": teacher_fp,
     }

@@ -150,15 +150,29 @@ class SlimConfig(BaseModel):
     num_key_value_heads: Optional[int] = Field(None, gt=0, description="keep this many KV groups (query heads follow)")
     shared_expert_intermediate_size: Optional[int] = Field(None, gt=0)
     data: Optional[str] = Field(None, description="calibration text or token shards; none: score by |w|")
+    scores: Optional[str] = Field(None, description="cut with these scores (a stage's scores.safetensors) "
+                                                    "instead of scoring; excludes data")
     calibration_batches: int = Field(8, gt=0)
     batch_size: int = Field(4, gt=0)
     seq_len: int = Field(256, ge=2)
     text_field: str = "text"
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _one_source_of_scores(self):
+        check_scores_source(self)
+        return self
+
     @property
     def targets(self) -> SlimTargets:
         return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size)
+
+
+def check_scores_source(cfg: "SlimConfig") -> None:
+    """Scores come from calibration data, from a file, or from the weights (neither): never two."""
+    if cfg.scores is not None and cfg.data is not None:
+        raise ValueError("scores and data are two sources for the same scores: give --scores (cut with saved "
+                         "scores) or --data (score on calibration data), not both")
 
 
 class StageConfig(BaseModel):

@@ -67,33 +67,59 @@ class Scores:
         return scores
 
 
+# The sums below are split per tensor so that `streaming.streaming_magnitude_scores` can compute the
+# very same numbers reading one checkpoint tensor at a time: same operations, same order.
+KV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def kv_rows_per_group(rows: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Per-row sums of one of q/k/v ([rows], the weight's row sums plus the bias) -> [n_kv]."""
+    return rows.view(n_kv, -1).sum(dim=1)
+
+
+def kv_group_total(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The q, k, v, o contributions ([n_kv] each, in that order) added up as `_kv_group_sum` does."""
+    total = torch.zeros(parts[0].shape[0], dtype=torch.float32, device=parts[0].device)
+    for part in parts:
+        total += part
+    return total
+
+
 def _kv_group_sum(attn: nn.Module, values: Callable[[torch.Tensor], torch.Tensor], n_heads: int, n_kv: int,
                   head_dim: int) -> torch.Tensor:
     """Sum `values(param)` (elementwise, >= 0) over each KV group's q/k/v rows and o columns."""
-    group = n_heads // n_kv
-    total = torch.zeros(n_kv, dtype=torch.float32, device=attn.q_proj.weight.device)
-    for name, per_group_heads in (("q_proj", group), ("k_proj", 1), ("v_proj", 1)):
+    parts = []
+    for name in KV_PROJECTIONS:
         proj = getattr(attn, name)
         rows = values(proj.weight).sum(dim=1)
         if getattr(proj, "bias", None) is not None:
             rows = rows + values(proj.bias)
-        total += rows.view(n_kv, per_group_heads * head_dim).sum(dim=1)
-    cols = values(attn.o_proj.weight).sum(dim=0)
-    total += cols.view(n_kv, group * head_dim).sum(dim=1)
-    return total
+        parts.append(kv_rows_per_group(rows, n_kv))
+    parts.append(kv_rows_per_group(values(attn.o_proj.weight).sum(dim=0), n_kv))
+    return kv_group_total(parts)
+
+
+def gate_up_bias_neuron_sum(adapter: MoEAdapter, b: torch.Tensor) -> torch.Tensor:
+    """[E, 2I] values of the fused gate/up bias -> [E, I]."""
+    if adapter.interleaved_gate_up:
+        return b[:, 0::2] + b[:, 1::2]
+    return b[:, : b.shape[1] // 2] + b[:, b.shape[1] // 2 :]
 
 
 def _expert_neuron_sum(adapter: MoEAdapter, experts: nn.Module, values) -> torch.Tensor:
     total = adapter.per_neuron_gate_up(values(experts.gate_up_proj)) + adapter.per_neuron_down(values(experts.down_proj))
     bias = getattr(experts, "gate_up_proj_bias", None)
     if bias is not None:  # [E, 2I]
-        b = values(bias)
-        total = total + (b[:, 0::2] + b[:, 1::2] if adapter.interleaved_gate_up else b[:, : b.shape[1] // 2] + b[:, b.shape[1] // 2 :])
+        total = total + gate_up_bias_neuron_sum(adapter, values(bias))
     return total
 
 
 def _shared_neuron_sum(shared: nn.Module, values) -> torch.Tensor:
     return values(shared.gate_proj.weight).sum(1) + values(shared.up_proj.weight).sum(1) + values(shared.down_proj.weight).sum(0)
+
+
+def magnitude_values(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().float().abs()
 
 
 def _structure_sums(model: nn.Module, values, with_heads: bool) -> Scores:
@@ -162,7 +188,7 @@ def taylor_scores(
 def magnitude_scores(model: nn.Module, with_heads: bool = True) -> Scores:
     """Data-free fallback: sum |w| over each structure."""
     adapter = get_adapter(model)
-    scores = _structure_sums(model, lambda p: p.detach().float().abs(), with_heads and adapter.head_pruning)
+    scores = _structure_sums(model, magnitude_values, with_heads and adapter.head_pruning)
     scores.method = "magnitude"
     return scores
 

@@ -1,13 +1,18 @@
 """Expert slimming surgery: keep the best neurons within each expert and the best KV groups.
 
 Every expert keeps its routing and its place; only its intermediate width shrinks. Attention
-loses whole KV groups (a KV head with the query heads that share it). The result is a fresh
-model built from a config with the new sizes, so it is exactly what `from_pretrained` rebuilds.
+loses whole KV groups (a KV head with the query heads that share it). Which indices survive is a
+`KeepPlan` (`keep_plan`); applying it here builds a fresh model from a config with the new sizes,
+so it is exactly what `from_pretrained` rebuilds. `streaming.stream_slim` applies the same plan to
+a checkpoint on disk, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +53,100 @@ def slimmed_config(config, targets: SlimTargets):
     return new
 
 
+# -- which indices survive ----------------------------------------------------------------------------
+
+@dataclass
+class KeepPlan:
+    """The indices a cut keeps, per layer, ascending: routed-expert neurons [E, k], shared-expert
+    neurons [k_s] (only layers whose shared expert shrinks), KV groups [kv] (only when heads are cut)."""
+
+    targets: SlimTargets
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{kind}.{layer}": t.contiguous() for kind in ("experts", "shared", "kv_groups")
+                   for layer, t in getattr(self, kind).items()}
+        save_file(tensors, str(path), metadata={"targets": json.dumps(asdict(self.targets))})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KeepPlan":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            plan = cls(SlimTargets(**json.loads((f.metadata() or {})["targets"])))
+            for name in f.keys():
+                kind, layer = name.split(".")
+                getattr(plan, kind)[int(layer)] = f.get_tensor(name)
+        return plan
+
+
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    """A model of `config` on the meta device: its modules and shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _check_score_shape(what: str, layer: int, score: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(score.shape) != expected:
+        raise ValueError(f"scores for layer {layer} {what} have shape {tuple(score.shape)}, but this model needs "
+                         f"{expected}; were they computed on this model?")
+
+
+def keep_plan(config, scores: Scores, targets: SlimTargets, *, strict: bool = True,
+              model: nn.Module | None = None) -> KeepPlan:
+    """The indices `targets` keeps: the best-scoring neurons per expert and KV groups per layer.
+
+    Validates `targets` first. The layers are walked on `model` when given, else on a meta-device
+    model built from `config` (no weights)."""
+    validate_targets(config, targets, strict=strict)
+    adapter = get_adapter(config)
+    walk = model if model is not None else meta_model(config)
+    plan = KeepPlan(targets)
+    n_experts, inter = adapter.num_experts(config), adapter.expert_size(config)
+    for idx, block in adapter.moe_blocks(walk):
+        if idx not in scores.experts:
+            raise ValueError(f"scores have no expert entry for layer {idx}; were they computed on this model?")
+        _check_score_shape("experts", idx, scores.experts[idx], (n_experts, inter))
+        plan.experts[idx] = _top_indices(scores.experts[idx], targets.expert_intermediate_size).cpu()
+        shared = adapter.shared_expert(block)
+        if shared is None:
+            continue
+        new_shared = (
+            targets.expert_intermediate_size * int(getattr(config, adapter.shared_expert_multiplier_key))
+            if adapter.shared_expert_multiplier_key else targets.shared_expert_intermediate_size
+        )
+        if new_shared is not None:
+            if idx not in scores.shared:
+                raise ValueError(f"scores have no shared-expert entry for layer {idx}; were they computed on this model?")
+            _check_score_shape("shared expert", idx, scores.shared[idx], (shared.gate_proj.weight.shape[0],))
+            plan.shared[idx] = _top_indices(scores.shared[idx], new_shared).cpu()
+    kv = targets.num_key_value_heads
+    if kv is not None and kv != config.num_key_value_heads:
+        for idx in range(len(adapter.decoder_layers(walk))):
+            if idx not in scores.kv_groups:
+                raise ValueError(f"scores have no KV-group entry for layer {idx}; score with heads to prune heads")
+            _check_score_shape("KV groups", idx, scores.kv_groups[idx], (config.num_key_value_heads,))
+            plan.kv_groups[idx] = _top_indices(scores.kv_groups[idx], kv).cpu()
+    return plan
+
+
+def attention_rows(keep_groups: torch.Tensor, n_heads: int, n_kv: int, head_dim: int):
+    """(query heads, q/o rows, k/v rows) that belong to the kept KV groups."""
+    group = n_heads // n_kv
+    q_heads = (keep_groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    kv_rows = (keep_groups[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    return q_heads, q_rows, kv_rows
+
+
+# -- applying a plan to a model in memory --------------------------------------------------------------
+
 def _per_expert_select(w: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
     """w[e] restricted to idx[e] along `axis` (an axis of the full [E, ...] tensor), for every expert e."""
     return torch.stack([w[e].index_select(axis - 1, idx[e].to(w.device)) for e in range(w.shape[0])])
@@ -71,10 +170,7 @@ def _slice_shared(prefix: str, shared: nn.Module, keep: torch.Tensor, sd: dict) 
 
 def _slice_attention(adapter: MoEAdapter, prefix: str, attn: nn.Module, keep_groups: torch.Tensor, n_heads: int,
                      n_kv: int, head_dim: int, sd: dict) -> None:
-    group = n_heads // n_kv
-    q_heads = (keep_groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-    kv_rows = (keep_groups[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    q_heads, q_rows, kv_rows = attention_rows(keep_groups, n_heads, n_kv, head_dim)
     for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
         proj = getattr(attn, name)
         sd[f"{prefix}{name}.weight"] = proj.weight.data[rows]
@@ -85,41 +181,36 @@ def _slice_attention(adapter: MoEAdapter, prefix: str, attn: nn.Module, keep_gro
         sd[prefix + name] = getattr(attn, name).data[q_heads]
 
 
-def _module_names(model: nn.Module) -> dict[int, str]:
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its name with a trailing dot ("" for the root): the prefix of its state-dict keys."""
     return {id(m): (n + "." if n else "") for n, m in model.named_modules()}
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: KeepPlan) -> nn.Module:
+    """A new model with the plan's sizes, holding the kept slices of `model`'s weights."""
+    config = model.config
+    adapter = get_adapter(model)
+    names = module_names(model)
+    state = {k: v for k, v in model.state_dict().items()}
+    blocks = dict(adapter.moe_blocks(model))
+    for idx, keep in plan.experts.items():
+        block = blocks[idx]
+        _slice_experts(adapter, names[id(block.experts)], block.experts, keep, state)
+        if idx in plan.shared:
+            shared = adapter.shared_expert(block)
+            _slice_shared(names[id(shared)], shared, plan.shared[idx], state)
+    if plan.kv_groups:
+        hd = adapter.head_dim(config)
+        layers = adapter.decoder_layers(model)
+        for idx, keep_g in plan.kv_groups.items():
+            attn = adapter.attention(layers[idx])
+            _slice_attention(adapter, names[id(attn)], attn, keep_g, config.num_attention_heads,
+                             config.num_key_value_heads, hd, state)
+    return build_from_state(slimmed_config(config, plan.targets), state, model)
 
 
 @torch.no_grad()
 def slim_model(model: nn.Module, scores: Scores, targets: SlimTargets, strict: bool = True) -> nn.Module:
     """A new model with `targets` sizes, keeping the best-scoring neurons per expert and KV groups per layer."""
-    config = model.config
-    validate_targets(config, targets, strict=strict)
-    adapter = get_adapter(model)
-    names = _module_names(model)
-    state = {k: v for k, v in model.state_dict().items()}
-    for idx, block in adapter.moe_blocks(model):
-        if idx not in scores.experts:
-            raise ValueError(f"scores have no expert entry for layer {idx}; were they computed on this model?")
-        keep = _top_indices(scores.experts[idx], targets.expert_intermediate_size).cpu()
-        _slice_experts(adapter, names[id(block.experts)], block.experts, keep, state)
-        shared = adapter.shared_expert(block)
-        if shared is None:
-            continue
-        new_shared = (
-            targets.expert_intermediate_size * int(getattr(config, adapter.shared_expert_multiplier_key))
-            if adapter.shared_expert_multiplier_key else targets.shared_expert_intermediate_size
-        )
-        if new_shared is not None:
-            keep_s = _top_indices(scores.shared[idx], new_shared).cpu()
-            _slice_shared(names[id(shared)], shared, keep_s, state)
-    kv = targets.num_key_value_heads
-    if kv is not None and kv != config.num_key_value_heads:
-        hd = adapter.head_dim(config)
-        for idx, layer in enumerate(adapter.decoder_layers(model)):
-            if idx not in scores.kv_groups:
-                raise ValueError(f"scores have no KV-group entry for layer {idx}; score with heads to prune heads")
-            keep_g = _top_indices(scores.kv_groups[idx], kv).cpu()
-            attn = adapter.attention(layer)
-            _slice_attention(adapter, names[id(attn)], attn, keep_g, config.num_attention_heads,
-                             config.num_key_value_heads, hd, state)
-    return build_from_state(slimmed_config(config, targets), state, model)
+    return apply_plan(model, keep_plan(model.config, scores, targets, strict=strict, model=model))

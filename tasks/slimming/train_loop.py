@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from slimmoe.tasks.core.runtime import progress_line, step_progress, warmup_cosine
+from slimmoe.tasks.core.runtime import lr_lambda, progress_line
 from slimmoe.tasks.slimming.config import StageConfig
 from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
@@ -42,11 +42,6 @@ def _all_true(flag: bool, device) -> bool:
     if _world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
-
-
-def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
-    warmup = int(total_steps * warmup_fraction)
-    return lambda step: warmup_cosine(step, warmup, step_progress(step, warmup, total_steps), min_lr_ratio)
 
 
 class MicroBatches:
@@ -126,8 +121,9 @@ class DDPEngine:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO (stage from config) inside the same loop. ZeRO-2 runs on CPU with DeepSpeed's
-    CPU accelerator over gloo; ZeRO-3 is GPU-only."""
+    """DeepSpeed ZeRO-1/2 inside the same loop (on CPU: DeepSpeed's CPU accelerator over gloo). ZeRO-3
+    is refused by the config: the model here is whole on every rank before DeepSpeed sees it, so use
+    the fsdp strategy for models that do not fit one device."""
 
     def __init__(self, model, cfg, device, total_steps: int):
         import deepspeed
@@ -170,18 +166,15 @@ class DeepSpeedEngine:
         self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
 
     def full_state_model(self):
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return _cpu_copy(self.module)
         return self.module
 
 
-def _cpu_copy(model):
-    import copy
+def _engine_class(strategy: str):
+    if strategy == "fsdp":
+        from slimmoe.tasks.slimming.fsdp import FSDPEngine
 
-    return copy.deepcopy(model).to("cpu")
+        return FSDPEngine
+    return DeepSpeedEngine if strategy == "deepspeed" else DDPEngine
 
 
 def _select_scoring_loss(cfg, cuts_the_teacher: bool):
@@ -220,12 +213,73 @@ def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
     return student
 
 
+def _prepare_sharded_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
+    """The fsdp path of `_prepare_student`: score the sharded model, write the pruned checkpoint by
+    streaming surgery (rank 0, one tensor at a time), and load the student from it, sharded."""
+    import gc
+
+    from slimmoe.tasks.slimming import fsdp
+    from slimmoe.tasks.core.checkpoint import copy_model_dir
+    from slimmoe.tasks.slimming.streaming import stream_slim
+    from slimmoe.tasks.slimming.surgery import keep_plan
+
+    work_dir, model_dir = Path(loop_cfg["work_dir"]), Path(loop_cfg["model_dir"])
+    pruned = work_dir / "pruned"
+    memory = {}
+    model = fsdp.sharded_model_from(model_dir, device, cfg.experts_implementation, trust_remote_code=cfg.trust_remote_code)
+    memory["input_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory["input_local_param_bytes"] = fsdp.local_param_bytes(model)
+    params_before = count_parameters(model)
+    if cfg.distill_only:
+        prepare = {"score_loss": None, "calibration_batches": 0, "params_before": params_before}
+        if rank == 0:
+            copy_model_dir(model_dir, pruned, overwrite=True)
+    else:
+        loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["cuts_the_teacher"])
+        batches = fsdp.every_rank_batches(cache, cfg.micro_batch, world, cfg.calibration_batches,
+                                          cfg.seed + CALIBRATION_SEED_OFFSET)
+        scores = fsdp.sharded_taylor_scores(model, batches, loss_fn, with_heads=cfg.num_key_value_heads is not None)
+        # The unsharded definition counts one batch per rank; so does this, for the same batches.
+        prepare = {"score_loss": loss_name, "calibration_batches": scores.batches, "params_before": params_before}
+        config = model.config
+        if rank == 0:
+            scores.save(work_dir / "scores.safetensors")
+            stream_slim(model_dir, pruned, keep_plan(config, scores, cfg.targets), tokenizer_from=model_dir,
+                        overwrite=True, trust_remote_code=cfg.trust_remote_code)
+    del model
+    gc.collect()
+    dist.barrier()  # the pruned checkpoint is complete before any rank reads it
+    student = fsdp.sharded_model_from(pruned, device, cfg.experts_implementation, cfg.activation_checkpointing)
+    memory["student_param_bytes"] = sum(p.numel() * p.element_size() for p in student.parameters())
+    memory["student_local_param_bytes"] = fsdp.local_param_bytes(student)
+    _record_memory(work_dir, rank, **memory)
+    if rank == 0:
+        write_json_atomic(work_dir / "prepare.json", prepare)
+    return student
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux: VmHWM)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _record_memory(work_dir: Path, rank: int, **values) -> None:
+    """Add `values` to this rank's memory record (work_dir/memory/rank<r>.json)."""
+    path = work_dir / "memory" / f"rank{rank}.json"
+    path.parent.mkdir(exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    write_json_atomic(path, {**record, "rank": rank, **values})
+
+
 def _save_checkpoint(engine, state: dict, rank: int, name: str):
     import ray.train
 
     tmp = Path(tempfile.mkdtemp(prefix=f"slimmoe-ckpt-r{rank}-"))
     if rank == 0:
-        engine.full_state_model().save_pretrained(tmp / "model", safe_serialization=True)
+        if not getattr(engine, "sharded", False):
+            engine.full_state_model().save_pretrained(tmp / "model", safe_serialization=True)
         torch.save({k: v for k, v in state.items() if k != "history"}, tmp / "trainer_state.pt")
         (tmp / "history.json").write_text(json.dumps(state["history"]))
     torch.save({"cpu": torch.get_rng_state(),
@@ -255,14 +309,24 @@ def train_loop(loop_cfg: dict) -> None:
 
     state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None}
     checkpoint = ray.train.get_checkpoint()
-    engine_cls = DeepSpeedEngine if cfg.strategy == "deepspeed" else DDPEngine
+    engine_cls = _engine_class(cfg.strategy)
     if checkpoint is None:
-        student = _prepare_student(cfg, loop_cfg, cache, device, rank, world)
-        engine = engine_cls(student.to(device), cfg, device, plan["total_steps"])
+        if cfg.strategy == "fsdp":
+            student = _prepare_sharded_student(cfg, loop_cfg, cache, device, rank, world)
+        else:
+            student = _prepare_student(cfg, loop_cfg, cache, device, rank, world).to(device)
+        engine = engine_cls(student, cfg, device, plan["total_steps"])
     else:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
-            student = load_model(ckpt / "model", device=device, experts_implementation=cfg.experts_implementation)
+            if cfg.strategy == "fsdp":  # the weights come from the distributed checkpoint
+                from slimmoe.tasks.slimming.fsdp import build_sharded
+                from slimmoe.tasks.core.checkpoint import load_config
+
+                student = build_sharded(load_config(work_dir / "pruned"), device, cfg.experts_implementation,
+                                        cfg.activation_checkpointing)
+            else:
+                student = load_model(ckpt / "model", device=device, experts_implementation=cfg.experts_implementation)
             engine = engine_cls(student, cfg, device, plan["total_steps"])
             engine.load(ckpt)
             saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -328,11 +392,22 @@ def train_loop(loop_cfg: dict) -> None:
             _save_checkpoint(engine, state, rank, name)
 
     final_model = engine.full_state_model()
+    _record_memory(work_dir, rank, peak_rss_bytes=_peak_rss_bytes())
+    if world > 1:
+        dist.barrier()  # every rank's record is on disk before rank 0 collects them
+    if getattr(engine, "sharded", False):  # a collective gather: every rank takes part
+        from slimmoe.tasks.slimming.fsdp import checkpoint_dtype, save_sharded_model
+
+        save_sharded_model(final_model, work_dir / "final", config_from=work_dir / "pruned",
+                           dtype=checkpoint_dtype(work_dir / "pruned"), tokenizer_from=loop_cfg["model_dir"],
+                           overwrite=True)
     if rank == 0:
         prepare = json.loads((work_dir / "prepare.json").read_text())
         metrics = {"stage": name, "plan": plan, "steps_done": state["step"], "tokens_seen": state["tokens"],
                    "resumed_from_step": state["resumed_from_step"], "history": state["history"],
                    "params_after": count_parameters(final_model), "config": cfg.model_dump(), **prepare}
-        save_model_dir(final_model, work_dir / "final", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+        metrics["memory_per_rank"] = [json.loads(f.read_text()) for f in sorted((work_dir / "memory").glob("rank*.json"))]
+        if not getattr(engine, "sharded", False):
+            save_model_dir(final_model, work_dir / "final", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
         write_json_atomic(work_dir / "metrics.json", metrics)
     ray.train.report({"step": state["step"], "tokens": state["tokens"], "stage": name, "done": True})

@@ -1,0 +1,427 @@
+"""A stage on FSDP2: sharded loading, sharded Taylor scores, sharded training and checkpoints.
+
+No rank ever holds the whole model. The model is built on the meta device, sharded with
+`fully_shard` per decoder layer and at the root, and each rank reads only its own rows of every
+tensor from the safetensors files (FSDP2 shards dim 0 in `torch.chunk` pieces). Master weights,
+gradients and AdamW moments stay float32 and sharded; on GPU the layers compute in bf16 with
+float32 gradient reduction.
+
+Taylor scores come from `register_post_accumulate_grad_hook` on every sharded parameter: FSDP2
+calls it with the rank's shard of the weight and its reduce-scattered gradient, the hook folds
+`|w * g|` into per-neuron and per-KV-group float32 sums and drops the gradient at once, so no full
+gradient ever exists (a plain tensor hook never fires on FSDP2 parameters). Every rank then adds up
+the slices the others hold, so all ranks cut the same neurons.
+
+Scores must equal the unsharded definition, a sum of `|w * g_b|` over calibration batches b. A
+data-parallel backward would combine the batches of all ranks before the `|.|`, so under FSDP
+every rank processes every calibration batch (rank r's batches, for r in order) and the reduced
+gradient is exactly that batch's gradient. Scoring therefore costs `num_workers` times the
+calibration compute of a ddp stage; it is a few thousand forward-backward passes against billions
+of training tokens.
+
+Checkpoints go through `torch.distributed.checkpoint`: each rank writes its own shard files, the
+coordinator the metadata, so a restarted group resumes at the exact step. The final model is
+gathered one tensor at a time into sharded safetensors that plain `from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
+from slimmoe.tasks.core.checkpoint import (SAFETENSORS_INDEX, CheckpointTensors, check_safetensors, copy_tokenizer_files,
+                                          load_config)
+from slimmoe.tasks.core.runtime import lr_lambda
+from slimmoe.tasks.core.storage import atomic_output_dir
+from slimmoe.tasks.slimming.scores import Scores
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_rows(global_rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The dim-0 rows [start, end) FSDP2 gives `rank`: torch.chunk pieces of ceil(n / world) rows."""
+    per = math.ceil(global_rows / world) if global_rows else 0
+    start = min(rank * per, global_rows)
+    return start, min(start + per, global_rows)
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage this rank holds (its shards), not the model's."""
+    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+
+
+# -- building and filling a sharded model ---------------------------------------------------------
+
+@contextmanager
+def _params_on_meta():
+    """Parameters on the meta device, buffers real: the rotary tables and other non-persistent
+    buffers are computed by the modules' constructors and are in no checkpoint."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def build_sharded(config, device: torch.device, experts_implementation: str | None = None,
+                  activation_checkpointing: bool = False) -> nn.Module:
+    """An FSDP2-sharded, uninitialised model of `config` on `device`: weights are filled by
+    `load_shards` or a distributed checkpoint."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32}
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    adapter = get_adapter(model)
+    for layer in adapter.decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    with torch.no_grad():  # to_empty wiped the buffers too
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name].to(device))
+    return model
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "_tied_weights_keys", None) or {})
+
+
+def load_shards(model: nn.Module, model_dir: str | Path) -> int:
+    """Fill this rank's shard of every parameter (and every persistent buffer) from the checkpoint,
+    reading only its own rows. Returns the largest number of bytes read at once."""
+    model_dir = Path(model_dir)
+    source = CheckpointTensors(model_dir, get_adapter(model))
+    rank, world = _world()
+    state_names = set(model.state_dict().keys()) - _tied_names(model)
+    missing = sorted(n for n in state_names if not source.has(n))
+    if missing:
+        raise ValueError(
+            f"{model_dir} does not store {len(missing)} tensor(s) the model needs (first: {missing[0]}), neither "
+            "under the model's names nor as transformers 5 saves them; is config.json the one these weights were "
+            "saved with?")
+    peak = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = local_tensor(param)
+            if hasattr(param, "to_local"):
+                start, end = shard_rows(param.shape[0], rank, world)
+                if end - start != local.shape[0]:
+                    raise RuntimeError(f"{name}: FSDP holds {local.shape[0]} rows on rank {rank}, expected {end - start}")
+                if end == start:
+                    continue
+                piece = source.rows(name, start, end)
+            else:
+                piece = source.full(name)
+            if tuple(piece.shape) != tuple(local.shape):
+                raise ValueError(f"{name}: the checkpoint's rows have shape {tuple(piece.shape)}, the model's "
+                                 f"shard {tuple(local.shape)}; config.json does not describe these weights")
+            peak = max(peak, piece.numel() * piece.element_size())
+            local.copy_(piece)
+            del piece
+        params = {n for n, _ in model.named_parameters()}
+        for name, buf in model.named_buffers():
+            if name in state_names and name not in params:
+                buf.copy_(source.full(name))
+    return peak
+
+
+# -- sharded Taylor scores ------------------------------------------------------------------------
+
+def _expert_fold(adapter: MoEAdapter, role: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[experts slab, ...] values -> [experts slab, I] neuron sums, for one fused expert tensor."""
+    if role == "gate_up_proj":
+        return adapter.per_neuron_gate_up
+    if role == "down_proj":
+        return adapter.per_neuron_down
+
+    def bias(b: torch.Tensor) -> torch.Tensor:
+        if adapter.interleaved_gate_up:
+            return b[:, 0::2] + b[:, 1::2]
+        half = b.shape[1] // 2
+        return b[:, :half] + b[:, half:]
+
+    return bias
+
+
+class _Folder:
+    """Where each sharded parameter's |w*g| goes: which score vector, and how its rows map onto it."""
+
+    def __init__(self, model: nn.Module, with_heads: bool):
+        self.adapter = adapter = get_adapter(model)
+        cfg = model.config
+        self.scores = Scores(method="taylor")
+        self.rules: dict[str, Callable[[torch.Tensor, int], None]] = {}
+        names = {id(m): n + "." if n else "" for n, m in model.named_modules()}
+        device = next(model.parameters()).device
+        for idx, block in adapter.moe_blocks(model):
+            experts = block.experts
+            inter = experts.down_proj.shape[adapter.down_axis()]
+            self.scores.experts[idx] = torch.zeros(adapter.num_experts(cfg), inter, dtype=torch.float32, device=device)
+            for role in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
+                if getattr(experts, role, None) is not None:
+                    self.rules[names[id(experts)] + role] = self._rows_rule(self.scores.experts[idx],
+                                                                            _expert_fold(adapter, role))
+            shared = adapter.shared_expert(block)
+            if shared is not None:
+                size = shared.gate_proj.weight.shape[0]
+                target = self.scores.shared[idx] = torch.zeros(size, dtype=torch.float32, device=device)
+                prefix = names[id(shared)]
+                for role in ("gate_proj", "up_proj"):
+                    self.rules[f"{prefix}{role}.weight"] = self._rows_rule(target, lambda v: v.sum(1))
+                self.rules[f"{prefix}down_proj.weight"] = self._columns_rule(target, lambda v: v)
+        if with_heads and adapter.head_pruning:
+            n_h, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, adapter.head_dim(cfg)
+            group = n_h // n_kv
+            for idx, layer in enumerate(adapter.decoder_layers(model)):
+                target = self.scores.kv_groups[idx] = torch.zeros(n_kv, dtype=torch.float32, device=device)
+                attn = adapter.attention(layer)
+                prefix = names[id(attn)]
+                for proj, rows_per_group in (("q_proj", group * hd), ("k_proj", hd), ("v_proj", hd)):
+                    self.rules[f"{prefix}{proj}.weight"] = self._group_rule(target, rows_per_group, lambda v: v.sum(1))
+                    if getattr(getattr(attn, proj), "bias", None) is not None:
+                        self.rules[f"{prefix}{proj}.bias"] = self._group_rule(target, rows_per_group, lambda v: v)
+                self.rules[f"{prefix}o_proj.weight"] = self._columns_rule(
+                    target, lambda v, n_kv=n_kv: v.view(n_kv, -1).sum(1))
+
+    @staticmethod
+    def _rows_rule(target: torch.Tensor, fold):
+        """dim 0 of the parameter is dim 0 of the score (experts, or shared-expert neurons)."""
+        def apply(values: torch.Tensor, start: int) -> None:
+            target[start:start + values.shape[0]] += fold(values)
+        return apply
+
+    @staticmethod
+    def _columns_rule(target: torch.Tensor, fold):
+        """dim 0 is the hidden size; the scored structures run along dim 1, all present in every shard."""
+        def apply(values: torch.Tensor, start: int) -> None:
+            target.add_(fold(values.sum(0)))
+        return apply
+
+    @staticmethod
+    def _group_rule(target: torch.Tensor, rows_per_group: int, fold):
+        """dim 0 runs over heads x head_dim; row j belongs to KV group j // rows_per_group."""
+        def apply(values: torch.Tensor, start: int) -> None:
+            rows = torch.arange(start, start + values.shape[0], device=values.device)
+            target.index_add_(0, rows // rows_per_group, fold(values))
+        return apply
+
+
+def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_heads: bool = True) -> Scores:
+    """Taylor scores of an FSDP2 model, identical to `scores.taylor_scores` on the unsharded model
+    over the same batches. Every rank must pass the same batches in the same order."""
+    rank, world = _world()
+    folder = _Folder(model, with_heads)
+    handles = []
+
+    def hook_for(name: str):
+        rule = folder.rules.get(name)
+
+        def hook(param: torch.Tensor) -> None:
+            if rule is not None and param.grad is not None:
+                w, g = local_tensor(param.detach()), local_tensor(param.grad)
+                start = shard_rows(param.shape[0], rank, world)[0] if hasattr(param, "to_local") else 0
+                if w.numel():
+                    with torch.no_grad():
+                        rule((w.float() * g.float()).abs(), start)
+            param.grad = None  # the gradient is folded: never let a full set of them accumulate
+        return hook
+
+    for name, param in model.named_parameters():
+        handles.append(param.register_post_accumulate_grad_hook(hook_for(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"calibration loss is {float(loss)} on batch {folder.scores.batches}")
+            loss.backward()
+            folder.scores.batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if folder.scores.batches == 0:
+        raise ValueError("calibration data is empty: taylor scores need at least one batch")
+    scores = folder.scores
+    if world > 1:  # each rank holds the sums of its own slices; every rank needs all of them
+        flat = scores.flat().double()
+        dist.all_reduce(flat)
+        scores.load_flat(flat.float())
+    return scores
+
+
+def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: int) -> Iterable:
+    """The calibration batches of all ranks, rank 0's first: what a ddp stage scores across its ranks."""
+    for r in range(world):
+        batches = cache.iter_batches(micro_batch, rank=r, world_size=world, shuffle=True, seed=seed)
+        for _, b in zip(range(count), batches):
+            yield b
+
+
+# -- distillation engine --------------------------------------------------------------------------
+
+class FSDPEngine:
+    """The train loop's engine for FSDP2: AdamW on the float32 shards, warm-up + cosine schedule."""
+
+    sharded = True
+
+    def __init__(self, model, cfg, device, total_steps: int):
+        self.model = self.module = model
+        self.cfg, self.device = cfg, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+    def backward(self, loss, last_micro: bool):
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self):
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: Path, rank: int):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        # Each rank writes its own `__<rank>_0.distcp` into its directory and the coordinator the
+        # metadata; Ray Train gathers the ranks' directories into one checkpoint.
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ckpt_dir / "dcp"))
+        if rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, ckpt_dir / "scheduler.pt")
+
+    def load(self, ckpt_dir: Path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True)["scheduler"])
+
+    def full_state_model(self):
+        return self.model
+
+
+def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str | Path, dtype: torch.dtype | None = None,
+                       tokenizer_from: str | Path | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       overwrite: bool = False) -> Path | None:
+    """Gather the FSDP2 model one tensor at a time and write, on rank 0, a Hugging Face directory:
+    the config files of `config_from`, sharded safetensors and their index. Every rank must call it
+    (the gathers are collective); rank 0 holds at most one output shard plus one tensor."""
+    from safetensors.torch import save_file
+
+    rank, _ = _world()
+    out_dir = Path(out_dir)
+    tied = _tied_names(model)
+    names = [n for n in model.state_dict().keys() if n not in tied]
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def gathered(name: str) -> torch.Tensor:
+        t = params[name] if name in params else buffers[name]
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return full.detach().to("cpu", dtype if dtype is not None and full.is_floating_point() else full.dtype)
+
+    if rank != 0:
+        for name in names:
+            gathered(name)
+        return None
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        groups: list[dict[str, torch.Tensor]] = [{}]
+        size, total, written = 0, 0, []
+
+        def flush(final: bool):
+            if groups[-1]:
+                part = tmp / f"part-{len(written):05d}.safetensors"
+                save_file({k: v.contiguous() for k, v in groups[-1].items()}, str(part), metadata={"format": "pt"})
+                written.append((part, list(groups[-1])))
+                groups[-1] = {}
+
+        for name in names:
+            t = gathered(name)
+            nbytes = t.numel() * t.element_size()
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                flush(False)
+                size = 0
+            groups[-1][name] = t
+            size += nbytes
+            total += nbytes
+        flush(True)
+        weight_map = {}
+        for i, (part, keys) in enumerate(written):
+            final = tmp / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            part.rename(final)
+            weight_map.update({k: final.name for k in keys})
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                        indent=2) + "\n")
+        for name in CONFIG_FILES:
+            src = Path(config_from) / name
+            if src.exists():
+                (tmp / name).write_bytes(src.read_bytes())
+        copy_tokenizer_files(tokenizer_from, tmp)
+    return out_dir
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The floating dtype the checkpoint stores its weights in (the output keeps it)."""
+    from safetensors import safe_open
+
+    for f in check_safetensors(model_dir):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                t = h.get_slice(name)
+                dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+                if dt is not None:
+                    return dt
+    return torch.float32
+
+
+def sharded_model_from(model_dir: str | Path, device: torch.device, experts_implementation: str | None = None,
+                       activation_checkpointing: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """Build, shard and fill a model from a Hugging Face directory: no rank holds more than its shard."""
+    config = load_config(model_dir, trust_remote_code)
+    model = build_sharded(config, device, experts_implementation, activation_checkpointing)
+    load_shards(model, model_dir)
+    return model

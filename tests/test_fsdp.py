@@ -1,0 +1,138 @@
+"""The fsdp strategy: sharded loading, sharded Taylor scores, the stage end to end, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
+
+from slimmoe.tasks.nodes.stage import run_stage
+from slimmoe.tasks.slimming.scores import Scores, next_token_score_loss, taylor_scores
+from slimmoe.tasks.slimming.surgery import keep_plan
+from stage_helpers import SEQ, committed_checkpoint_step, held_out_kl, stage_cfg
+from tiny import tiny_model
+
+SCORE_FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+WORLD = 2
+
+
+def _calibration(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (2, 12), generator=g) for _ in range(3)]
+
+
+def _sharded_scores_worker(rank: int, root: str):
+    import torch.distributed as dist
+
+    from slimmoe.tasks.slimming import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
+    try:
+        for family in SCORE_FAMILIES:
+            model = fsdp.sharded_model_from(Path(root) / family, torch.device("cpu"))
+            full = sum(p.numel() * p.element_size() for p in model.parameters())
+            with_heads = family != "deepseek_v3"
+            scores = fsdp.sharded_taylor_scores(model, _calibration(), next_token_score_loss, with_heads=with_heads)
+            scores.save(Path(root) / f"{family}.rank{rank}.safetensors")
+            (Path(root) / f"{family}.rank{rank}.json").write_text(
+                json.dumps({"local": fsdp.local_param_bytes(model), "full": full}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(tmp_path):
+    for family in SCORE_FAMILIES:
+        tiny_model(family).save_pretrained(tmp_path / family)  # as transformers 5 saves: experts one by one
+    mp.spawn(_sharded_scores_worker, args=(str(tmp_path),), nprocs=WORLD)
+    for family in SCORE_FAMILIES:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / family)
+        want = taylor_scores(model, _calibration(), next_token_score_loss, with_heads=family != "deepseek_v3")
+        for rank in range(WORLD):
+            got = Scores.load(tmp_path / f"{family}.rank{rank}.safetensors")
+            assert got.batches == want.batches and sorted(got.experts) == sorted(want.experts)
+            a, b = want.flat(), got.flat()
+            assert a.shape == b.shape and a.abs().sum() > 0, family
+            rel = float((a - b).abs().max() / a.abs().max())
+            assert rel <= 1e-5, (family, rank, rel)
+            if family in ("qwen2_moe", "deepseek_v3"):
+                assert got.shared, family  # shared experts scored too
+            memory = json.loads((tmp_path / f"{family}.rank{rank}.json").read_text())
+            assert memory["local"] <= 0.6 * memory["full"], (family, memory)
+
+
+def _kept(scores_file: Path, model_dir: Path, targets):
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    plan = keep_plan(config, Scores.load(scores_file), targets)
+    return {k: {layer: t.tolist() for layer, t in getattr(plan, k).items()} for k in ("experts", "kv_groups")}
+
+
+def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, tmp_path):
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = stage_cfg(strategy=strategy, next_token_weight=0.0)
+        out = tmp_path / strategy
+        runs[strategy] = (cfg, out, run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, tmp_path / f"w_{strategy}",
+                                              teacher_fingerprint=pipeline["fp"], name=strategy))
+    cfg = runs["fsdp"][0]
+    ddp_out, fsdp_out = runs["ddp"][1], runs["fsdp"][1]
+    # The same neurons and KV groups survive (scores summed over the same calibration batches).
+    assert _kept(ddp_out / "scores.safetensors", pipeline["teacher"], cfg.targets) == \
+        _kept(fsdp_out / "scores.safetensors", pipeline["teacher"], cfg.targets)
+    ddp_kl, fsdp_kl = held_out_kl(ddp_out, pipeline["logits"]), held_out_kl(fsdp_out, pipeline["logits"])
+    assert abs(fsdp_kl - ddp_kl) <= 0.05 * ddp_kl, (ddp_kl, fsdp_kl)
+    assert fsdp_kl < held_out_kl(fsdp_out / "pruned", pipeline["logits"])
+    # A standard Hugging Face directory with sharded safetensors and an index.
+    assert (fsdp_out / "model.safetensors.index.json").exists()
+    student = AutoModelForCausalLM.from_pretrained(fsdp_out)
+    assert student.config.intermediate_size == 16 and student.config.num_key_value_heads == 1
+    metrics = json.loads((fsdp_out / "metrics.json").read_text())
+    assert metrics["steps_done"] == runs["ddp"][2]["steps"] == 40
+    assert metrics["params_after"]["total"] == sum(p.numel() for p in student.parameters())
+    memory = metrics["memory_per_rank"]
+    assert [m["rank"] for m in memory] == [0, 1]
+    for m in memory:  # no rank held more than its shard of the teacher or of the student
+        assert m["input_local_param_bytes"] <= 0.6 * m["input_param_bytes"], m
+        assert m["student_local_param_bytes"] <= 0.6 * m["student_param_bytes"], m
+
+
+def test_fsdp_worker_killed_mid_distillation_resumes_at_the_planned_step(pipeline, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    cfg = stage_cfg(strategy="fsdp", token_budget=60 * 8 * SEQ * 2, checkpoint_interval=15, log_interval=10,
+                    max_failures=2)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        m=run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, work, teacher_fingerprint=pipeline["fp"])))
+    runner.start()
+    killed, committed = None, None
+    deadline = time.time() + 900
+    while time.time() < deadline and runner.is_alive():
+        committed = committed_checkpoint_step(work)
+        progress = work / "progress.json"
+        if committed is not None and progress.exists() and json.loads(progress.read_text())["step"] > committed:
+            killed = int((work / "pids" / "rank1.pid").read_text())
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    runner.join()
+    assert killed is not None, "the stage finished before a checkpoint could be observed"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps_done"] == 60
+    assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= committed
+    assert m["resumed_from_step"] % 15 == 0
+    assert [r["step"] for r in m["history"]] == list(range(10, 61, 10))
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 16
+
+
+def test_activation_checkpointing_needs_fsdp_and_zero3_points_at_it():
+    with pytest.raises(ValueError, match="activation_checkpointing.*strategy: fsdp"):
+        stage_cfg(strategy="ddp", activation_checkpointing=True)
+    with pytest.raises(ValueError, match="ZeRO-3.*strategy: fsdp"):
+        stage_cfg(strategy="deepspeed", zero_stage=3)
+    assert stage_cfg(use_gpu=True, num_workers=2).strategy == "fsdp"
+    assert stage_cfg(use_gpu=False, num_workers=2).strategy == "ddp"

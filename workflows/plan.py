@@ -1,0 +1,720 @@
+"""`slimmoe plan`: what every node of a workflow needs (memory per device, FLOPs, time, GPU-hours,
+the logit cache on disk) and whether it fits, from the workflow and the teacher's config.json only.
+
+The arithmetic is `slimmoe.tasks.planning`; this module walks a DAG's nodes, derives each model's
+config from the one before it (the slimmed config of a stage, the trimmed config of a trim), picks
+each node's device, dtype and memory, and says what to change for a node that does not fit.
+`slimmoe run` and `slimmoe submit` call `plan_problems` while validating, before any node starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from slimmoe.tasks.planning import flops as F
+from slimmoe.tasks.planning.cache import cache_bytes, cache_bytes_per_token
+from slimmoe.tasks.planning.memory import (GB, Memory, ModelShape, as_model_config, evaluate_memory, model_shape,
+                                           stage_score_memory, stage_train_memory, teacher_actor_gpus,
+                                           teacher_pass_memory)
+
+from .config import LoadedWorkflow, Problem
+
+# GPUs of one node a teacher actor may be split over (the p4d / DGX shape).
+GPUS_PER_NODE = 8
+# CPU estimates carry about +-30% (the python heap, glibc arenas, page cache of mapped files): a CPU
+# node is refused only when it needs clearly more than the machine has.
+CPU_REFUSE_FACTOR = 1.25
+
+
+class PlanError(ValueError):
+    """A workflow that cannot be planned as given (no GPU memory for a GPU workflow, no teacher config)."""
+
+
+@dataclass
+class PlanOptions:
+    gpu_memory_gb: Optional[float] = None  # overrides resources.gpu_memory_gb
+    gpu: Optional[str] = None  # a100 | h100 | h200, for the peak
+    peak_tflops: Optional[float] = None
+    mfu: float = F.DEFAULT_MFU
+    cpu_memory_gb: Optional[float] = None  # default: this machine's RAM, for CPU workflows
+    data_tokens: Optional[int] = None  # tokens the data holds; default: what the largest budget needs
+    require_gpu_memory: bool = True  # `slimmoe plan` needs it; run / submit check what they can
+
+
+@dataclass
+class NodePlan:
+    name: str
+    kind: str
+    device: str  # gpu | cpu | "" (not modelled)
+    devices: float = 0  # GPUs (or CPU worker processes) the node occupies
+    params_before: Optional[dict] = None
+    params_after: Optional[dict] = None
+    memory: Optional[Memory] = None  # the peak per device
+    phases: dict = field(default_factory=dict)  # phase -> Memory
+    capacity: Optional[int] = None  # bytes per device it is checked against
+    fits: Optional[bool] = None  # None: not checked (unknown capacity, or not modelled)
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: Optional[float] = None
+    device_hours: Optional[float] = None
+    cache_bytes: Optional[int] = None
+    fix: Optional[str] = None
+    problem_loc: tuple = ()
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "device": self.device, "devices": self.devices,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "memory": self.memory.as_dict() if self.memory else None,
+                "phases": {k: v.as_dict() for k, v in self.phases.items()},
+                "capacity_bytes": self.capacity, "fits": self.fits, "tokens": self.tokens, "flops": self.flops,
+                "seconds": self.seconds, "device_hours": self.device_hours, "cache_bytes": self.cache_bytes,
+                "fix": self.fix, "notes": list(self.notes)}
+
+
+@dataclass
+class Plan:
+    workflow: str
+    use_gpu: bool
+    gpu_memory_bytes: Optional[int]
+    cpu_memory_bytes: Optional[int]
+    peak_tflops: Optional[float]
+    mfu: float
+    cluster_gpus: float
+    data_tokens: int
+    data_tokens_basis: str
+    nodes: list
+    problems: list = field(default_factory=list)  # (loc, message) of what does not fit
+    notes: list = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    def totals(self) -> dict:
+        timed = [n.seconds for n in self.nodes if n.seconds is not None]
+        hours = [n.device_hours for n in self.nodes if n.device_hours is not None and n.device == "gpu"]
+        return {"flops": sum(n.flops for n in self.nodes),
+                "seconds": sum(timed) if timed else None,
+                "gpu_hours": sum(hours) if hours else None,
+                "cache_bytes": sum(n.cache_bytes or 0 for n in self.nodes),
+                "peak_bytes_per_gpu": max((n.memory.total for n in self.nodes if n.memory and n.device == "gpu"),
+                                          default=None),
+                "nodes": len(self.nodes),
+                "nodes_not_fitting": [n.name for n in self.nodes if n.fits is False]}
+
+    def as_dict(self) -> dict:
+        return {"workflow": self.workflow, "use_gpu": self.use_gpu, "gpu_memory_bytes": self.gpu_memory_bytes,
+                "cpu_memory_bytes": self.cpu_memory_bytes, "peak_tflops": self.peak_tflops, "mfu": self.mfu,
+                "cluster_gpus": self.cluster_gpus, "data_tokens": self.data_tokens,
+                "data_tokens_basis": self.data_tokens_basis, "feasible": self.feasible,
+                "verdict": self.verdict(), "totals": self.totals(), "nodes": [n.as_dict() for n in self.nodes],
+                "problems": [m for _, m in self.problems], "notes": list(self.notes)}
+
+    def verdict(self) -> str:
+        if self.feasible:
+            return "feasible: every node fits" + ("" if all(n.fits is not False for n in self.nodes) else "")
+        names = ", ".join(n.name for n in self.nodes if n.fits is False) or "the cluster"
+        return f"infeasible: {names} do{'es' if names.count(',') == 0 else ''} not fit"
+
+    def format(self) -> str:
+        return format_plan(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machines
+
+
+def local_gpu_memory_bytes() -> Optional[int]:
+    """This machine's first GPU's memory, if it has one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # a broken driver: as good as no GPU for planning
+        return None
+    return None
+
+
+def machine_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configs along the DAG
+
+
+def teacher_model_config(loaded: LoadedWorkflow):
+    """The teacher's transformers config: its config.json (nothing else is read), or the demo teacher's."""
+    cfg = loaded.config
+    if cfg.teacher is not None:
+        path = Path(cfg.teacher.path) / "config.json"
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"teacher.path: {path} does not exist; the plan reads the teacher's config.json (no "
+                            "weights): copy it there, or plan on a machine that has the teacher") from None
+        except ValueError as err:
+            raise PlanError(f"teacher.path: {path} is not valid JSON: {err}") from None
+        try:
+            return as_model_config(values)
+        except (ValueError, KeyError) as err:
+            raise PlanError(f"teacher.path: {path}: {err}") from None
+    import transformers
+
+    pt = cfg.pretrain_teacher
+    return transformers.PhimoeConfig(
+        vocab_size=pt.vocab_size, hidden_size=pt.hidden_size, intermediate_size=pt.expert_intermediate_size,
+        num_hidden_layers=pt.num_layers, num_attention_heads=pt.num_attention_heads,
+        num_key_value_heads=pt.num_key_value_heads, num_local_experts=pt.num_experts,
+        num_experts_per_tok=pt.experts_per_token, max_position_embeddings=pt.max_position_embeddings,
+        tie_word_embeddings=False)
+
+
+def _trimmed_config(config, trim):
+    """The config a trim node produces (which experts or layers go does not change the sizes)."""
+    from slimmoe.tasks.core.adapters import get_adapter
+    from slimmoe.tasks.trimming.surgery import block_dropped_config, moe_layer_indices
+
+    if trim.scores_only or trim.n == 0:
+        return config
+    adapter = get_adapter(config)
+    if trim.method == "expert-drop":
+        new = copy.deepcopy(config)
+        setattr(new, adapter.num_experts_key, adapter.num_experts(config) - trim.n)
+        return new
+    if trim.method == "block-drop":
+        return block_dropped_config(config, list(range(trim.n)))
+    new = copy.deepcopy(config)  # layer-drop: the first n MoE layers lose their block (same sizes as any n)
+    new.intermediate_size = 0
+    new.mlp_only_layers = sorted(set(getattr(config, "mlp_only_layers", None) or [])
+                                 | set(moe_layer_indices(config)[:trim.n]))
+    return new
+
+
+def _params(shape: ModelShape) -> dict:
+    return {"total": shape.total, "active": shape.active}
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class _Context:
+    loaded: LoadedWorkflow
+    options: PlanOptions
+    gpu_bytes: Optional[int]
+    cpu_bytes: Optional[int]
+    peak: Optional[float]
+    cluster_gpus: float
+    seq_len: int
+    k: int
+    data_tokens: int
+    configs: dict = field(default_factory=dict)  # node name -> the model config it outputs
+    problems: list = field(default_factory=list)
+
+    def capacity(self, on_gpu: bool, share: float = 1.0) -> Optional[int]:
+        total = self.gpu_bytes if on_gpu else self.cpu_bytes
+        return None if total is None else int(total * share)
+
+    def judge(self, plan: NodePlan) -> None:
+        if plan.memory is None or plan.capacity is None:
+            return
+        need = plan.memory.total
+        limit = plan.capacity * (1 if plan.device == "gpu" else CPU_REFUSE_FACTOR)
+        plan.fits = need <= limit
+        if plan.device == "cpu" and plan.capacity < need <= limit:
+            plan.notes.append(f"tight: needs {_gb(need)} of {_gb(plan.capacity)} GB per process")
+
+    def timing(self, plan: NodePlan, flops: float, devices: float, parallel_devices: Optional[float] = None) -> None:
+        """Seconds on `parallel_devices` (default `devices`) working at once; device-hours on `devices`."""
+        plan.flops += flops
+        if self.peak is None or plan.device != "gpu":
+            return
+        seconds = F.seconds_for(flops, parallel_devices or devices, self.peak, self.options.mfu)
+        plan.seconds = (plan.seconds or 0.0) + seconds
+        plan.device_hours = (plan.device_hours or 0.0) + F.device_hours(seconds, devices)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.1f}"
+
+
+def _name_of(gpu_bytes: int) -> str:
+    return f"{gpu_bytes / GB:g} GB GPU"
+
+
+def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = None) -> Plan:
+    """The plan of a workflow whose DAG `nodes` (name -> Node, in order) was built from `loaded`."""
+    options = options or PlanOptions()
+    cfg = loaded.config
+    res = cfg.resources
+    use_gpu = bool(res.use_gpu)
+    gpu_gb = options.gpu_memory_gb or res.gpu_memory_gb
+    gpu_bytes = int(gpu_gb * GB) if gpu_gb else (local_gpu_memory_bytes() if use_gpu else None)
+    notes: list[str] = []
+    if use_gpu and gpu_bytes is None:
+        if options.require_gpu_memory:
+            raise PlanError("resources.gpu_memory_gb is not set and this machine has no GPU to ask: set it in the "
+                            "workflow (80 for an A100-80GB) or pass --gpu-memory-gb")
+        notes.append("GPU memory unknown (resources.gpu_memory_gb unset, no GPU here): GPU nodes were not checked")
+    elif use_gpu and not gpu_gb:
+        notes.append(f"GPU memory {_gb(gpu_bytes)} GB from this machine's GPU (set resources.gpu_memory_gb for the "
+                     "cluster's)")
+    cpu_bytes = int(options.cpu_memory_gb * GB) if options.cpu_memory_gb else (
+        machine_memory_bytes() if not use_gpu else None)
+    peak = F.peak_tflops(options.gpu, options.peak_tflops)
+    if use_gpu and peak is None:
+        notes.append("no GPU type given (--gpu a100|h100|h200 or --peak-tflops): times and GPU-hours not estimated")
+
+    seq_len = cfg.data.seq_len
+    teacher_config = teacher_model_config(loaded)
+    budgets = [n.task_config.token_budget for n in nodes.values()
+               if n.kind == "stage" and n.task_config is not None]
+    if options.data_tokens:
+        data_tokens, basis = int(options.data_tokens), "given (--data-tokens)"
+    else:
+        # Every stage reads the same cache from its start: it holds the largest budget (plus the
+        # validation split) for no stage to wrap around.
+        train_share = 1 - cfg.data.validation_fraction
+        data_tokens = math.ceil(max(budgets, default=0) / train_share)
+        basis = ("the largest token budget of a stage, plus the validation split (no stage wraps around the "
+                 "cache); pass --data-tokens for the data's real size")
+    ctx = _Context(loaded, options, gpu_bytes, cpu_bytes, peak, res.num_workers * res.gpus_per_worker if use_gpu else 0,
+                   seq_len, cfg.logits.k, data_tokens)
+    ctx.configs["teacher"] = teacher_config
+
+    planned: list[NodePlan] = []
+    for name, node in nodes.items():
+        if node.is_external:
+            continue
+        builder = _BUILDERS.get(node.kind)
+        if builder is None or node.task_config is None:
+            continue
+        plan = builder(ctx, node)
+        if plan is None:
+            continue
+        if plan.fits is None:
+            ctx.judge(plan)
+        if plan.fits is False and plan.fix is None:
+            plan.fix = "use devices with more memory"
+        if plan.fits is False:
+            ctx.problems.append((plan.problem_loc or node.section, f"{name}: {plan.fix}"))
+        planned.append(plan)
+    return Plan(cfg.name, use_gpu, gpu_bytes, cpu_bytes, peak, options.mfu, ctx.cluster_gpus, data_tokens, basis,
+                planned, ctx.problems, notes)
+
+
+def _input_config(ctx: _Context, node) -> Any:
+    return ctx.configs.get(node.inputs.get("model", "teacher"))
+
+
+def _plan_pretrain(ctx: _Context, node) -> NodePlan:
+    pt = node.task_config
+    on_gpu = pt.device.startswith("cuda") or (pt.device == "auto" and ctx.loaded.config.resources.use_gpu)
+    shape = model_shape(ctx.configs["teacher"])
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_after=_params(shape))
+    mem = stage_train_memory(shape, "ddp", 1, pt.batch_size, pt.seq_len, on_gpu)
+    plan.memory, plan.phases = mem, {"train": mem}
+    plan.capacity = ctx.capacity(on_gpu)
+    plan.tokens = pt.max_steps * pt.batch_size * pt.seq_len
+    ctx.timing(plan, F.train_flops(shape.active, plan.tokens), 1)
+    return plan
+
+
+def _plan_tokenize(ctx: _Context, node) -> NodePlan:
+    plan = NodePlan(node.name, node.kind, "cpu", node.task_config.tokenize_workers, tokens=ctx.data_tokens)
+    plan.notes.append("streams documents through tokenizer actors; memory not modelled")
+    return plan
+
+
+def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
+    lc = node.task_config
+    shape = model_shape(ctx.configs["teacher"])
+    on_gpu = lc.device == "cuda" or (lc.device == "auto" and bool(lc.use_gpu if lc.use_gpu is not None
+                                                                    else ctx.loaded.config.resources.use_gpu))
+    elem = {"float32": 4, "bfloat16": 2}.get(lc.dtype, 2 if on_gpu else 4)
+    dtype = "bf16" if elem == 2 else "float32"
+    asked = getattr(lc, "gpus_per_actor", 1) if on_gpu else 1
+    loc = ("logits", "gpus_per_actor")
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", lc.actor_pool_size, params_before=_params(shape),
+                    tokens=ctx.data_tokens)
+    gpus = asked
+    if asked == "auto":
+        if ctx.gpu_bytes is None:
+            gpus = 1
+            plan.notes.append("gpus_per_actor auto: GPU memory unknown, planned as 1")
+        else:
+            try:
+                gpus = teacher_actor_gpus(ctx.configs["teacher"], lc.batch_size, ctx.seq_len, lc.k, ctx.gpu_bytes,
+                                          elem, GPUS_PER_NODE)
+                plan.notes.append(f"gpus_per_actor auto resolves to {gpus}")
+            except ValueError as err:
+                gpus = GPUS_PER_NODE
+                plan.fix = str(err)
+    mem = teacher_pass_memory(shape, lc.batch_size, ctx.seq_len, lc.k, on_gpu, gpus=int(gpus), dtype_bytes=elem)
+    plan.memory, plan.phases = mem, {"forward": mem}
+    if on_gpu:
+        plan.devices = lc.actor_pool_size * int(gpus)
+        plan.capacity = ctx.capacity(True)
+    else:
+        plan.capacity = ctx.capacity(False, 1 / lc.actor_pool_size)
+        if lc.actor_pool_size > 1:
+            plan.notes.append(f"{lc.actor_pool_size} actors share this machine's memory")
+    plan.cache_bytes = cache_bytes(ctx.data_tokens, lc.k, shape.vocab, ctx.seq_len)
+    plan.notes.append(f"cache: {cache_bytes_per_token(lc.k, shape.vocab, ctx.seq_len):.1f} bytes/token (top-{lc.k} "
+                      "ids and float16 log-probs, float32 rest, int32 token id; Parquet/zstd not counted)")
+    # Every actor works at once: the pass takes the pool's FLOP rate.
+    ctx.timing(plan, F.forward_flops(shape.active, ctx.data_tokens), plan.devices)
+    ctx.judge(plan)
+    if plan.fits is False and plan.fix is None:
+        plan.problem_loc = loc
+        weights = shape.total * elem
+        try:
+            need = teacher_actor_gpus(ctx.configs["teacher"], lc.batch_size, ctx.seq_len, lc.k, ctx.gpu_bytes, elem,
+                                      GPUS_PER_NODE) if on_gpu else None
+        except ValueError as err:
+            need, plan.fix = None, str(err)
+        if on_gpu and need is not None:
+            plan.fix = (f"the teacher needs {_gb(weights)} GB in {dtype} plus {_gb(mem.activations + mem.logits)} GB of "
+                        f"activations and logits for a batch of {lc.batch_size} x {ctx.seq_len}; one "
+                        f"{_name_of(ctx.gpu_bytes)} holds {_gb(ctx.gpu_bytes)}"
+                        + (f" and {gpus} hold {_gb(ctx.gpu_bytes * int(gpus))}" if int(gpus) > 1 else "")
+                        + f": set logits.gpus_per_actor: {need} (or auto)")
+            if ctx.cluster_gpus and lc.actor_pool_size * need > ctx.cluster_gpus:
+                plan.fix += (f" and resources.actor_pool_size: {max(1, int(ctx.cluster_gpus // need))} "
+                             f"({need} GPUs per actor, {ctx.cluster_gpus:g} GPUs)")
+        elif not on_gpu:
+            plan.fix = (f"{lc.actor_pool_size} teacher actor(s) of {_gb(mem.total)} GB each (float32 weights "
+                        f"{_gb(weights)} GB) do not fit this machine's {_gb(ctx.cpu_bytes)} GB: lower "
+                        "resources.actor_pool_size or logits.batch_size")
+    elif on_gpu and ctx.cluster_gpus and plan.devices > ctx.cluster_gpus:
+        plan.fits = False
+        per = int(gpus)
+        plan.problem_loc = ("resources", "actor_pool_size")
+        plan.fix = (f"{lc.actor_pool_size} actors x {per} GPUs = {plan.devices:g} GPUs, the cluster has "
+                    f"{ctx.cluster_gpus:g} (resources.num_workers x gpus_per_worker): set resources.actor_pool_size: "
+                    f"{max(1, int(ctx.cluster_gpus // per))}")
+    return plan
+
+
+def _stage_memory(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool) -> dict:
+    phases = {}
+    if not cfg.distill_only:
+        phases["score"] = stage_score_memory(shape_in, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len,
+                                             on_gpu, shape_after=shape_out)
+    phases["train"] = stage_train_memory(shape_out, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len, on_gpu,
+                                         cfg.activation_checkpointing, k, grad_accum=cfg.grad_accum)
+    return phases
+
+
+def _peak(phases: dict) -> Memory:
+    return max(phases.values(), key=lambda m: m.total)
+
+
+def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, capacity: int) -> Optional[str]:
+    """The smallest change that makes the stage fit: fsdp, activation checkpointing, a smaller micro-batch
+    (grad_accum raised to keep the tokens per step), or a combination."""
+    def fits(**changes) -> bool:
+        trial = cfg.model_copy(update=changes)
+        return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu)).total <= capacity
+
+    options: list[tuple[str, dict]] = []
+    if on_gpu and cfg.num_workers > 1 and cfg.strategy != "fsdp":
+        options.append(("strategy: fsdp", {"strategy": "fsdp"}))
+    if (cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1)) and not cfg.activation_checkpointing:
+        options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
+                        {"activation_checkpointing": True, "strategy": "fsdp"}))
+    mb = cfg.micro_batch // 2
+    while mb >= 1:
+        ga = cfg.grad_accum * cfg.micro_batch // mb
+        options.append((f"micro_batch: {mb} and grad_accum: {ga} (the same tokens per step)",
+                        {"micro_batch": mb, "grad_accum": ga}))
+        mb //= 2
+    for text, changes in options:
+        if fits(**changes):
+            return text
+    combined = {"micro_batch": 1, "grad_accum": cfg.grad_accum * cfg.micro_batch}
+    if on_gpu and cfg.num_workers > 1:
+        combined.update(strategy="fsdp", activation_checkpointing=True)
+    if fits(**combined):
+        return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}" for key, v in combined.items())
+    if cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1):
+        for workers in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+            if workers > cfg.num_workers and fits(**combined, num_workers=workers):
+                return (f"not with {cfg.num_workers} workers: with fsdp, activation checkpointing and micro_batch 1 "
+                        f"it needs num_workers >= {workers}")
+    return None
+
+
+def _plan_stage(ctx: _Context, node) -> NodePlan:
+    from slimmoe.tasks.slimming.config import plan_steps
+    from slimmoe.tasks.slimming.surgery import slimmed_config
+
+    cfg = node.task_config
+    on_gpu = bool(cfg.use_gpu)
+    config_in = _input_config(ctx, node)
+    if config_in is None:
+        return None
+    config_out = config_in if cfg.distill_only else slimmed_config(config_in, cfg.targets)
+    ctx.configs[node.name] = config_out
+    shape_in, shape_out = model_shape(config_in), model_shape(config_out)
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.num_workers,
+                    params_before=_params(shape_in), params_after=_params(shape_out))
+    plan.phases = _stage_memory(shape_in, shape_out, cfg, ctx.seq_len, ctx.k, on_gpu)
+    plan.memory = _peak(plan.phases)
+    if on_gpu:
+        plan.devices = cfg.num_workers * cfg.gpus_per_worker
+        plan.capacity = ctx.capacity(True, min(1.0, cfg.gpus_per_worker))
+    else:
+        plan.capacity = ctx.capacity(False, 1 / cfg.num_workers)
+    steps = plan_steps(cfg, ctx.seq_len, batches_per_epoch=2**62)
+    plan.tokens = steps["planned_tokens"]
+    if not cfg.distill_only:
+        # Under fsdp every rank runs every rank's calibration batches (the scores stay exact).
+        per_rank = cfg.calibration_batches * cfg.micro_batch * ctx.seq_len * (cfg.num_workers if cfg.strategy == "fsdp" else 1)
+        ctx.timing(plan, F.train_flops(shape_in.active, per_rank * cfg.num_workers), plan.devices or 1,
+                   parallel_devices=None)
+        plan.notes.append(f"scoring: {per_rank:,} calibration tokens per worker")
+    train = F.train_flops(shape_out.active, plan.tokens)
+    if cfg.activation_checkpointing:
+        train *= 8 / 6  # each layer's forward runs again in backward
+    ctx.timing(plan, train, plan.devices or 1)
+    plan.notes.append(f"{steps['total_steps']:,} steps of {steps['tokens_per_step']:,} tokens ({cfg.strategy})")
+    ctx.judge(plan)
+    if plan.fits is False:
+        plan.problem_loc = node.section
+        what = plan.memory
+        fix = _stage_fix(shape_in, shape_out, cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity)
+        plan.fix = (f"the {what.phase} phase needs {_gb(what.total)} GB per {'GPU' if on_gpu else 'worker'} "
+                    f"(weights {_gb(what.weights)}, gradients {_gb(what.gradients)}, optimizer {_gb(what.optimizer)}, "
+                    f"activations {_gb(what.activations)}, logits {_gb(what.logits)}), "
+                    f"{_gb(plan.capacity)} GB available: " + (f"set {fix}" if fix and not fix.startswith("not ")
+                                                             else (fix or "use devices with more memory")))
+    return plan
+
+
+def _plan_evaluate(ctx: _Context, node) -> NodePlan:
+    ec = node.task_config
+    model = node.inputs["model"]
+    config = ctx.configs.get(model)
+    if config is None:
+        return None
+    on_gpu = ec.device.startswith("cuda") or (ec.device == "auto" and ctx.loaded.config.resources.use_gpu)
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(ec.load_dtype, 2 if on_gpu else 4)
+    shape = model_shape(config)
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape))
+    mem = evaluate_memory(shape, ec.batch_size, ctx.seq_len, on_gpu, elem)
+    plan.memory, plan.phases = mem, {"forward": mem}
+    plan.capacity = ctx.capacity(on_gpu)
+    rows = ec.max_rows or math.ceil(ctx.data_tokens * ctx.loaded.config.data.validation_fraction / ctx.seq_len)
+    plan.tokens = rows * ctx.seq_len
+    ctx.timing(plan, F.forward_flops(shape.active, plan.tokens), 1)
+    plan.notes.append("runs in the driver's process on one device" + (" (slimmoe submit --entrypoint-num-gpus 1)"
+                                                                      if on_gpu else ""))
+    if ec.lm_eval_tasks:
+        plan.notes.append("lm-eval tasks not counted in FLOPs")
+    ctx.judge(plan)
+    if plan.fits is False:
+        plan.problem_loc = ("evaluate",)
+        rest = mem.total - mem.weights
+        unit = "GPU" if on_gpu else "process"
+        if mem.weights + mem.overhead < plan.capacity:
+            b = ec.batch_size
+            while b > 1 and evaluate_memory(shape, b, ctx.seq_len, on_gpu, elem).total > plan.capacity:
+                b //= 2
+            if evaluate_memory(shape, b, ctx.seq_len, on_gpu, elem).total <= plan.capacity:
+                plan.fix = (f"{model} needs {_gb(mem.total)} GB on one {unit} ({_gb(mem.weights)} GB of weights, "
+                            f"{_gb(rest)} GB for a batch of {ec.batch_size} x {ctx.seq_len}): set evaluate.batch_size: {b}")
+        if plan.fix is None:
+            plan.fix = (f"{model}'s weights alone are {_gb(mem.weights)} GB ({'bf16' if elem == 2 else 'float32'}), "
+                        f"more than one {_gb(plan.capacity)} GB {unit} holds with a batch: remove {model} from "
+                        "evaluate.models (evaluate it by hand with `slimmoe evaluate` on a bigger GPU)")
+    return plan
+
+
+def _plan_trim(ctx: _Context, node) -> NodePlan:
+    tc = node.task_config
+    config_in = _input_config(ctx, node)
+    if config_in is None:
+        return None
+    config_out = _trimmed_config(config_in, tc)
+    ctx.configs[node.name] = config_out
+    on_gpu = tc.device.startswith("cuda")
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[tc.dtype]
+    shape_in, shape_out = model_shape(config_in), model_shape(config_out)
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape_in),
+                    params_after=_params(shape_out))
+    mem = evaluate_memory(shape_in, tc.batch_size, tc.seq_len, on_gpu, elem)
+    mem.weights += 0 if tc.scores_only else shape_out.total * elem  # the trimmed copy beside the whole model
+    mem.notes.append("scoring forward, then the trimmed model built beside the whole one")
+    plan.memory, plan.phases = mem, {"trim": mem}
+    plan.capacity = ctx.capacity(on_gpu)
+    plan.tokens = tc.calibration_batches * tc.batch_size * tc.seq_len
+    ctx.timing(plan, F.forward_flops(shape_in.active, plan.tokens), 1)
+    plan.notes.append("runs in the driver's process")
+    ctx.judge(plan)
+    if plan.fits is False:
+        plan.problem_loc = node.section
+        plan.fix = (f"trimming holds {_gb(mem.total)} GB on one {'GPU' if on_gpu else 'process'}: "
+                    + ("set device: cpu (the driver host's RAM)" if on_gpu else "set dtype: bfloat16"))
+    return plan
+
+
+def _plan_quantize(ctx: _Context, node) -> NodePlan:
+    qc = node.task_config
+    config_in = _input_config(ctx, node)
+    if config_in is None:
+        return None
+    ctx.configs[node.name] = config_in  # the same architecture, packed (evaluated at 16 bits: an upper bound)
+    on_gpu = qc.device.startswith("cuda") or (qc.device == "auto" and ctx.loaded.config.resources.use_gpu)
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[qc.compute_dtype]
+    shape = model_shape(config_in)
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape),
+                    params_after=_params(shape))
+    mem = evaluate_memory(shape, qc.batch_size, qc.seq_len, on_gpu, elem)
+    mem.notes.append("calibration forward; GPTQ's per-layer Hessians not counted")
+    plan.memory, plan.phases = mem, {"calibrate": mem}
+    plan.capacity = ctx.capacity(on_gpu)
+    plan.tokens = qc.calibration_batches * qc.batch_size * qc.seq_len
+    ctx.timing(plan, F.forward_flops(shape.active, plan.tokens), 1)
+    plan.notes.append("runs in the driver's process; GPTQ's own work not counted in FLOPs")
+    ctx.judge(plan)
+    if plan.fits is False:
+        plan.problem_loc = node.section
+        plan.fix = f"quantization holds {_gb(mem.total)} GB on one device: set compute_dtype: bfloat16 or device: cpu"
+    return plan
+
+
+_BUILDERS: dict[str, Callable] = {"pretrain_teacher": _plan_pretrain, "tokenize": _plan_tokenize,
+                                  "teacher_logits": _plan_teacher_logits, "stage": _plan_stage,
+                                  "evaluate": _plan_evaluate, "trim": _plan_trim, "quantize": _plan_quantize}
+
+
+# ---------------------------------------------------------------------------------------------
+# For run / submit
+
+
+def plan_problems(loaded: LoadedWorkflow, nodes: dict) -> list[Problem]:
+    """What `slimmoe run` / `submit` refuse before any node starts: the nodes the plan says do not fit,
+    each at its YAML line with the fix. A workflow that cannot be planned (e.g. GPU memory unknown)
+    is not refused here: only what is known not to fit is."""
+    try:
+        plan = plan_dag(loaded, nodes, PlanOptions(require_gpu_memory=False))
+    except PlanError:
+        return []
+    return [loaded.problem(loc, f"{message} (the plan: `slimmoe plan`; --allow-infeasible runs it anyway)")
+            for loc, message in plan.problems]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _count(n: Optional[int]) -> str:
+    if n is None:
+        return ""
+    from slimmoe.tasks.core.params import format_count
+
+    return format_count(n)
+
+
+def _flops(x: float) -> str:
+    return f"{x:.2e}" if x else ""
+
+
+def _duration(s: Optional[float]) -> str:
+    if s is None:
+        return ""
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f}m"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return ""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def format_plan(plan: Plan) -> str:
+    unit = "GPU" if plan.use_gpu else "worker"
+    head = [f"plan for {plan.workflow}: " + (f"GPUs of {_bytes(plan.gpu_memory_bytes)}" if plan.use_gpu and plan.gpu_memory_bytes
+                                             else "GPU memory unknown" if plan.use_gpu else
+                                             f"CPU, {_bytes(plan.cpu_memory_bytes)} of RAM")
+            + (f", peak {plan.peak_tflops:g} TFLOP/s at MFU {plan.mfu:g}" if plan.peak_tflops else "")
+            + (f", {plan.cluster_gpus:g} GPUs" if plan.use_gpu else ""), ""]
+    rows = []
+    for n in plan.nodes:
+        params = ""
+        if n.params_before and n.params_after and n.params_before != n.params_after:
+            params = f"{_count(n.params_before['total'])} -> {_count(n.params_after['total'])}"
+        elif n.params_before or n.params_after:
+            params = _count((n.params_after or n.params_before)["total"])
+        mem = f"{_bytes(n.memory.total)}" if n.memory else ""
+        cap = f"/ {_bytes(n.capacity)}" if n.capacity and n.memory else ""
+        fits = {True: "yes", False: "NO", None: "-"}[n.fits]
+        rows.append([n.name, n.device + (f" x{n.devices:g}" if n.devices else ""), params, f"{mem} {cap}".strip(), fits,
+                     _count(n.tokens) if n.tokens else "", _flops(n.flops), _duration(n.seconds),
+                     f"{n.device_hours:,.0f}" if n.device_hours is not None else "",
+                     _bytes(n.cache_bytes) if n.cache_bytes else ""])
+    head += _table(["node", "devices", "params", f"peak per {unit}", "fits", "tokens", "FLOPs", "time",
+                    "GPU-h", "cache"], rows, {2, 3, 5, 6, 7, 8, 9})
+    head += ["", f"memory per {unit} at the peak phase (GB)"]
+    mrows = []
+    for n in plan.nodes:
+        if n.memory is None:
+            continue
+        m = n.memory
+        mrows.append([n.name, m.phase] + [_gb(v) for v in (m.weights, m.gradients, m.optimizer, m.activations,
+                                                            m.logits, m.overhead, m.total)])
+    head += _table(["node", "phase", "weights", "grads", "optimizer", "activations", "logits", "runtime", "total"],
+                   mrows, set(range(2, 9)))
+    t = plan.totals()
+    head += ["", "totals: " + ", ".join(filter(None, [
+        f"{t['flops']:.2e} FLOPs",
+        f"{t['gpu_hours']:,.0f} GPU-hours at MFU {plan.mfu:g}" if t["gpu_hours"] is not None else "",
+        f"{_duration(t['seconds'])} of wall-clock (nodes in sequence)" if t["seconds"] is not None else "",
+        f"logit cache {_bytes(t['cache_bytes'])} for {_count(plan.data_tokens)} tokens" if t["cache_bytes"] else ""]))]
+    head.append(f"  data tokens: {plan.data_tokens_basis}")
+    for note in plan.notes:
+        head.append(f"  note: {note}")
+    for n in plan.nodes:
+        for note in n.notes:
+            head.append(f"  {n.name}: {note}")
+    head += ["", plan.verdict()]
+    for n in plan.nodes:
+        if n.fits is False:
+            head.append(f"  {n.name}: {n.fix}")
+    return "\n".join(head)
+
+
+__all__ = ["NodePlan", "Plan", "PlanError", "PlanOptions", "format_plan", "plan_dag", "plan_problems",
+           "teacher_model_config"]
