@@ -168,11 +168,15 @@ def main() -> None:
         print(json.dumps(CHILDREN[a.child](json.loads(a.args))))
         return
 
-    from slimmoe.tasks.planning.memory import model_shape, stage_score_memory, stage_train_memory, teacher_pass_memory
-    from slimmoe.tasks.slimming.config import SlimTargets
-    from slimmoe.tasks.slimming.surgery import slimmed_config
+    import contextlib
 
-    with tempfile.TemporaryDirectory(prefix="slimmoe-plan-accuracy-") as tmp:
+    with contextlib.redirect_stdout(sys.stderr):  # a library's import-time banner must not break the JSON
+        from slimmoe.tasks.planning.memory import (model_shape, stage_score_memory, stage_train_memory,
+                                                   teacher_pass_memory)
+        from slimmoe.tasks.slimming.config import SlimTargets
+        from slimmoe.tasks.slimming.surgery import slimmed_config
+
+    with tempfile.TemporaryDirectory(prefix="slimmoe-plan-accuracy-") as tmp, contextlib.redirect_stdout(sys.stderr):
         stage_dir = _save(STAGE_MODEL, Path(tmp) / "stage_model")
         teacher_dir = _save(TEACHER_MODEL, Path(tmp) / "teacher_model")
         base = run_child("baseline", {}, a.threads)["peak_rss"]
@@ -182,10 +186,11 @@ def main() -> None:
     s, t = STAGE, TEACHER
     shape_in = model_shape(_config(STAGE_MODEL))
     shape_out = model_shape(slimmed_config(_config(STAGE_MODEL), SlimTargets(s["expert_intermediate_size"])))
+    mapped = shape_in.checkpoint_bytes  # the stage's checkpoint, loaded with load_model, stays mapped
     phases = {"score": stage_score_memory(shape_in, "ddp", 1, s["micro_batch"], s["seq_len"], False, shape_out,
-                                          overhead=base),
+                                          overhead=base, mapped_bytes=mapped),
               "train": stage_train_memory(shape_out, "ddp", 1, s["micro_batch"], s["seq_len"], False, k=s["k"],
-                                          overhead=base)}
+                                          overhead=base, mapped_bytes=mapped)}
     stage_plan = max(phases.values(), key=lambda m: m.total)
     teacher_plan = teacher_pass_memory(model_shape(_config(TEACHER_MODEL)), t["batch_size"], t["seq_len"], t["k"],
                                        on_gpu=False, overhead=base)
@@ -193,11 +198,13 @@ def main() -> None:
                        "params": {"before": shape_in.total, "after": shape_out.total},
                        "phases_estimate_bytes": {k: v.total for k, v in phases.items()}},
              "teacher_pass": {**_case(teacher, teacher_plan), "settings": t, "model": TEACHER_MODEL,
-                              "params": shape_in.total and model_shape(_config(TEACHER_MODEL)).total}}
+                              "params": model_shape(_config(TEACHER_MODEL)).total}}
     print(json.dumps({
         "baseline_peak_rss_bytes": base,
         "overhead_note": ("the runtime (python + torch + transformers + slimmoe's modules) measured in a fresh "
-                          "process in this run; the estimates use it as their overhead term"),
+                          "process in this run; the estimates use it as their runtime term, plus the plan's "
+                          "allocator slack (15% of gradients, activations and logits on CPU) and, on CPU, the "
+                          "checkpoint file that stays mapped while the loaded model lives"),
         "tolerance": TOLERANCE, "threads": a.threads,
         "cases": cases,
         "ok": all(c["within_tolerance"] for c in cases.values()),

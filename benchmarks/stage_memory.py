@@ -1,19 +1,20 @@
 """Peak memory of the stages that touch a whole checkpoint, each measured in a fresh process.
 
-    python benchmarks/stage_memory.py [--sections slim] [--workdir DIR] [--layers 5]
+    python benchmarks/stage_memory.py [--sections slim,scoring,stage] [--workdir DIR] [--layers 5]
 
 One function per section (`section_<name>(workdir, args)`, listed in SECTIONS; a section's options
-go on main's parser); `main` runs the selected ones and prints one JSON object, {section: result}. Peak RSS is the child's own `ru_maxrss` (from os.wait4:
-that process alone, file-backed pages included, like VmHWM), so every arm starts from nothing.
+go on main's parser); `main` runs the selected ones and prints one JSON object, {section: result}.
+Peak RSS is the child's own `ru_maxrss` (from os.wait4: that process alone, file-backed pages
+included, like VmHWM), so every arm starts from nothing.
 
 slim: a PhiMoE checkpoint of >= 1 GB of float32 weights (saved sharded by save_pretrained, so in the
 per-expert Hub layout transformers 5 writes) is cut to half its expert width three ways:
   streaming_scores     `slimmoe slim --scores FILE` (streaming surgery; the model is never loaded)
   streaming_magnitude  `slimmoe slim` without data (magnitudes and the cut both streamed)
   in_memory            load_model + slim_model + save_model_dir (the path `slim` took before)
-against the baselines of a process that only imports torch, and one that also imports the
-transformers PhiMoE model code (which every arm needs). Target: streaming peak RSS < 0.3x the
-checkpoint's size.
+against the baselines of processes that only import: torch; torch and the transformers PhiMoE model
+code (what the in-memory arm runs); the slimmoe CLI and that model code (what the streaming arms run,
+their meta-device model included). Target: streaming peak RSS < 0.3x the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -97,11 +98,7 @@ streaming_magnitude_scores(sys.argv[1], with_heads=False).save(sys.argv[2])
 def section_slim(workdir: Path, args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     layers = args.layers
-    src = workdir / "teacher"
-    if not (src / "config.json").exists():
-        shutil.rmtree(src, ignore_errors=True)
-        _run_child(_python(f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from stage_memory import "
-                           f"_build_teacher; from pathlib import Path; _build_teacher(Path({str(src)!r}), {layers})"))
+    src = _teacher(workdir, layers)
     size = _dir_bytes(src)
     size_mb = size / 2**20
     target = json.loads((src / "config.json").read_text())["intermediate_size"] // 2
@@ -112,6 +109,8 @@ def section_slim(workdir: Path, args: argparse.Namespace) -> dict:
     arms = {
         "import_torch": _python("import torch"),
         "import_transformers_phimoe": _python("import torch, transformers.models.phimoe.modeling_phimoe"),
+        "import_cli_and_phimoe": _python("import slimmoe.workflows.cli, slimmoe.tasks.nodes.slim, "
+                                         "transformers.models.phimoe.modeling_phimoe"),
         "streaming_scores": [slimmoe, "slim", str(src), str(workdir / "out_stream"), "--expert-intermediate-size",
                              str(target), "--scores", str(scores), "--json"],
         "streaming_magnitude": [slimmoe, "slim", str(src), str(workdir / "out_magnitude"),
@@ -125,24 +124,168 @@ def section_slim(workdir: Path, args: argparse.Namespace) -> dict:
             shutil.rmtree(out)
         result["arms"][name] = _run_child(argv)
     peak = {k: v["peak_rss_mb"] for k, v in result["arms"].items()}
-    base = peak["import_transformers_phimoe"]
-    for name in ("streaming_scores", "streaming_magnitude", "in_memory"):
+    # what each arm adds over a process that only imports what it runs
+    baselines = {"streaming_scores": "import_cli_and_phimoe", "streaming_magnitude": "import_cli_and_phimoe",
+                 "in_memory": "import_transformers_phimoe"}
+    for name, base in baselines.items():
         arm = result["arms"][name]
         arm["peak_over_checkpoint"] = round(peak[name] / size_mb, 3)
-        arm["peak_above_import_baseline_over_checkpoint"] = round((peak[name] - base) / size_mb, 3)
+        arm["baseline"] = base
+        arm["peak_above_baseline_over_checkpoint"] = round((peak[name] - peak[base]) / size_mb, 3)
     result["streaming_over_in_memory"] = round(peak["streaming_scores"] / peak["in_memory"], 3)
     result["target_streaming_below_0.3x_checkpoint"] = peak["streaming_scores"] < 0.3 * size_mb
     return result
 
 
-SECTIONS = {"slim": section_slim}
+# -- scoring ---------------------------------------------------------------------------------------------
+
+_SCORE_FULL = """
+import sys, torch
+from slimmoe.tasks.core.checkpoint import load_model
+from slimmoe.tasks.slimming.scores import next_token_score_loss, taylor_scores
+src, n, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+batches = [torch.randint(3, 4000, (1, seq), generator=g) for _ in range(n)]
+taylor_scores(load_model(src), batches, next_token_score_loss, with_heads=True).save(sys.argv[4])
+"""
+
+_SCORE_HOOKS = """
+import sys, torch, torch.distributed as dist
+from slimmoe.tasks.slimming import fsdp
+from slimmoe.tasks.slimming.scores import next_token_score_loss
+src, n, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[5], rank=0, world_size=1)
+g = torch.Generator().manual_seed(0)
+batches = [torch.randint(3, 4000, (1, seq), generator=g) for _ in range(n)]
+model = fsdp.sharded_model_from(src, torch.device("cpu"))
+fsdp.sharded_taylor_scores(model, batches, next_token_score_loss, with_heads=True).save(sys.argv[4])
+"""
+
+
+def section_scoring(workdir: Path, args: argparse.Namespace) -> dict:
+    """Taylor scores of the whole teacher on one process: full gradients (what a ddp stage's workers
+    hold) against the FSDP2 gradient hooks (each gradient folded and freed as it arrives). One rank,
+    so the weights are whole in both arms and the difference is the gradients alone."""
+    from safetensors.torch import load_file
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = _teacher(workdir.parent / "slim", args.layers)
+    size_mb = _dir_bytes(src) / 2**20
+    n, seq = 2, 64
+    arms = {"full_gradients": _python(_SCORE_FULL) + [str(src), str(n), str(seq), str(workdir / "full.safetensors")],
+            "gradient_hooks": _python(_SCORE_HOOKS) + [str(src), str(n), str(seq), str(workdir / "hooks.safetensors"),
+                                                       str(workdir / "store")]}
+    result = {"checkpoint_mb": round(size_mb, 1), "calibration": f"{n} batches of 1 x {seq} tokens", "arms": {}}
+    for name, argv in arms.items():
+        (workdir / "store").unlink(missing_ok=True)
+        result["arms"][name] = _run_child(argv)
+        result["arms"][name]["peak_over_checkpoint"] = round(result["arms"][name]["peak_rss_mb"] / size_mb, 3)
+    full, hooks = load_file(str(workdir / "full.safetensors")), load_file(str(workdir / "hooks.safetensors"))
+    result["max_relative_score_difference"] = max(
+        float((full[k] - hooks[k]).abs().max() / full[k].abs().max().clamp_min(1e-30)) for k in full)
+    result["hooks_over_full_gradients"] = round(result["arms"]["gradient_hooks"]["peak_rss_mb"]
+                                                / result["arms"]["full_gradients"]["peak_rss_mb"], 3)
+    return result
+
+
+# -- stage -----------------------------------------------------------------------------------------------
+
+_STAGE = """
+import json, os, sys
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+import ray
+from slimmoe.tasks.nodes.stage import run_stage
+from slimmoe.tasks.slimming.config import StageConfig
+teacher, logits, out, work, strategy, size, seq = sys.argv[1:8]
+ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+cfg = StageConfig(strategy=strategy, num_workers=2, expert_intermediate_size=int(size), micro_batch=1,
+                  token_budget=4 * 2 * int(seq), calibration_batches=2, score_loss="next_token",
+                  checkpoint_interval=1000, log_interval=1)
+run_stage(cfg, teacher, logits, out, work)
+print("MEMORY" + json.dumps(json.load(open(os.path.join(out, "metrics.json")))["memory_per_rank"]))
+"""
+
+
+def _stage_inputs(workdir: Path, layers: int, seq: int) -> tuple[Path, Path]:
+    """The teacher, and a logit cache of random token rows from a small model with its vocabulary:
+    what the cache holds does not change what the stage keeps in memory."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from slimmoe.tasks.data.config import TeacherLogitsConfig
+    from slimmoe.tasks.data.shards import write_tokenized_dataset
+    from slimmoe.tasks.nodes.teacher_logits import run_teacher_logits
+
+    teacher = _teacher(workdir, layers)
+    logits = workdir / "logits"
+    if not (logits / "manifest.json").exists():
+        shutil.rmtree(logits, ignore_errors=True)
+        g = torch.Generator().manual_seed(0)
+        rows = {s: torch.randint(3, 4000, (n, seq), generator=g).numpy() for s, n in (("train", 64), ("validation", 8))}
+        write_tokenized_dataset(workdir / "tokens", rows, tokenizer_fp="random-rows", eos_token_id=None)
+        small = AutoModelForCausalLM.from_config(transformers.PhimoeConfig(
+            vocab_size=4096, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, max_position_embeddings=512))
+        small.save_pretrained(workdir / "cache_teacher")
+        run_teacher_logits(TeacherLogitsConfig(k=8, batch_size=16), workdir / "cache_teacher", workdir / "tokens", logits)
+    return teacher, logits
+
+
+def section_stage(workdir: Path, args: argparse.Namespace) -> dict:
+    """A whole stage (score, slim, distill 4 steps) on 2 CPU workers, ddp against fsdp: each worker's
+    peak RSS (its own ru_maxrss, recorded by the train loop) and, for fsdp, the parameter bytes each
+    rank held as its shard."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    seq = 64
+    teacher, logits = _stage_inputs(workdir, args.stage_layers, seq)
+    size_mb = _dir_bytes(teacher) / 2**20
+    target = json.loads((teacher / "config.json").read_text())["intermediate_size"] // 2
+    result = {"checkpoint_mb": round(size_mb, 1), "workers": 2, "expert_intermediate_size": f"{target * 2} -> {target}",
+              "arms": {}}
+    for strategy in ("ddp", "fsdp"):
+        out, work = workdir / f"out_{strategy}", workdir / f"work_{strategy}"
+        for d in (out, work):
+            shutil.rmtree(d, ignore_errors=True)
+        argv = _python(_STAGE) + [str(teacher), str(logits), str(out), str(work), strategy, str(target), str(seq)]
+        start = time.perf_counter()
+        text = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+        if text.returncode != 0:
+            raise RuntimeError(f"{strategy} stage failed:\n{(text.stdout + text.stderr)[-3000:]}")
+        memory = json.loads(text.stdout.split("MEMORY", 1)[1].splitlines()[0])
+        arm = {"seconds": round(time.perf_counter() - start, 1),
+               "worker_peak_rss_mb": [round(m["peak_rss_bytes"] / 2**20, 1) for m in memory]}
+        if strategy == "fsdp":
+            arm["teacher_shard_over_teacher"] = [round(m["input_local_param_bytes"] / m["input_param_bytes"], 3)
+                                                 for m in memory]
+            arm["student_shard_over_student"] = [round(m["student_local_param_bytes"] / m["student_param_bytes"], 3)
+                                                 for m in memory]
+        result["arms"][strategy] = arm
+    result["fsdp_over_ddp_max_worker_peak"] = round(max(result["arms"]["fsdp"]["worker_peak_rss_mb"])
+                                                    / max(result["arms"]["ddp"]["worker_peak_rss_mb"]), 3)
+    return result
+
+
+def _teacher(workdir: Path, layers: int) -> Path:
+    src = workdir / "teacher"
+    if not (src / "config.json").exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(src, ignore_errors=True)
+        _run_child(_python(f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from stage_memory import "
+                           f"_build_teacher; from pathlib import Path; _build_teacher(Path({str(src)!r}), {layers})"))
+    return src
+
+
+SECTIONS = {"slim": section_slim, "scoring": section_scoring, "stage": section_stage}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="slim", help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     parser.add_argument("--workdir", type=Path, default=None, help="kept between runs (the teacher is reused)")
-    parser.add_argument("--layers", type=int, default=5, help="slim: decoder layers of the teacher (~0.43 GB each)")
+    parser.add_argument("--layers", type=int, default=5,
+                        help="slim, scoring: decoder layers of the teacher (~0.43 GB each)")
+    parser.add_argument("--stage-layers", type=int, default=3, help="stage: decoder layers of the teacher")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]

@@ -10,8 +10,8 @@ In one process and on the same >= 200k tokens it measures
       the write stage's Parquet file per batch,
   (c) the teacher_logits node end to end (Ray Data, one CPU actor, top-k + rest, Parquet, manifest)
       in each of `--variants`:
-        committed  the node as committed at `--before-rev` (default HEAD), loaded from git: the
-                   "before", with the top-k and encoding in series with the forwards
+        committed  the node as committed at `--before-rev` (default b26b149, the last one with the
+                   top-k and encoding in series with the forwards), loaded from git: the "before"
         serial     the current node with pipeline_depth 1 (its stages in series)
         overlap    the current node as configured by default (pipeline_depth 2: the finish of a
                    batch runs while the next batch's forward does)
@@ -178,7 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm", "batched_mm"])
     ap.add_argument("--variants", default="committed,overlap", help="comma-separated: committed, serial, overlap")
-    ap.add_argument("--before-rev", default="HEAD", help="the git revision whose node is the 'committed' variant")
+    # b26b149: the last commit whose actor ran the top-k and encoding in series with the forwards.
+    ap.add_argument("--before-rev", default="b26b149", help="the git revision whose node is the 'committed' variant")
     ap.add_argument("--compare-experts", action="store_true", help="also time a bare forward with the other CPU kernel")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

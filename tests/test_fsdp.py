@@ -42,6 +42,18 @@ def _sharded_scores_worker(rank: int, root: str):
             scores.save(Path(root) / f"{family}.rank{rank}.safetensors")
             (Path(root) / f"{family}.rank{rank}.json").write_text(
                 json.dumps({"local": fsdp.local_param_bytes(model), "full": full}))
+        # Recomputing activations in backward must run each layer twice and give the same gradients.
+        result = {}
+        for recompute in (False, True):
+            model = fsdp.sharded_model_from(Path(root) / "mixtral", torch.device("cpu"), activation_checkpointing=recompute)
+            model.train()  # checkpointing acts in training mode only
+            calls = []
+            # inside the checkpoint (its recompute stops once the saved tensors backward needs are back: after attention)
+            model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+            next_token_score_loss(model, _calibration()[0]).backward()
+            grad = fsdp.local_tensor(model.model.layers[0].mlp.experts.down_proj.grad)
+            result[str(recompute)] = {"calls": len(calls), "grad": grad.flatten()[:64].tolist()}
+        (Path(root) / f"recompute.rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -64,6 +76,11 @@ def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(tmp_path):
                 assert got.shared, family  # shared experts scored too
             memory = json.loads((tmp_path / f"{family}.rank{rank}.json").read_text())
             assert memory["local"] <= 0.6 * memory["full"], (family, memory)
+    for rank in range(WORLD):
+        recompute = json.loads((tmp_path / f"recompute.rank{rank}.json").read_text())
+        assert recompute["False"]["calls"] == 1 and recompute["True"]["calls"] == 2, recompute
+        assert torch.allclose(torch.tensor(recompute["True"]["grad"]), torch.tensor(recompute["False"]["grad"]),
+                              rtol=1e-5, atol=1e-8)
 
 
 def _kept(scores_file: Path, model_dir: Path, targets):

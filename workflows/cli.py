@@ -145,11 +145,39 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to (default: RAY_ADDRESS, else a local one)"),
     config_package: Optional[str] = typer.Option(None, "--config-package", hidden=True,
                                                  help="CONFIG is a file in this importable package (set by `submit`)"),
+    allow_infeasible: bool = typer.Option(False, "--allow-infeasible",
+                                          help="run even if `slimmoe plan` says a node does not fit in memory"),
 ):
     """Run a workflow: every node whose output is not complete, in order."""
     from slimmoe.workflows.driver import run_workflow
 
-    _driver_call(lambda: run_workflow(_workflow_source(config, config_package), address=address))
+    _driver_call(lambda: run_workflow(_workflow_source(config, config_package), address=address,
+                                      allow_infeasible=allow_infeasible))
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as one JSON object"),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="memory of one GPU in GB (1e9 bytes); "
+                                                  "default resources.gpu_memory_gb, else this machine's GPU"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="a100 | h100 | h200: the peak bf16 TFLOP/s for times"),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="peak TFLOP/s of one GPU (instead of --gpu)"),
+    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation the times assume"),
+    cpu_memory_gb: Optional[float] = typer.Option(None, "--cpu-memory-gb",
+                                                  help="RAM of the machine CPU nodes run on (default: this one's)"),
+    data_tokens: Optional[int] = typer.Option(None, "--data-tokens", help="tokens the data holds (default: what "
+                                              "the largest stage budget needs)"),
+):
+    """Memory per GPU, FLOPs, time, GPU-hours and cache size of every node, and whether each fits: from the
+    workflow and the teacher's config.json only (no weights, no cluster)."""
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    options = PlanOptions(gpu_memory_gb=gpu_memory_gb, gpu=gpu, peak_tflops=peak_tflops, mfu=mfu,
+                          cpu_memory_gb=cpu_memory_gb, data_tokens=data_tokens)
+    result = _driver_call(lambda: plan_workflow(config, options))
+    print(json.dumps(result.as_dict(), indent=2) if as_json else result.format())
 
 
 @app.command()
@@ -193,6 +221,8 @@ def submit(
     submission_id: Optional[str] = typer.Option(None, "--submission-id"),
     entrypoint_num_gpus: float = typer.Option(0, "--entrypoint-num-gpus",
                                               help="GPUs reserved for the driver (evaluate/trim/quantize run in it)"),
+    allow_infeasible: bool = typer.Option(False, "--allow-infeasible",
+                                          help="submit even if `slimmoe plan` says a node does not fit in memory"),
 ):
     """Submit the driver as a Ray job (project as working_dir); stream its logs and exit with its status."""
     from slimmoe.workflows.submit import SubmitError, submit_workflow
@@ -200,7 +230,8 @@ def submit(
     try:
         job_id, state = _driver_call(lambda: submit_workflow(config, address, wait=not no_wait,
                                                              runtime_env_file=runtime_env, submission_id=submission_id,
-                                                             entrypoint_num_gpus=entrypoint_num_gpus))
+                                                             entrypoint_num_gpus=entrypoint_num_gpus,
+                                                             allow_infeasible=allow_infeasible))
     except SubmitError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1)

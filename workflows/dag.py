@@ -304,20 +304,23 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
     if check_env:
         _data_checks(loaded, data_problems)
 
+    refused = []
+    if check_plan and not problems:  # the plan needs a config that is otherwise valid
+        from .plan import plan_problems
+
+        refused = plan_problems(loaded, nodes)
+        problems.extend(refused)
     try:
         store = Store(cfg.storage)
     except StorageError as err:
         problems.append(loaded.problem(("storage",), str(err)))
         store = None
-    if store is not None and check_env and check_storage:
+    # A refused plan leaves storage untouched (the probe creates the workflow's directory).
+    if store is not None and check_env and check_storage and not refused:
         try:
             store.check_writable(store.join(cfg.name))
         except StorageError as err:
             problems.append(loaded.problem(("storage",), str(err)))
-    if check_plan and not problems:  # the plan needs a config that is otherwise valid
-        from .plan import plan_problems
-
-        problems.extend(plan_problems(loaded, nodes))
     if problems:
         raise WorkflowConfigError(problems + data_problems)
 

@@ -30,6 +30,8 @@ GPUS_PER_NODE = 8
 # CPU estimates carry about +-30% (the python heap, glibc arenas, page cache of mapped files): a CPU
 # node is refused only when it needs clearly more than the machine has.
 CPU_REFUSE_FACTOR = 1.25
+# A GPU node past this share of its memory fits, with a warning.
+TIGHT = 0.95
 
 
 class PlanError(ValueError):
@@ -229,6 +231,10 @@ class _Context:
         return None if total is None else int(total * share)
 
     def judge(self, plan: NodePlan) -> None:
+        if plan.memory is not None and plan.capacity is None:
+            flag = "--cpu-memory-gb" if plan.device == "cpu" else "resources.gpu_memory_gb"
+            plan.notes.append(f"needs {_gb(plan.memory.total)} GB per {'GPU' if plan.device == 'gpu' else 'process'}; "
+                              f"not checked (set {flag})")
         if plan.memory is None or plan.capacity is None:
             return
         need = plan.memory.total
@@ -236,6 +242,8 @@ class _Context:
         plan.fits = need <= limit
         if plan.device == "cpu" and plan.capacity < need <= limit:
             plan.notes.append(f"tight: needs {_gb(need)} of {_gb(plan.capacity)} GB per process")
+        elif plan.device == "gpu" and TIGHT * plan.capacity < need <= plan.capacity:
+            plan.notes.append(f"tight: {_gb(need)} of {_gb(plan.capacity)} GB per GPU (the estimate is not exact)")
 
     def timing(self, plan: NodePlan, flops: float, devices: float, parallel_devices: Optional[float] = None) -> None:
         """Seconds on `parallel_devices` (default `devices`) working at once; device-hours on `devices`."""
@@ -305,8 +313,6 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
         plan = builder(ctx, node)
         if plan is None:
             continue
-        if plan.fits is None:
-            ctx.judge(plan)
         if plan.fits is False and plan.fix is None:
             plan.fix = "use devices with more memory"
         if plan.fits is False:
@@ -330,6 +336,7 @@ def _plan_pretrain(ctx: _Context, node) -> NodePlan:
     plan.capacity = ctx.capacity(on_gpu)
     plan.tokens = pt.max_steps * pt.batch_size * pt.seq_len
     ctx.timing(plan, F.train_flops(shape.active, plan.tokens), 1)
+    ctx.judge(plan)
     return plan
 
 
@@ -363,7 +370,8 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
             except ValueError as err:
                 gpus = GPUS_PER_NODE
                 plan.fix = str(err)
-    mem = teacher_pass_memory(shape, lc.batch_size, ctx.seq_len, lc.k, on_gpu, gpus=int(gpus), dtype_bytes=elem)
+    mem = teacher_pass_memory(shape, lc.batch_size, ctx.seq_len, lc.k, on_gpu, gpus=int(gpus), dtype_bytes=elem,
+                              pipeline_depth=getattr(lc, "pipeline_depth", 1))
     plan.memory, plan.phases = mem, {"forward": mem}
     if on_gpu:
         plan.devices = lc.actor_pool_size * int(gpus)
@@ -375,8 +383,12 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
     plan.cache_bytes = cache_bytes(ctx.data_tokens, lc.k, shape.vocab, ctx.seq_len)
     plan.notes.append(f"cache: {cache_bytes_per_token(lc.k, shape.vocab, ctx.seq_len):.1f} bytes/token (top-{lc.k} "
                       "ids and float16 log-probs, float32 rest, int32 token id; Parquet/zstd not counted)")
-    # Every actor works at once: the pass takes the pool's FLOP rate.
-    ctx.timing(plan, F.forward_flops(shape.active, ctx.data_tokens), plan.devices)
+    # A teacher split over several GPUs runs its layers on one of them at a time: the pass computes at
+    # the rate of one GPU per actor, and holds all of them.
+    ctx.timing(plan, F.forward_flops(shape.active, ctx.data_tokens), plan.devices, parallel_devices=lc.actor_pool_size)
+    if on_gpu and int(gpus) > 1:
+        plan.notes.append(f"{gpus} GPUs per actor compute one at a time (layers split in sequence): time at "
+                          f"{lc.actor_pool_size} GPUs' rate, GPU-hours on {plan.devices:g}")
     ctx.judge(plan)
     if plan.fits is False and plan.fix is None:
         plan.problem_loc = loc
@@ -395,6 +407,14 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
             if ctx.cluster_gpus and lc.actor_pool_size * need > ctx.cluster_gpus:
                 plan.fix += (f" and resources.actor_pool_size: {max(1, int(ctx.cluster_gpus // need))} "
                              f"({need} GPUs per actor, {ctx.cluster_gpus:g} GPUs)")
+            smaller = lc.batch_size // 2
+            while smaller >= 1:
+                trial = teacher_pass_memory(shape, smaller, ctx.seq_len, lc.k, True, gpus=int(gpus), dtype_bytes=elem)
+                if trial.total <= ctx.gpu_bytes:
+                    plan.fix += (f"; or keep {gpus} GPU{'s' if int(gpus) > 1 else ''} per actor with "
+                                 f"logits.batch_size: {smaller} ({_gb(trial.total)} GB)")
+                    break
+                smaller //= 2
         elif not on_gpu:
             plan.fix = (f"{lc.actor_pool_size} teacher actor(s) of {_gb(mem.total)} GB each (float32 weights "
                         f"{_gb(weights)} GB) do not fit this machine's {_gb(ctx.cpu_bytes)} GB: lower "
@@ -411,11 +431,13 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
 
 def _stage_memory(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool) -> dict:
     phases = {}
+    mapped = shape_in.checkpoint_bytes  # a CPU worker's loaded checkpoint stays mapped (the student shares it)
     if not cfg.distill_only:
         phases["score"] = stage_score_memory(shape_in, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len,
-                                             on_gpu, shape_after=shape_out)
+                                             on_gpu, shape_after=shape_out, mapped_bytes=mapped)
     phases["train"] = stage_train_memory(shape_out, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len, on_gpu,
-                                         cfg.activation_checkpointing, k, grad_accum=cfg.grad_accum)
+                                         cfg.activation_checkpointing, k, grad_accum=cfg.grad_accum,
+                                         mapped_bytes=mapped)
     return phases
 
 
@@ -430,18 +452,20 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
         trial = cfg.model_copy(update=changes)
         return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu)).total <= capacity
 
+    # Cheapest first: fsdp costs nothing, a smaller micro-batch a little efficiency, activation
+    # checkpointing a third more compute.
     options: list[tuple[str, dict]] = []
     if on_gpu and cfg.num_workers > 1 and cfg.strategy != "fsdp":
         options.append(("strategy: fsdp", {"strategy": "fsdp"}))
-    if (cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1)) and not cfg.activation_checkpointing:
-        options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
-                        {"activation_checkpointing": True, "strategy": "fsdp"}))
     mb = cfg.micro_batch // 2
     while mb >= 1:
         ga = cfg.grad_accum * cfg.micro_batch // mb
         options.append((f"micro_batch: {mb} and grad_accum: {ga} (the same tokens per step)",
                         {"micro_batch": mb, "grad_accum": ga}))
         mb //= 2
+    if (cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1)) and not cfg.activation_checkpointing:
+        options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
+                        {"activation_checkpointing": True, "strategy": "fsdp"}))
     for text, changes in options:
         if fits(**changes):
             return text
@@ -606,16 +630,21 @@ _BUILDERS: dict[str, Callable] = {"pretrain_teacher": _plan_pretrain, "tokenize"
 # For run / submit
 
 
+def problems_of(loaded: LoadedWorkflow, plan: Plan) -> list[Problem]:
+    """The plan's nodes that do not fit, each at its YAML line with the fix."""
+    return [loaded.problem(loc, f"{message} (see `slimmoe plan`; --allow-infeasible runs it anyway)")
+            for loc, message in plan.problems]
+
+
 def plan_problems(loaded: LoadedWorkflow, nodes: dict) -> list[Problem]:
-    """What `slimmoe run` / `submit` refuse before any node starts: the nodes the plan says do not fit,
-    each at its YAML line with the fix. A workflow that cannot be planned (e.g. GPU memory unknown)
-    is not refused here: only what is known not to fit is."""
+    """What `slimmoe run` refuses before any node starts: the nodes the plan says do not fit. A
+    workflow that cannot be planned (no teacher config.json here) is not refused: only what is known
+    not to fit is; GPU nodes are checked only when the GPU memory is known."""
     try:
         plan = plan_dag(loaded, nodes, PlanOptions(require_gpu_memory=False))
     except PlanError:
         return []
-    return [loaded.problem(loc, f"{message} (the plan: `slimmoe plan`; --allow-infeasible runs it anyway)")
-            for loc, message in plan.problems]
+    return problems_of(loaded, plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +707,7 @@ def format_plan(plan: Plan) -> str:
             params = f"{_count(n.params_before['total'])} -> {_count(n.params_after['total'])}"
         elif n.params_before or n.params_after:
             params = _count((n.params_after or n.params_before)["total"])
-        mem = f"{_bytes(n.memory.total)}" if n.memory else ""
+        mem = _bytes(n.memory.total) if n.memory else ""
         cap = f"/ {_bytes(n.capacity)}" if n.capacity and n.memory else ""
         fits = {True: "yes", False: "NO", None: "-"}[n.fits]
         rows.append([n.name, n.device + (f" x{n.devices:g}" if n.devices else ""), params, f"{mem} {cap}".strip(), fits,
@@ -687,15 +716,17 @@ def format_plan(plan: Plan) -> str:
                      _bytes(n.cache_bytes) if n.cache_bytes else ""])
     head += _table(["node", "devices", "params", f"peak per {unit}", "fits", "tokens", "FLOPs", "time",
                     "GPU-h", "cache"], rows, {2, 3, 5, 6, 7, 8, 9})
-    head += ["", f"memory per {unit} at the peak phase (GB)"]
+    big = max((n.memory.total for n in plan.nodes if n.memory), default=0) >= 10 * GB
+    scale, scale_name = (GB, "GB") if big else (1e6, "MB")
+    head += ["", f"memory per {unit} at the peak phase ({scale_name})"]
     mrows = []
     for n in plan.nodes:
         if n.memory is None:
             continue
         m = n.memory
-        mrows.append([n.name, m.phase] + [_gb(v) for v in (m.weights, m.gradients, m.optimizer, m.activations,
-                                                            m.logits, m.overhead, m.total)])
-    head += _table(["node", "phase", "weights", "grads", "optimizer", "activations", "logits", "runtime", "total"],
+        mrows.append([n.name, m.phase] + [f"{v / scale:,.1f}" for v in (m.weights, m.gradients, m.optimizer,
+                                                                          m.activations, m.logits, m.overhead, m.total)])
+    head += _table(["node", "phase", "weights", "grads", "optimizer", "activations", "logits", "runtime+slack", "total"],
                    mrows, set(range(2, 9)))
     t = plan.totals()
     head += ["", "totals: " + ", ".join(filter(None, [
@@ -706,9 +737,12 @@ def format_plan(plan: Plan) -> str:
     head.append(f"  data tokens: {plan.data_tokens_basis}")
     for note in plan.notes:
         head.append(f"  note: {note}")
+    by_note: dict[str, list[str]] = {}  # the same note for several nodes is printed once
     for n in plan.nodes:
         for note in n.notes:
-            head.append(f"  {n.name}: {note}")
+            by_note.setdefault(note, []).append(n.name)
+    for note, names in by_note.items():
+        head.append(f"  {', '.join(names)}: {note}")
     head += ["", plan.verdict()]
     for n in plan.nodes:
         if n.fits is False:
@@ -716,5 +750,5 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(head)
 
 
-__all__ = ["NodePlan", "Plan", "PlanError", "PlanOptions", "format_plan", "plan_dag", "plan_problems",
+__all__ = ["NodePlan", "Plan", "PlanError", "PlanOptions", "format_plan", "plan_dag", "plan_problems", "problems_of",
            "teacher_model_config"]

@@ -93,14 +93,40 @@ class Submission:
             shutil.rmtree(self.package_dir.parent, ignore_errors=True)
 
 
+def check_plan(loaded) -> Optional[str]:
+    """Refuse (WorkflowConfigError) a workflow whose memory plan has a node that does not fit, before
+    anything is uploaded; a note instead when it cannot be planned here (no teacher config.json on
+    this machine: the job's `slimmoe run` checks it on the cluster before any node starts)."""
+    from .config import WorkflowConfigError
+    from .dag import build_dag
+    from .plan import PlanError, PlanOptions, plan_dag, problems_of
+
+    loaded = copy.deepcopy(loaded)  # building the DAG names the stages in place; the shipped config stays as written
+    dag = build_dag(loaded, check_env=False, check_storage=False)
+    try:
+        plan = plan_dag(loaded, dag.nodes, PlanOptions(require_gpu_memory=False))
+    except PlanError as err:
+        return f"memory plan not checked here ({err}); the job checks it on the cluster before any node starts"
+    problems = problems_of(loaded, plan)
+    if problems:
+        raise WorkflowConfigError(problems)
+    return None
+
+
 def prepare_submission(config_path, address: str, runtime_env_file: Optional[Path] = None,
-                       overrides: dict | None = None, submission_id: Optional[str] = None) -> Submission:
-    """Check the config locally and build the job's entrypoint and runtime env."""
+                       overrides: dict | None = None, submission_id: Optional[str] = None,
+                       allow_infeasible: bool = False) -> Submission:
+    """Check the config locally (and its memory plan, unless `allow_infeasible`) and build the job's
+    entrypoint and runtime env."""
     loaded = load_workflow(config_path, overrides)
     cfg = loaded.config
+    notes: list[str] = []
+    if not allow_infeasible:
+        note = check_plan(loaded)
+        if note:
+            notes.append(note)
     root = project_root()
     runtime_env = load_runtime_env(root, runtime_env_file)
-    notes: list[str] = []
 
     pkg_name = f"{PACKAGE_PREFIX}{uuid.uuid4().hex[:12]}"
     pkg = Path(tempfile.mkdtemp(prefix="slimmoe-submit-")) / pkg_name
@@ -133,7 +159,8 @@ def prepare_submission(config_path, address: str, runtime_env_file: Optional[Pat
         notes.append(f"teacher path {cfg.teacher.path} must exist on the cluster's head node")
 
     sid = submission_id or f"slimmoe-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    entrypoint = ["slimmoe", "run", "--config-package", pkg_name, CONFIG_NAME]
+    entrypoint = ["slimmoe", "run", *(["--allow-infeasible"] if allow_infeasible else []),
+                  "--config-package", pkg_name, CONFIG_NAME]
     return Submission(entrypoint, runtime_env, sid, cfg.name, notes, pkg)
 
 
@@ -177,10 +204,10 @@ def wait_for_job(client, job_id: str, poll_s: float = 1.0, timeout_s: Optional[f
 
 def submit_workflow(config_path, address: str, *, wait: bool = True, runtime_env_file: Optional[Path] = None,
                     overrides: dict | None = None, submission_id: Optional[str] = None,
-                    entrypoint_num_gpus: float = 0, entrypoint_num_cpus: float = 0,
+                    entrypoint_num_gpus: float = 0, entrypoint_num_cpus: float = 0, allow_infeasible: bool = False,
                     out: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> tuple[str, str]:
     """Submit the workflow's driver as a Ray job. Returns (job id, final status, or "SUBMITTED" without wait)."""
-    sub = prepare_submission(config_path, address, runtime_env_file, overrides, submission_id)
+    sub = prepare_submission(config_path, address, runtime_env_file, overrides, submission_id, allow_infeasible)
     try:
         for note in sub.notes:
             out(f"note: {note}\n")

@@ -2,9 +2,27 @@
 
 One Ray Data pipeline for all splits (so each teacher loads once): read_parquet(the token shards'
 manifest files, each row tagged with its split) -> map_batches(teacher) on an actor pool (one
-teacher per actor: bf16 and one GPU each when the cluster has GPUs, float32 on CPU otherwise) ->
-map_batches(write files of about `rows_per_file` rows) as parallel tasks -> the driver collects
-what was written and writes each split's manifest, then the top-level one, last.
+teacher per actor: bf16 on `gpus_per_actor` GPUs of one node when the cluster has GPUs, float32
+on CPU otherwise) -> map_batches(write files of about `rows_per_file` rows) as parallel tasks ->
+the driver collects what was written and writes each split's manifest, then the top-level one, last.
+
+GPUs per actor. A teacher too big for one GPU (Phi-3.5-MoE is 84 GB in bf16) is split over the
+actor's GPUs layer by layer with an explicit balanced `device_map` (`core.placement`), the
+logits' GPU keeping room for them; Ray gives the actor `num_gpus=gpus_per_actor` of one node.
+`auto` takes the fewest GPUs that hold the weights plus a batch's activations and logits
+(`planning.memory.teacher_actor_gpus`), with the GPU memory from `gpu_memory_gb` (the workflow's
+`resources.gpu_memory_gb`) or else asked of a GPU worker. All of it is checked on the driver before
+the pool starts: more GPUs than the biggest node has, or gpus_per_actor > 1 for a pass that runs on
+CPU, is an error naming `logits.gpus_per_actor` (an error, not a warning: the setting exists for a
+teacher that does not fit one GPU, and running that teacher on CPU instead would take days).
+
+Keeping the forward busy. The actor is an async UDF with `pipeline_depth` batches in flight, each
+through two one-thread stages: the forward (on a GPU also the top-k, milliseconds there, and the
+copy of the small top-k tensors to host memory), then the finish (on CPU the top-k,
+an exp pass over [tokens, vocab] that costs about a third of the forward; the float16 encoding,
+the finite checks, the Arrow columns). torch, numpy and pyarrow release the GIL, so with the
+default depth 2 the finish of one batch runs while the next batch's forward does, and at most two
+batches' logits are alive. Parquet encoding and writing stay in the separate write stage.
 
 Why the files are written by our own map_batches stage and not `write_parquet`: readers look rows
 up by row id, so every file must hold one ascending run of row ids. `write_parquet` bundles blocks
@@ -107,7 +125,7 @@ class _TeacherActor:
             return await loop.run_in_executor(self.finish_stage, self.finish, batch, staged)
 
     def forward(self, batch):
-        """The teacher's logits of a batch (CPU), or its top-k on their way to host memory (GPU)."""
+        """The teacher's logits of a batch (CPU), or its top-k in host memory (GPU)."""
         torch = self.torch
         n = batch.num_rows
         col = batch.column("input_ids").combine_chunks()
@@ -121,22 +139,16 @@ class _TeacherActor:
             logits = self.model(input_ids=x, use_cache=False).logits.float()
             if logits.device.type == "cpu":
                 return logits
+            # On a GPU the top-k takes milliseconds and waits for the forward anyway (it checks for
+            # underflowed rows on the host); what leaves the GPU is k/vocab of the logits.
             topk_ids, topk_logprobs, rest = fast_topk_with_rest(logits, self.k)
-            # Copied without waiting, so this thread goes on to launch the next forward; the finish
-            # waits for the copy's event, which follows only the work queued before it.
-            host = (topk_ids.to(torch.int32).to("cpu", non_blocking=True),
-                    topk_logprobs.to(torch.float16).to("cpu", non_blocking=True),
-                    rest.to("cpu", non_blocking=True))
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(logits.device))
-            return host, copied
+            return topk_ids.to(torch.int32).cpu(), topk_logprobs.to(torch.float16).cpu(), rest.cpu()
 
     def finish(self, batch, staged):
         """Cache rows of a batch from what `forward` gave: top-k ids, float16 log-probs, float32 rest."""
         torch = self.torch
         if isinstance(staged, tuple):
-            (topk_ids, topk_logprobs, rest), copied = staged
-            copied.synchronize()
+            topk_ids, topk_logprobs, rest = staged
         else:
             logits = staged
             with torch.inference_mode():

@@ -42,6 +42,11 @@ GPU_RUNTIME_BYTES = int(2.5 * GB)
 # A CPU worker's python + torch + transformers + Ray Train imports before any model (0.39 GB measured
 # here, plus Ray's own worker threads); benchmarks/plan_accuracy.py measures it beside each run.
 CPU_RUNTIME_BYTES = int(0.45 * GB)
+# Allocators keep freed blocks for reuse, so a process peaks above its live tensors: on CPU glibc's
+# arenas (measured 13-25% of the tensors that come and go, benchmarks/plan_accuracy.py), on GPU the
+# caching allocator's fragmentation (an allowance, not measured here).
+CPU_ALLOCATOR_SLACK = 0.15
+GPU_ALLOCATOR_SLACK = 0.10
 # Gradient elements DeepSpeed ZeRO-1/2 reduces at once (its reduce_bucket_size default), and the
 # buffers it keeps for them (reduce and all-gather buckets).
 ZERO_BUCKET_ELEMENTS = 500_000_000
@@ -69,6 +74,11 @@ class ModelShape:
     num_experts: int
     top_k: int
     shared_expert_size: int
+    checkpoint_dtype_bytes: int = 4  # the config's dtype (float32 when it names none): what the files store
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.total * self.checkpoint_dtype_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -104,8 +114,8 @@ def _shape_of_json(text: str) -> ModelShape:
     from slimmoe.tasks.core.params import count_parameters
 
     values = json.loads(text)
-    config = AutoConfig.for_model(values.pop("model_type"), **{k: v for k, v in values.items()
-                                                                if k not in ("architectures", "transformers_version")})
+    config = AutoConfig.for_model(values["model_type"], **{k: v for k, v in values.items()
+                                                            if k not in ("model_type", "architectures", "transformers_version")})
     adapter = get_adapter(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -119,7 +129,9 @@ def _shape_of_json(text: str) -> ModelShape:
         hidden=int(config.hidden_size), vocab=int(config.vocab_size), num_heads=int(config.num_attention_heads),
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         head_dim=adapter.head_dim(config), expert_size=adapter.expert_size(config),
-        num_experts=adapter.num_experts(config), top_k=adapter.top_k(config), shared_expert_size=int(shared))
+        num_experts=adapter.num_experts(config), top_k=adapter.top_k(config), shared_expert_size=int(shared),
+        checkpoint_dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}.get(
+            str(values.get("dtype") or values.get("torch_dtype") or "float32"), 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +163,18 @@ class Memory:
 
 def runtime_overhead(on_gpu: bool) -> int:
     return GPU_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES
+
+
+def _settle(mem: Memory, on_gpu: bool, runtime: int | None, mapped: int = 0) -> Memory:
+    """Add what every estimate carries: the runtime, the allocator's slack on the memory that comes and
+    goes, and on CPU the checkpoint file, which stays mapped (page cache counted in RSS) while the
+    loaded model's tensors live."""
+    slack = (GPU_ALLOCATOR_SLACK if on_gpu else CPU_ALLOCATOR_SLACK) * (mem.gradients + mem.activations + mem.logits)
+    mem.overhead = int((runtime_overhead(on_gpu) if runtime is None else runtime) + slack)
+    if mapped and not on_gpu:
+        mem.weights += int(mapped)
+        mem.notes = list(mem.notes) + ["+ the checkpoint file, mapped while the model lives"]
+    return mem
 
 
 def _ints(**values: float) -> dict:
@@ -226,7 +250,7 @@ def _larger(*candidates: Memory) -> Memory:
 
 
 def _backward_peak(static: Memory, full_grads: int, head_grads: int, activations: int, layer_activations: int,
-                   logits: int, grads_persist: bool) -> Memory:
+                   logits: int, grads_persist: bool, on_gpu: bool, runtime: int | None, mapped: int) -> Memory:
     """The larger of the two moments of a backward whose gradients appear as its activations go:
     its start (every activation and the loss's logit work held, only the head's gradient made) and
     its end (every gradient made, the first layer's activations left). Gradients that persist from
@@ -235,16 +259,17 @@ def _backward_peak(static: Memory, full_grads: int, head_grads: int, activations
                     activations=activations, logits=logits, notes=list(static.notes) + ["peak: start of backward"])
     end = replace(static, gradients=static.gradients + full_grads, activations=layer_activations,
                   notes=list(static.notes) + ["peak: end of backward (every gradient made)"])
-    return _larger(start, end)
+    return _larger(_settle(start, on_gpu, runtime, mapped), _settle(end, on_gpu, runtime, mapped))
 
 
 def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro_batch: int, seq_len: int,
                        on_gpu: bool, activation_checkpointing: bool = False, k: int = 0,
-                       overhead: int | None = None, grad_accum: int = 1) -> Memory:
-    """One worker's peak while distilling a model of `shape` (the stage's student)."""
+                       overhead: int | None = None, grad_accum: int = 1, mapped_bytes: int = 0) -> Memory:
+    """One worker's peak while distilling a model of `shape` (the stage's student). `overhead` replaces
+    the runtime term (e.g. by a measured one); `mapped_bytes` is the checkpoint file a CPU worker
+    loaded the model from (it stays mapped)."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
     wide = 2 if on_gpu else 4  # the compute dtype: bf16 on GPU, float32 on CPU
-    overhead = runtime_overhead(on_gpu) if overhead is None else overhead
     checkpointing = activation_checkpointing and strategy == "fsdp"
     batch_note = (f"activations for micro_batch x seq_len = {micro_batch} x {seq_len}"
                   + (" with activation checkpointing" if checkpointing else ""))
@@ -252,12 +277,12 @@ def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro
     if strategy == "ddp":
         # float32 weights; the residual stream stays float32 under autocast.
         buckets = 4 * p if n > 1 else 0  # DDP's gradient buckets are copies of the gradients
-        static = Memory(**_ints(weights=4 * p, gradients=buckets, optimizer=8 * p), overhead=overhead, phase="train",
+        static = Memory(**_ints(weights=4 * p, gradients=buckets, optimizer=8 * p), phase="train",
                         notes=["ddp: float32 weights, gradients" + (" (+ DDP buckets)" if buckets else "")
                                + " and AdamW moments on every worker", batch_note])
         acts = train_activation_bytes(shape, tokens, wide, 4, False)
         return _backward_peak(static, 4 * p, 4 * shape.root, acts, tokens * layer_activation_bytes(shape, wide, 4),
-                              logits, grads_persist=grad_accum > 1)
+                              logits, grad_accum > 1, on_gpu, overhead, mapped_bytes)
     if strategy == "deepspeed":
         buckets = 2 * min(p, ZERO_BUCKET_ELEMENTS) * wide if n > 1 else 0
         mem = Memory(**_ints(weights=wide * p + 4 * p / n, gradients=4 * p / n + buckets, optimizer=8 * p / n))
@@ -272,59 +297,62 @@ def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro
                              optimizer=8 * p / n))
         note = (f"fsdp: 16 B/param over {n} workers + {FSDP_GATHERED_LAYERS} gathered layers and the root "
                 f"({'bf16' if on_gpu else 'float32'}) with their unsharded gradients")
+        mapped_bytes = 0  # each rank reads its own rows; nothing stays mapped whole
     else:
         raise ValueError(f"unknown strategy {strategy!r}; choose ddp, deepspeed or fsdp")
     # Sharded gradients are small beside the activations: all held at once (an upper bound).
     mem.activations = train_activation_bytes(shape, tokens, wide, wide, checkpointing)
     mem.logits = logits
-    mem.overhead = overhead
     mem.phase = "train"
     mem.notes = [note, batch_note]
-    return mem
+    return _settle(mem, on_gpu, overhead, mapped_bytes)
 
 
 def stage_score_memory(shape: ModelShape, strategy: str, num_workers: int, micro_batch: int, seq_len: int,
-                       on_gpu: bool, shape_after: ModelShape | None = None, overhead: int | None = None) -> Memory:
+                       on_gpu: bool, shape_after: ModelShape | None = None, overhead: int | None = None,
+                       mapped_bytes: int = 0) -> Memory:
     """One worker's peak while scoring (and then slimming) the model a stage cuts."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
-    overhead = runtime_overhead(on_gpu) if overhead is None else overhead
     if strategy == "fsdp":
         wide = 2 if on_gpu else 4
         gathered = shape.layer * wide + shape.root * wide
         mem = Memory(**_ints(weights=4 * p / n + gathered, gradients=shape.layer * (wide + (4 if on_gpu else 0))))
         mem.activations = train_activation_bytes(shape, tokens, wide, wide, checkpointing=False)
-        mem.logits = train_logit_bytes(shape, tokens, wide)
-        mem.overhead, mem.phase = overhead, "score"
+        mem.logits = train_logit_bytes(shape, tokens, wide) - tokens * shape.vocab * 4 * SCORE_LOGIT_FEWER
+        mem.phase = "score"
         mem.notes = [f"fsdp scoring: float32 shard over {n} workers + one gathered layer's parameters and gradients"]
-        return mem
+        return _settle(mem, on_gpu, overhead)
     # No autocast in scoring: a float32 forward and backward whose gradients all exist by its end (and
     # are cleared after each batch); the slim step then holds the cut model beside the whole one.
-    static = Memory(weights=4 * p, overhead=overhead, phase="score",
+    static = Memory(weights=4 * p, phase="score",
                     notes=[f"{strategy} scoring: the float32 model and its full float32 gradients on every worker"])
     backward = _backward_peak(static, 4 * p, 4 * shape.root, train_activation_bytes(shape, tokens, 4, 4, False),
                               tokens * layer_activation_bytes(shape, 4, 4),
                               train_logit_bytes(shape, tokens, 4) - tokens * shape.vocab * 4 * SCORE_LOGIT_FEWER,
-                              grads_persist=False)
+                              False, on_gpu, overhead, mapped_bytes)
     after = shape_after.total if shape_after is not None else 0
     slim = replace(static, weights=4 * p + 4 * after, notes=list(static.notes) + ["peak: the cut model built beside it"])
-    return _larger(backward, slim)
+    return _larger(backward, _settle(slim, on_gpu, overhead, mapped_bytes))
 
 
 def teacher_pass_memory(shape: ModelShape, batch_size: int, seq_len: int, k: int, on_gpu: bool, gpus: int = 1,
-                        dtype_bytes: int | None = None, overhead: int | None = None) -> Memory:
+                        dtype_bytes: int | None = None, overhead: int | None = None, pipeline_depth: int = 1) -> Memory:
     """The busiest device of one teacher actor: its share of the weights (split evenly over `gpus`)
-    plus the forward's activations and the logits' work buffers, which sit on one of them."""
+    plus the forward's activations and the logits' work buffers, which sit on one of them. On CPU,
+    `pipeline_depth` batches' logits can be alive at once (the next forward runs while the last
+    batch's top-k does)."""
     elem = dtype_bytes or (2 if on_gpu else 4)
     gpus = max(1, gpus if on_gpu else 1)
     tokens = batch_size * seq_len
     mem = Memory(weights=-(-shape.total * elem // gpus), phase="forward")
     mem.activations = tokens * layer_forward_bytes(shape, elem)
     mem.logits = teacher_logit_bytes(shape, tokens, elem, k)
-    mem.overhead = runtime_overhead(on_gpu) if overhead is None else overhead
+    if not on_gpu and pipeline_depth > 1:
+        mem.logits += (pipeline_depth - 1) * tokens * shape.vocab * 4
     dtype = {2: "bf16", 4: "float32"}.get(elem, f"{elem}-byte")
     mem.notes = [f"{dtype} weights" + (f" split over {gpus} GPUs" if gpus > 1 else "")
                  + f"; forward of batch_size x seq_len = {batch_size} x {seq_len}, float32 logits and one scratch buffer"]
-    return mem
+    return _settle(mem, on_gpu, overhead, shape.checkpoint_bytes)
 
 
 def evaluate_memory(shape: ModelShape, batch_size: int, seq_len: int, on_gpu: bool, dtype_bytes: int | None = None,
@@ -335,10 +363,9 @@ def evaluate_memory(shape: ModelShape, batch_size: int, seq_len: int, on_gpu: bo
     mem = Memory(weights=shape.total * elem, phase="forward")
     mem.activations = tokens * layer_forward_bytes(shape, elem)
     mem.logits = tokens * shape.vocab * (elem + 4 * EVAL_LOGIT_FLOAT_COPIES + (4 if elem != 4 else 0))
-    mem.overhead = runtime_overhead(on_gpu) if overhead is None else overhead
     mem.notes = [f"{'bf16' if elem == 2 else 'float32' if elem == 4 else f'{elem}-byte'} weights on one device; "
                  f"batch_size x seq_len = {batch_size} x {seq_len}"]
-    return mem
+    return _settle(mem, on_gpu, overhead, shape.checkpoint_bytes)
 
 
 def teacher_actor_gpus(config, batch_size: int, seq_len: int, k: int, gpu_memory_bytes: int, dtype_bytes: int = 2,

@@ -95,7 +95,7 @@ def build_sharded(config, device: torch.device, experts_implementation: str | No
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" else MixedPrecisionPolicy())
     adapter = get_adapter(model)

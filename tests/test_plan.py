@@ -1,0 +1,238 @@
+"""`slimmoe plan` and the same check in run / submit: the shipped paper-scale workflows fit 8 x 8
+A100-80GB, parameter counts are the meta-device counts, an infeasible teacher pass is refused with
+its fix before any node starts, and --allow-infeasible lets it through."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_driver import write_weights
+
+CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
+GB = 10**9
+# Phi-3.5-MoE-instruct's config.json values that shape the model.
+PHI_35_MOE = dict(
+    model_type="phimoe", vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2,
+    attention_bias=True, lm_head_bias=True, tie_word_embeddings=False, max_position_embeddings=131072,
+    torch_dtype="bfloat16",
+)
+
+
+def phi_teacher(path: Path, weights: bool = False) -> Path:
+    """Phi-3.5-MoE as far as the plan reads it: config.json (and, for run's checks, a stand-in shard)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(PHI_35_MOE))
+    if weights:
+        write_weights(path / "model.safetensors")
+        (path / "tokenizer.json").write_text('{"stand-in": true}')
+    return path
+
+
+def meta_counts(config) -> dict:
+    from slimmoe.tasks.core.params import count_parameters_from_config
+
+    return count_parameters_from_config(config)
+
+
+def phi_config():
+    import transformers
+
+    return transformers.PhimoeConfig(**{k: v for k, v in PHI_35_MOE.items() if k not in ("model_type", "torch_dtype")})
+
+
+def plan_of(name: str, teacher: Path, **changes):
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    overrides = {"teacher": {"path": str(teacher)}, **changes}
+    return plan_workflow(CONFIGS / f"{name}.yaml", PlanOptions(gpu="a100"), overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def phi_dir(tmp_path_factory):
+    return phi_teacher(tmp_path_factory.mktemp("phi") / "Phi-3.5-MoE-instruct")
+
+
+def test_phi_mini_plans_feasible_with_the_meta_device_counts(phi_dir):
+    from slimmoe.tasks.slimming.config import SlimTargets
+    from slimmoe.tasks.slimming.surgery import slimmed_config
+
+    plan = plan_of("phi-mini-moe", phi_dir)
+    assert plan.feasible, plan.format()
+    assert plan.gpu_memory_bytes == 80 * GB and plan.cluster_gpus == 64
+    nodes = {n.name: n for n in plan.nodes}
+    teacher = meta_counts(phi_config())
+    assert nodes["teacher_logits"].params_before == {"total": teacher["total"], "active": teacher["active"]}
+    assert round(teacher["total"] / 1e9, 2) == 41.87
+    expected, before = {}, teacher
+    config = phi_config()
+    for stage, size in (("stage_1", 3200), ("stage_2", 1600), ("stage_3", 960)):
+        config = slimmed_config(config, SlimTargets(size))
+        after = meta_counts(config)
+        assert nodes[stage].params_before["total"] == before["total"]
+        assert nodes[stage].params_after == {"total": after["total"], "active": after["active"]}
+        expected[stage], before = round(after["total"] / 1e9, 2), after
+    assert expected == {"stage_1": 21.74, "stage_2": 11.67, "stage_3": 7.65}
+    # Every GPU node was checked against 80 GB and fits; the teacher pass is split over 2 GPUs.
+    for node in plan.nodes:
+        if node.device == "gpu":
+            assert node.fits is True and node.memory.total <= 80 * GB, (node.name, node.memory.as_dict())
+    tl = nodes["teacher_logits"]
+    assert tl.devices == 64 and tl.memory.weights == -(-teacher["total"] * 2 // 2)
+    totals = plan.totals()
+    assert totals["gpu_hours"] > 0 and totals["cache_bytes"] == tl.cache_bytes > 0
+    assert plan.as_dict()["verdict"].startswith("feasible")
+
+
+@pytest.mark.parametrize("name", ["phi-tiny-moe", "qwen3-moe"])
+def test_the_other_shipped_workflows_plan_feasible(name, tmp_path, phi_dir):
+    teacher = phi_dir
+    if name == "qwen3-moe":
+        import transformers
+
+        teacher = tmp_path / "Qwen3-30B-A3B"
+        teacher.mkdir()
+        transformers.Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+            max_position_embeddings=40960, tie_word_embeddings=False).to_json_file(teacher / "config.json")
+    plan = plan_of(name, teacher)
+    assert plan.feasible, plan.format()
+    assert all(n.fits for n in plan.nodes if n.device == "gpu")
+    if name == "phi-tiny-moe":
+        tiny = {n.name: n for n in plan.nodes}["stage_4"].params_after["total"]
+        assert round(tiny / 1e9, 2) == 3.76
+
+
+def test_one_gpu_per_teacher_actor_on_80_gb_is_refused_with_the_fix(phi_dir):
+    plan = plan_of("phi-mini-moe", phi_dir, logits={"gpus_per_actor": 1}, resources={"actor_pool_size": 64})
+    assert not plan.feasible
+    bad = {n.name: n for n in plan.nodes if n.fits is False}
+    assert list(bad) == ["teacher_logits"]
+    node = bad["teacher_logits"]
+    assert node.memory.weights == meta_counts(phi_config())["total"] * 2 > 80 * GB
+    assert "83.7 GB in bf16" in node.fix and "set logits.gpus_per_actor: 2 (or auto)" in node.fix
+    text = plan.format()
+    assert "infeasible" in text and "gpus_per_actor: 2" in text
+
+
+def test_gpus_per_actor_auto_and_a_pool_larger_than_the_cluster(phi_dir):
+    from slimmoe.tasks.planning.memory import teacher_actor_gpus
+
+    auto = plan_of("phi-mini-moe", phi_dir, logits={"gpus_per_actor": "auto"})
+    assert auto.feasible and {n.name: n for n in auto.nodes}["teacher_logits"].devices == 64
+    assert teacher_actor_gpus(phi_config(), 8, 4096, 8, 80 * GB) == 2
+    assert teacher_actor_gpus(phi_config(), 8, 4096, 8, 141 * GB) == 1
+    with pytest.raises(ValueError, match=r"41.87B parameters are 83.7 GB"):
+        teacher_actor_gpus(phi_config(), 8, 4096, 8, 40 * GB, max_gpus=2)
+    crowded = plan_of("phi-mini-moe", phi_dir, resources={"actor_pool_size": 64})
+    assert not crowded.feasible
+    assert "set resources.actor_pool_size: 32" in {n.name: n for n in crowded.nodes}["teacher_logits"].fix
+
+
+def _runnable_phi(tmp_path: Path, **changes) -> tuple[Path, Path]:
+    """phi-mini-moe with local storage, data and teacher (config.json and a stand-in shard): every check
+    of `run` passes except the plan's."""
+    teacher = phi_teacher(tmp_path / "teacher", weights=True)
+    (tmp_path / "data.txt").write_text("hello\n")
+    raw = yaml.safe_load((CONFIGS / "phi-mini-moe.yaml").read_text())
+    raw.update(storage=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    raw["teacher"]["path"] = str(teacher)
+    raw["data"]["source"] = str(tmp_path / "data.txt")
+    for section, values in changes.items():
+        raw[section].update(values)
+    path = tmp_path / "phi.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, tmp_path / "store"
+
+
+INFEASIBLE = {"logits": {"gpus_per_actor": 1}, "resources": {"actor_pool_size": 64}}
+
+
+def test_run_refuses_an_infeasible_workflow_before_any_node_and_writes_nothing(tmp_path, monkeypatch):
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.driver import Driver, run_workflow
+
+    def no_node(*args, **kwargs):
+        raise AssertionError("a node started")
+
+    monkeypatch.setattr(Driver, "_execute", no_node)
+    config, store = _runnable_phi(tmp_path, **INFEASIBLE)
+    with pytest.raises(WorkflowConfigError) as err:
+        run_workflow(config, log=lambda line: None)
+    message = str(err.value)
+    assert "teacher_logits" in message and "set logits.gpus_per_actor: 2 (or auto)" in message
+    assert f"{config}:" in message and "--allow-infeasible" in message  # at its YAML line, with the override
+    assert not store.exists()
+
+
+def test_allow_infeasible_lets_validation_pass(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows.cli import app
+    from slimmoe.workflows.dag import validate_workflow
+    from slimmoe.workflows.driver import Driver
+
+    config, _ = _runnable_phi(tmp_path, **INFEASIBLE)
+    dag = validate_workflow(config, allow_infeasible=True)
+    assert "teacher_logits" in dag.nodes
+    started = []
+    monkeypatch.setattr(Driver, "run", lambda self, **kw: started.append(self.dag.name) or {})
+    refused = CliRunner().invoke(app, ["run", str(config)])
+    assert refused.exit_code == 2 and "gpus_per_actor: 2" in refused.output and not started
+    allowed = CliRunner().invoke(app, ["run", str(config), "--allow-infeasible"])
+    assert allowed.exit_code == 0, allowed.output
+    assert started == ["phi-mini-moe"]
+
+
+def test_submit_refuses_before_uploading_unless_allowed(tmp_path):
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.submit import prepare_submission
+
+    config, _ = _runnable_phi(tmp_path, **INFEASIBLE)
+    with pytest.raises(WorkflowConfigError, match=r"gpus_per_actor: 2"):
+        prepare_submission(config, "http://10.1.2.3:8265")
+    sub = prepare_submission(config, "http://10.1.2.3:8265", allow_infeasible=True)
+    try:
+        assert sub.entrypoint[:3] == ["slimmoe", "run", "--allow-infeasible"]
+    finally:
+        sub.cleanup()
+
+
+def test_plan_cli_json_parses_and_a_gpu_workflow_needs_its_gpu_memory(tmp_path, phi_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimmoe.workflows import plan as plan_module
+    from slimmoe.workflows.cli import app
+
+    raw = yaml.safe_load((CONFIGS / "phi-mini-moe.yaml").read_text())
+    raw["teacher"]["path"] = str(phi_dir)
+    path = tmp_path / "phi.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = CliRunner().invoke(app, ["plan", str(path), "--json", "--gpu", "h100", "--mfu", "0.5"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert doc["feasible"] is True and doc["peak_tflops"] == 989.0 and doc["mfu"] == 0.5
+    assert {n["name"] for n in doc["nodes"]} >= {"teacher_logits", "stage_1", "stage_2", "stage_3"}
+    assert doc["totals"]["gpu_hours"] > 0
+
+    del raw["resources"]["gpu_memory_gb"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setattr(plan_module, "local_gpu_memory_bytes", lambda: None)  # this machine: no GPU
+    missing = CliRunner().invoke(app, ["plan", str(path)])
+    assert missing.exit_code == 2 and "--gpu-memory-gb" in missing.output
+    given = CliRunner().invoke(app, ["plan", str(path), "--gpu-memory-gb", "141"])
+    assert given.exit_code == 0 and "feasible" in given.output
+
+
+def test_the_demo_plans_feasible_on_this_machine():
+    from slimmoe.workflows.driver import plan_workflow
+
+    plan = plan_workflow(CONFIGS / "demo.yaml")
+    assert plan.feasible and not plan.use_gpu
+    assert plan.cpu_memory_bytes and all(n.fits for n in plan.nodes if n.memory is not None)
