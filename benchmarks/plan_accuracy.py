@@ -9,7 +9,7 @@ Each case runs in a fresh subprocess and reports its peak resident set (ru_maxrs
   stage     a ddp stage with one CPU worker, the memory-relevant steps of the train loop: load the
             float32 model, Taylor-score it on calibration batches of micro_batch x seq_len (full
             gradients), slim it, then distill with AdamW and the real distillation loss on cached
-            top-k tensors for a few steps;
+            top-k tensors for a few steps (again with grad_accum 2: stage_grad_accum);
   teacher   one teacher pass batch as the teacher actor runs it on CPU: load the float32 teacher,
             forward under inference_mode, float32 logits, one scratch buffer, fast_topk_with_rest.
 Prints JSON: per case the measured peak, the plan's estimate (with its breakdown) and their ratio;
@@ -34,7 +34,10 @@ TOLERANCE = 0.30
 # A PhiMoE of ~60M parameters: 16 B/param is ~1 GB, activations and logits some hundreds of MB.
 STAGE_MODEL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
-STAGE = dict(micro_batch=8, seq_len=256, calibration_batches=2, steps=3, k=16, expert_intermediate_size=512)
+STAGE = dict(micro_batch=8, seq_len=256, calibration_batches=2, steps=3, grad_accum=1, k=16,
+             expert_intermediate_size=512)
+# Gradient accumulation: the gradients of one micro-batch are still held through the next backward.
+STAGE_ACCUM = dict(STAGE, micro_batch=4, grad_accum=2)
 TEACHER_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
 TEACHER = dict(batch_size=8, seq_len=256, k=16)
@@ -97,14 +100,15 @@ def child_stage(args: dict) -> dict:
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     for _ in range(s["steps"]):
-        ids = torch.randint(3, vocab, (s["micro_batch"], s["seq_len"]))
-        topk_ids = torch.randint(0, vocab, (s["micro_batch"], s["seq_len"], s["k"]), dtype=torch.int32)
-        topk_lp = torch.log_softmax(torch.randn(s["micro_batch"], s["seq_len"], s["k"] + 1), -1)
-        logits = student(input_ids=ids).logits
-        loss, _ = distillation_loss(logits, ids, topk_ids.long(), topk_lp[..., :-1].half(), topk_lp[..., -1],
-                                    1.0, 0.5, None)
-        loss.backward()
-        del logits, loss
+        for _ in range(s["grad_accum"]):
+            ids = torch.randint(3, vocab, (s["micro_batch"], s["seq_len"]))
+            topk_ids = torch.randint(0, vocab, (s["micro_batch"], s["seq_len"], s["k"]), dtype=torch.int32)
+            topk_lp = torch.log_softmax(torch.randn(s["micro_batch"], s["seq_len"], s["k"] + 1), -1)
+            logits = student(input_ids=ids).logits
+            loss, _ = distillation_loss(logits, ids, topk_ids.long(), topk_lp[..., :-1].half(), topk_lp[..., -1],
+                                        1.0, 0.5, None)
+            (loss / s["grad_accum"]).backward()
+            del logits, loss
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,25 +184,28 @@ def main() -> None:
         stage_dir = _save(STAGE_MODEL, Path(tmp) / "stage_model")
         teacher_dir = _save(TEACHER_MODEL, Path(tmp) / "teacher_model")
         base = run_child("baseline", {}, a.threads)["peak_rss"]
-        stage = run_child("stage", {"model_dir": str(stage_dir), "stage": STAGE}, a.threads)["peak_rss"]
+        stages = {name: run_child("stage", {"model_dir": str(stage_dir), "stage": s}, a.threads)["peak_rss"]
+                  for name, s in (("stage", STAGE), ("stage_grad_accum", STAGE_ACCUM))}
         teacher = run_child("teacher", {"model_dir": str(teacher_dir), "teacher": TEACHER}, a.threads)["peak_rss"]
 
-    s, t = STAGE, TEACHER
     shape_in = model_shape(_config(STAGE_MODEL))
-    shape_out = model_shape(slimmed_config(_config(STAGE_MODEL), SlimTargets(s["expert_intermediate_size"])))
+    shape_out = model_shape(slimmed_config(_config(STAGE_MODEL), SlimTargets(STAGE["expert_intermediate_size"])))
     mapped = shape_in.checkpoint_bytes  # the stage's checkpoint, loaded with load_model, stays mapped
-    phases = {"score": stage_score_memory(shape_in, "ddp", 1, s["micro_batch"], s["seq_len"], False, shape_out,
-                                          overhead=base, mapped_bytes=mapped),
-              "train": stage_train_memory(shape_out, "ddp", 1, s["micro_batch"], s["seq_len"], False, k=s["k"],
-                                          overhead=base, mapped_bytes=mapped)}
-    stage_plan = max(phases.values(), key=lambda m: m.total)
-    teacher_plan = teacher_pass_memory(model_shape(_config(TEACHER_MODEL)), t["batch_size"], t["seq_len"], t["k"],
-                                       on_gpu=False, overhead=base)
-    cases = {"stage": {**_case(stage, stage_plan), "settings": s, "model": STAGE_MODEL,
-                       "params": {"before": shape_in.total, "after": shape_out.total},
-                       "phases_estimate_bytes": {k: v.total for k, v in phases.items()}},
-             "teacher_pass": {**_case(teacher, teacher_plan), "settings": t, "model": TEACHER_MODEL,
-                              "params": model_shape(_config(TEACHER_MODEL)).total}}
+    cases = {}
+    for name, s in (("stage", STAGE), ("stage_grad_accum", STAGE_ACCUM)):
+        phases = {"score": stage_score_memory(shape_in, "ddp", 1, s["micro_batch"], s["seq_len"], False, shape_out,
+                                              overhead=base, mapped_bytes=mapped),
+                  "train": stage_train_memory(shape_out, "ddp", 1, s["micro_batch"], s["seq_len"], False, k=s["k"],
+                                              overhead=base, grad_accum=s["grad_accum"], mapped_bytes=mapped)}
+        cases[name] = {**_case(stages[name], max(phases.values(), key=lambda m: m.total)), "settings": s,
+                       "model": STAGE_MODEL, "params": {"before": shape_in.total, "after": shape_out.total},
+                       "phases_estimate_bytes": {k: v.total for k, v in phases.items()}}
+    t = TEACHER
+    teacher_shape = model_shape(_config(TEACHER_MODEL))
+    teacher_plan = teacher_pass_memory(teacher_shape, t["batch_size"], t["seq_len"], t["k"], on_gpu=False,
+                                       overhead=base)
+    cases["teacher_pass"] = {**_case(teacher, teacher_plan), "settings": t, "model": TEACHER_MODEL,
+                             "params": teacher_shape.total}
     print(json.dumps({
         "baseline_peak_rss_bytes": base,
         "overhead_note": ("the runtime (python + torch + transformers + slimmoe's modules) measured in a fresh "

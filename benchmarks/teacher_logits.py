@@ -4,8 +4,9 @@
                                         [--before-rev REV] [--hidden 256] [--compare-experts]
 
 In one process and on the same >= 200k tokens it measures
-  (a) a bare loop of teacher forward passes that discards the output (before and after the node
-      runs; their mean is the baseline),
+  (a) a bare loop of teacher forward passes that discards the output, before the first node run
+      and after each full one (the machine may be shared: each node run is compared with the mean
+      of the two bare loops around it; the 1-minute load average is in the JSON),
   (b) where an actor's time goes per batch: forward, top-k + rest, encoding + Arrow columns, and
       the write stage's Parquet file per batch,
   (c) the teacher_logits node end to end (Ray Data, one CPU actor, top-k + rest, Parquet, manifest)
@@ -129,6 +130,7 @@ def stage_profile(teacher_dir: Path, rows: np.ndarray, args, n_batches: int = 6)
                                experts_implementation=args.experts_implementation, trust_remote_code=False,
                                torch_threads=args.threads, vocab_size=args.vocab, split_of_path={node._norm("x"): 0})
     b = args.batch_size
+    n_batches = max(1, min(n_batches, len(rows) // b - 1))
     times = {"forward": 0.0, "topk_and_rest": 0.0, "encode_and_columns": 0.0}
     tables = []
     for i in range(n_batches + 1):  # the first batch warms up
@@ -216,8 +218,9 @@ def main() -> None:
         if "overlap" in variants:
             runs["overlap"] = (run_teacher_logits, {})
 
+        load = {"start": round(os.getloadavg()[0], 2)}
         profile = stage_profile(teacher, all_rows, args)
-        bare = bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads)
+        bares = [bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads)]
         other = None
         if args.compare_experts:
             alt = "eager" if args.experts_implementation != "eager" else "grouped_mm"
@@ -233,32 +236,39 @@ def main() -> None:
         t0 = time.perf_counter()
         run_teacher_logits(TeacherLogitsConfig(**base), teacher, tmp / "tokens_small", tmp / "logits_warmup")
         cold_s = time.perf_counter() - t0
-        timings, node_metrics = {}, None
+        # The machine may be shared and its load drift: each full run sits between two bare loops,
+        # and is compared with their mean.
+        timings, node_metrics, around = {}, None, {}
         for name, (run, extra) in runs.items():
-            cfg = TeacherLogitsConfig(**base, **extra)
-            for size, tokens_dir in (("full", "tokens"), ("small", "tokens_small")):
-                t0 = time.perf_counter()
-                metrics = run(cfg, teacher, tmp / tokens_dir, tmp / f"logits_{name}_{size}")
-                timings[(name, size)] = time.perf_counter() - t0
-                if size == "full" and node_metrics is None:
-                    node_metrics, cache_dir = metrics, tmp / f"logits_{name}_{size}"
+            t0 = time.perf_counter()
+            metrics = run(TeacherLogitsConfig(**base, **extra), teacher, tmp / "tokens", tmp / f"logits_{name}")
+            timings[(name, "full")] = time.perf_counter() - t0
+            if node_metrics is None:
+                node_metrics, cache_dir = metrics, tmp / f"logits_{name}"
+            bares.append(bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads))
+            around[name] = (bares[-2]["tokens_per_s"] + bares[-1]["tokens_per_s"]) / 2
+        for name, (run, extra) in runs.items():
+            t0 = time.perf_counter()
+            run(TeacherLogitsConfig(**base, **extra), teacher, tmp / "tokens_small", tmp / f"logits_{name}_small")
+            timings[(name, "small")] = time.perf_counter() - t0
         ray.shutdown()
-        # The machine may be shared: time the bare loop again after the node and use the mean of both.
-        bare_after = bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads)
-        bare_tps = (bare["tokens_per_s"] + bare_after["tokens_per_s"]) / 2
+        load["end"] = round(os.getloadavg()[0], 2)
+        bare_tps = sum(b["tokens_per_s"] for b in bares) / len(bares)
         tokens = all_rows.size
         small_tokens = args.batch_size * args.seq_len
         node = {}
         for name in runs:
             full_s, small_s = timings[(name, "full")], timings[(name, "small")]
             # Fixed cost (Ray worker, imports, model load, scheduling) cancels in the difference of two runs.
-            marginal = (tokens - small_tokens) / max(1e-9, full_s - small_s)
+            # None when the one-batch run took as long as the full one (far too few --rows).
+            marginal = (tokens - small_tokens) / (full_s - small_s) if full_s > small_s else None
             node[name] = {
                 "end_to_end_tokens_per_s": round(tokens / full_s, 1),
-                "end_to_end_vs_bare": round(tokens / full_s / bare_tps, 3),
-                "marginal_tokens_per_s": round(marginal, 1),
-                "marginal_vs_bare": round(marginal / bare_tps, 3),
-                "fixed_cost_s": round(max(0.0, small_s - small_tokens / marginal), 2),
+                "end_to_end_vs_bare": round(tokens / full_s / around[name], 3),
+                "marginal_tokens_per_s": marginal and round(marginal, 1),
+                "marginal_vs_bare": marginal and round(marginal / around[name], 3),
+                "bare_tokens_per_s_around_it": round(around[name], 1),
+                "fixed_cost_s": marginal and round(max(0.0, small_s - small_tokens / marginal), 2),
                 "seconds": {"full": round(full_s, 2), "one_batch": round(small_s, 2)},
             }
         if "committed" in runs:
@@ -272,8 +282,9 @@ def main() -> None:
             "teacher": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "vocab": args.vocab,
                         "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher).parameters())},
             "tokens": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k,
+            "load_average_1min": load,
             "bare_forward_tokens_per_s": round(bare_tps, 1),
-            "bare_forward_tokens_per_s_before_after": [round(bare["tokens_per_s"], 1), round(bare_after["tokens_per_s"], 1)],
+            "bare_forward_tokens_per_s_each_run": [round(b["tokens_per_s"], 1) for b in bares],
             "bare_seconds": round(tokens / bare_tps, 2),
             "actor_ms_per_batch": profile,
             "node": node,

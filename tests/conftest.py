@@ -35,3 +35,17 @@ def pipeline(tmp_path_factory, ray_cluster):
     from stage_helpers import build_stage_pipeline
 
     return build_stage_pipeline(tmp_path_factory.mktemp("stage"))
+
+
+@pytest.fixture(scope="session")
+def ddp_stage(pipeline, tmp_path_factory):
+    """One 2-worker ddp stage on `pipeline` (pure KD, 40 steps), shared by the tests that check it and
+    compare other strategies against it: (config, output dir, run_stage's headline)."""
+    from slimmoe.tasks.nodes.stage import run_stage
+    from stage_helpers import stage_cfg
+
+    root = tmp_path_factory.mktemp("ddp_stage")
+    cfg = stage_cfg(next_token_weight=0.0)
+    headline = run_stage(cfg, pipeline["teacher"], pipeline["logits"], root / "out", root / "work",
+                         teacher_fingerprint=pipeline["fp"], name="stage_1")
+    return cfg, root / "out", headline

@@ -89,15 +89,13 @@ def _kept(scores_file: Path, model_dir: Path, targets):
     return {k: {layer: t.tolist() for layer, t in getattr(plan, k).items()} for k in ("experts", "kv_groups")}
 
 
-def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, tmp_path):
-    runs = {}
-    for strategy in ("ddp", "fsdp"):
-        cfg = stage_cfg(strategy=strategy, next_token_weight=0.0)
-        out = tmp_path / strategy
-        runs[strategy] = (cfg, out, run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, tmp_path / f"w_{strategy}",
-                                              teacher_fingerprint=pipeline["fp"], name=strategy))
-    cfg = runs["fsdp"][0]
-    ddp_out, fsdp_out = runs["ddp"][1], runs["fsdp"][1]
+def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, ddp_stage, tmp_path):
+    ddp_cfg, ddp_out, ddp_headline = ddp_stage
+    assert ddp_cfg.strategy == "ddp"
+    cfg = ddp_cfg.model_copy(update={"strategy": "fsdp"})
+    fsdp_out = tmp_path / "fsdp"
+    run_stage(cfg, pipeline["teacher"], pipeline["logits"], fsdp_out, tmp_path / "work",
+              teacher_fingerprint=pipeline["fp"], name="fsdp")
     # The same neurons and KV groups survive (scores summed over the same calibration batches).
     assert _kept(ddp_out / "scores.safetensors", pipeline["teacher"], cfg.targets) == \
         _kept(fsdp_out / "scores.safetensors", pipeline["teacher"], cfg.targets)
@@ -109,7 +107,7 @@ def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, tmp_path):
     student = AutoModelForCausalLM.from_pretrained(fsdp_out)
     assert student.config.intermediate_size == 16 and student.config.num_key_value_heads == 1
     metrics = json.loads((fsdp_out / "metrics.json").read_text())
-    assert metrics["steps_done"] == runs["ddp"][2]["steps"] == 40
+    assert metrics["steps_done"] == ddp_headline["steps"] == 40
     assert metrics["params_after"]["total"] == sum(p.numel() for p in student.parameters())
     memory = metrics["memory_per_rank"]
     assert [m["rank"] for m in memory] == [0, 1]

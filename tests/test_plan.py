@@ -236,3 +236,15 @@ def test_the_demo_plans_feasible_on_this_machine():
     plan = plan_workflow(CONFIGS / "demo.yaml")
     assert plan.feasible and not plan.use_gpu
     assert plan.cpu_memory_bytes and all(n.fits for n in plan.nodes if n.memory is not None)
+
+
+def test_the_rayjob_embedded_workflow_plans_feasible(tmp_path, phi_dir):
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    docs = [d for d in yaml.safe_load_all((CONFIGS.parents[1] / "cluster" / "rayjob-a100.yaml").read_text()) if d]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    path = tmp_path / "workflow.yaml"
+    path.write_text(config_map["data"]["workflow.yaml"])
+    plan = plan_workflow(path, PlanOptions(gpu="a100"), overrides={"teacher": {"path": str(phi_dir)}})
+    assert plan.feasible, plan.format()

@@ -15,10 +15,8 @@ from slimmoe.tasks.nodes.stage import run_stage
 from stage_helpers import SEQ, committed_checkpoint_step, held_out_kl, stage_cfg
 
 
-def test_distillation_halves_the_kl_of_the_slimmed_student(pipeline, tmp_path):
-    out = tmp_path / "out"
-    metrics = run_stage(stage_cfg(next_token_weight=0.0), pipeline["teacher"], pipeline["logits"], out, tmp_path / "work",
-                        teacher_fingerprint=pipeline["fp"], name="stage_1")
+def test_distillation_halves_the_kl_of_the_slimmed_student(pipeline, ddp_stage):
+    _, out, metrics = ddp_stage
     pruned_kl = held_out_kl(out / "pruned", pipeline["logits"])
     final_kl = held_out_kl(out, pipeline["logits"])
     assert final_kl <= 0.5 * pruned_kl, (pruned_kl, final_kl)

@@ -121,9 +121,11 @@ class Plan:
 
     def verdict(self) -> str:
         if self.feasible:
-            return "feasible: every node fits" + ("" if all(n.fits is not False for n in self.nodes) else "")
-        names = ", ".join(n.name for n in self.nodes if n.fits is False) or "the cluster"
-        return f"infeasible: {names} do{'es' if names.count(',') == 0 else ''} not fit"
+            unchecked = [n.name for n in self.nodes if n.memory is not None and n.fits is None]
+            return ("feasible: every node fits" if not unchecked else
+                    f"feasible: every checked node fits (not checked: {', '.join(unchecked)})")
+        bad = [n.name for n in self.nodes if n.fits is False]
+        return f"infeasible: {', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not fit"
 
     def format(self) -> str:
         return format_plan(self)
@@ -491,6 +493,13 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     config_in = _input_config(ctx, node)
     if config_in is None:
         return None
+    if not cfg.distill_only:
+        from slimmoe.tasks.slimming.config import validate_targets
+
+        try:  # `slimmoe plan` builds the DAG without the teacher: its cuts are checked here
+            validate_targets(config_in, cfg.targets, dtype="bfloat16" if on_gpu else "float32")
+        except ValueError as err:
+            raise PlanError(f"{node.name}: {err}") from None
     config_out = config_in if cfg.distill_only else slimmed_config(config_in, cfg.targets)
     ctx.configs[node.name] = config_out
     shape_in, shape_out = model_shape(config_in), model_shape(config_out)
@@ -642,7 +651,7 @@ def plan_problems(loaded: LoadedWorkflow, nodes: dict) -> list[Problem]:
     not to fit is; GPU nodes are checked only when the GPU memory is known."""
     try:
         plan = plan_dag(loaded, nodes, PlanOptions(require_gpu_memory=False))
-    except PlanError:
+    except ValueError:  # PlanError, or a teacher config the planner cannot model
         return []
     return problems_of(loaded, plan)
 

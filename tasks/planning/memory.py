@@ -6,7 +6,10 @@ the config's shapes, written to follow what the code does:
 
 - ddp: every worker holds the float32 model, float32 gradients and two float32 AdamW moments
   (16 bytes per parameter), plus DDP's gradient buckets when there is more than one worker; bf16
-  autocast on GPU (activations in bf16, the residual stream in float32).
+  autocast on GPU (activations in bf16, the residual stream in float32). Gradients appear as the
+  backward frees activations, so the peak is the larger of the backward's start (all activations
+  and the loss's logit work, the head's gradient) and its end (all gradients, one layer's
+  activations), unless gradient accumulation keeps the gradients of the last micro-batch.
 - deepspeed (ZeRO-1/2): the whole model on every rank (bf16 on GPU, float32 on CPU), the float32
   master copy, the gradients and the AdamW moments partitioned over the ranks.
 - fsdp (FSDP2, one `fully_shard` per decoder layer and the root): float32 parameters, gradients and
@@ -24,9 +27,10 @@ Activations are an estimate of what autograd keeps per token and decoder layer (
 projections, the top-k experts' gate/up/act/down tensors, router logits), with attention by a
 fused kernel (no seq x seq scores). The logits are micro_batch x seq x vocab in float32, several
 times over: the loss's float copies, log-softmax, the scatter for the rest bucket, the gradient.
-Fixed runtime costs (the CUDA context and library workspaces on GPU; the python + torch +
-transformers process on CPU) are one `overhead` term, which a benchmark can replace with what it
-measured.
+The `overhead` term is the runtime (the CUDA context and library workspaces on GPU; the python +
+torch + transformers process on CPU; a benchmark passes what it measured) plus the allocator's
+slack on what comes and goes. On CPU a model loaded from safetensors keeps its file mapped, and the
+mapped pages count in the process's memory: CPU estimates add the checkpoint's bytes to `weights`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 GB = 10**9
-# A GPU loses this much to the CUDA context, cuBLAS / NCCL workspaces and caching-allocator slack.
+# A GPU loses this much to the CUDA context and the cuBLAS / NCCL workspaces.
 GPU_RUNTIME_BYTES = int(2.5 * GB)
 # A CPU worker's python + torch + transformers + Ray Train imports before any model (0.39 GB measured
 # here, plus Ray's own worker threads); benchmarks/plan_accuracy.py measures it beside each run.
@@ -220,7 +224,8 @@ def train_activation_bytes(shape: ModelShape, tokens: int, elem: int, resid: int
 
 # float32 [tokens, vocab] tensors the distillation loss holds at the start of its backward beyond the
 # model's own logits: bucket_logprobs' logsumexp and scatter copy, the next-token loss's reshaped
-# copy and its log-softmax, the logits' gradient (5 measured on CPU: benchmarks/plan_accuracy.py).
+# copy and its log-softmax, the logits' gradient (about 5 measured on CPU; benchmarks/plan_accuracy.py
+# checks the total).
 TRAIN_LOGIT_FLOAT_COPIES = 5
 # Scoring's next-token loss alone has no bucket_logprobs: two of those copies fewer.
 SCORE_LOGIT_FEWER = 2

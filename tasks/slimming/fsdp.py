@@ -372,7 +372,7 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
         groups: list[dict[str, torch.Tensor]] = [{}]
         size, total, written = 0, 0, []
 
-        def flush(final: bool):
+        def flush():
             if groups[-1]:
                 part = tmp / f"part-{len(written):05d}.safetensors"
                 save_file({k: v.contiguous() for k, v in groups[-1].items()}, str(part), metadata={"format": "pt"})
@@ -383,12 +383,12 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
             t = gathered(name)
             nbytes = t.numel() * t.element_size()
             if groups[-1] and size + nbytes > max_shard_bytes:
-                flush(False)
+                flush()
                 size = 0
             groups[-1][name] = t
             size += nbytes
             total += nbytes
-        flush(True)
+        flush()
         weight_map = {}
         for i, (part, keys) in enumerate(written):
             final = tmp / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
@@ -402,20 +402,6 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
                 (tmp / name).write_bytes(src.read_bytes())
         copy_tokenizer_files(tokenizer_from, tmp)
     return out_dir
-
-
-def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
-    """The floating dtype the checkpoint stores its weights in (the output keeps it)."""
-    from safetensors import safe_open
-
-    for f in check_safetensors(model_dir):
-        with safe_open(str(f), "pt") as h:
-            for name in h.keys():
-                t = h.get_slice(name)
-                dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-                if dt is not None:
-                    return dt
-    return torch.float32
 
 
 def sharded_model_from(model_dir: str | Path, device: torch.device, experts_implementation: str | None = None,

@@ -396,11 +396,14 @@ def train_loop(loop_cfg: dict) -> None:
     if world > 1:
         dist.barrier()  # every rank's record is on disk before rank 0 collects them
     if getattr(engine, "sharded", False):  # a collective gather: every rank takes part
-        from slimmoe.tasks.slimming.fsdp import checkpoint_dtype, save_sharded_model
+        from slimmoe.tasks.core.runtime import dtype_from_name
+        from slimmoe.tasks.slimming.fsdp import save_sharded_model
+        from slimmoe.tasks.slimming.streaming import checkpoint_dtype
 
+        # The student keeps the dtype its teacher was stored in (float32 masters are for training only).
         save_sharded_model(final_model, work_dir / "final", config_from=work_dir / "pruned",
-                           dtype=checkpoint_dtype(work_dir / "pruned"), tokenizer_from=loop_cfg["model_dir"],
-                           overwrite=True)
+                           dtype=dtype_from_name(checkpoint_dtype(work_dir / "pruned")),
+                           tokenizer_from=loop_cfg["model_dir"], overwrite=True)
     if rank == 0:
         prepare = json.loads((work_dir / "prepare.json").read_text())
         metrics = {"stage": name, "plan": plan, "steps_done": state["step"], "tokens_seen": state["tokens"],
