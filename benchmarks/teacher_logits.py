@@ -13,9 +13,10 @@ In one process and on the same >= 200k tokens it measures
       in each of `--variants`:
         committed  the node as committed at `--before-rev` (default b26b149, the last one with the
                    top-k and encoding in series with the forwards), loaded from git: the "before"
-        serial     the current node with pipeline_depth 1 (its stages in series)
-        overlap    the current node as configured by default (pipeline_depth 2: the finish of a
-                   batch runs while the next batch's forward does)
+        serial     the current node with pipeline_depth 1 (its stages in series; its CPU default
+                   when cpus_per_actor == torch_threads, as here)
+        overlap    the current node with pipeline_depth 2 (the finish of a batch runs while the
+                   next batch's forward does; its GPU default)
 then prints JSON: for each variant the end-to-end tokens/s (a whole node run, fixed cost included)
 and the marginal tokens/s (the difference of a full and a one-batch run, so the fixed cost
 cancels), each as a ratio to the bare forward (goal: >= 0.9 on CPU with one actor); bytes per
@@ -179,7 +180,7 @@ def main() -> None:
     # One thread by default: on a small shared machine multi-threaded timings swing by 2x between runs.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm", "batched_mm"])
-    ap.add_argument("--variants", default="committed,overlap", help="comma-separated: committed, serial, overlap")
+    ap.add_argument("--variants", default="committed,serial,overlap", help="comma-separated: committed, serial, overlap")
     # b26b149: the last commit whose actor ran the top-k and encoding in series with the forwards.
     ap.add_argument("--before-rev", default="b26b149", help="the git revision whose node is the 'committed' variant")
     ap.add_argument("--compare-experts", action="store_true", help="also time a bare forward with the other CPU kernel")
@@ -216,7 +217,7 @@ def main() -> None:
         if "serial" in variants:
             runs["serial"] = (run_teacher_logits, {"pipeline_depth": 1})
         if "overlap" in variants:
-            runs["overlap"] = (run_teacher_logits, {})
+            runs["overlap"] = (run_teacher_logits, {"pipeline_depth": 2})
 
         load = {"start": round(os.getloadavg()[0], 2)}
         profile = stage_profile(teacher, all_rows, args)

@@ -183,3 +183,56 @@ def test_the_command_line_takes_gpus_per_actor(tmp_path, monkeypatch):
         assert (seen[-1].gpus_per_actor, seen[-1].gpu_memory_gb) == (expected, 80)
     res = CliRunner().invoke(app, [*base, "--gpus-per-actor", "0"])
     assert res.exit_code == 2 and "--gpus-per-actor: " in res.output and "whole number of GPUs" in res.output
+
+
+def test_the_next_forward_runs_while_a_batch_is_finished(four_layer_teacher):
+    """Depth 2: the forward of batch 1 starts before the finish of batch 0 ends (it waits for that
+    finish to have started, so a serial actor would never get there); depth 1 keeps them in order."""
+    import asyncio
+    import threading
+
+    import numpy as np
+    import pyarrow as pa
+
+    from slimmoe.tasks.nodes.teacher_logits import _TeacherActor, _norm
+
+    config = transformers.AutoConfig.from_pretrained(four_layer_teacher)
+    batches = [pa.table({"row_id": pa.array([2 * i, 2 * i + 1], pa.int64()),
+                         "input_ids": pa.array([[3, 4, 5, 6], [7, 8, 9, 10]], pa.list_(pa.int32())),
+                         "path": pa.array(["x", "x"])}) for i in range(3)]
+
+    def run(depth: int) -> list[str]:
+        actor = _TeacherActor(str(four_layer_teacher), k=4, dtype="float32", device="cpu", gpus=0,
+                              experts_implementation="grouped_mm", trust_remote_code=False, torch_threads=1,
+                              vocab_size=config.vocab_size, split_of_path={_norm("x"): 0}, pipeline_depth=depth)
+        events, finishing = [], threading.Event()
+        forward, finish = actor.forward, actor.finish
+
+        def traced_forward(batch):
+            i = batch.column("row_id")[0].as_py() // 2
+            if i == 1:
+                finishing.wait(timeout=5)  # on a serial actor: times out, finish 0 has not started
+            events.append(f"forward {i} start")
+            return forward(batch)
+
+        def traced_finish(batch, staged):
+            i = batch.column("row_id")[0].as_py() // 2
+            finishing.set()
+            out = finish(batch, staged)
+            events.append(f"finish {i} end")
+            return out
+
+        actor.forward, actor.finish = traced_forward, traced_finish
+
+        async def main():
+            return await asyncio.gather(*[actor(b) for b in batches])
+
+        tables = asyncio.run(main())
+        assert [t.column("row_id").to_pylist() for t in tables] == [[0, 1], [2, 3], [4, 5]]
+        return events
+
+    overlapped = run(2)
+    assert overlapped.index("forward 1 start") < overlapped.index("finish 0 end"), overlapped
+    serial = run(1)
+    assert serial == ["forward 0 start", "finish 0 end", "forward 1 start", "finish 1 end",
+                      "forward 2 start", "finish 2 end"]

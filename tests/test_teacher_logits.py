@@ -94,6 +94,8 @@ def test_reading_back_gives_exactly_the_rows_written(node, teacher_dir, tokens_d
         assert torch.equal(rows["input_ids"], shards.read_rows(np.arange(n))["input_ids"])
         assert sorted(p.name for p in (out / split).glob("*.parquet")) == sorted(f["path"] for f in m["files"])
     assert metrics["rows"] == {"train": 22, "validation": 7} and metrics["storage_ratio"] < 1
+    # One CPU per actor, all of it torch's: the finish gets no core of its own, so it runs in series.
+    assert (metrics["pipeline_depth"], metrics["gpus_per_actor"]) == (1, 0)
 
 
 def test_a_cache_killed_halfway_is_not_taken_for_complete(node, tmp_path):
