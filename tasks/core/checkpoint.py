@@ -88,12 +88,25 @@ class CheckpointTensors:
         from safetensors import safe_open
 
         self.model_dir, self.adapter = Path(model_dir), adapter
-        files = check_safetensors(self.model_dir)
-        self._handles = {f.name: safe_open(str(f), "pt") for f in files}
-        self.where = {name: f for f, h in self._handles.items() for name in h.keys()}
+        self.where: dict[str, Path] = {}
+        for f in check_safetensors(self.model_dir):
+            with safe_open(str(f), "pt") as h:
+                self.where.update({name: f for name in h.keys()})
 
-    def _slice(self, name: str):
-        return self._handles[self.where[name]].get_slice(name)
+    def _read(self, name: str, start: int | None = None, end: int | None = None):
+        """Rows of one tensor. The file is opened for this read only: safetensors maps it, and every
+        page a read touches would otherwise stay resident until the whole load is done."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), "pt") as h:
+            piece = h.get_slice(name)
+            return piece[start:end] if start is not None else piece[:]
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), "pt") as h:
+            return tuple(h.get_slice(name).get_shape())
 
     def _per_expert(self, model_name: str) -> tuple[list[str], str] | None:
         """(on-disk names per expert for one fused tensor, which part) when the checkpoint splits it."""
@@ -113,12 +126,12 @@ class CheckpointTensors:
     def shape(self, model_name: str) -> tuple[int, ...]:
         for name in (model_name, self.adapter.checkpoint_name(model_name)):
             if name in self.where:
-                return tuple(self._slice(name).get_shape())
+                return self._shape(name)
         patterns, _ = self._per_expert(model_name)
         n = 0
         while patterns[0].format(e=n) in self.where:
             n += 1
-        first = [tuple(self._slice(p.format(e=0)).get_shape()) for p in patterns]
+        first = [self._shape(p.format(e=0)) for p in patterns]
         return (n, sum(s[0] for s in first), *first[0][1:])
 
     def rows(self, model_name: str, start: int, end: int):
@@ -127,14 +140,14 @@ class CheckpointTensors:
 
         for name in (model_name, self.adapter.checkpoint_name(model_name)):
             if name in self.where:
-                return self._slice(name)[start:end]
+                return self._read(name, start, end)
         split = self._per_expert(model_name)
         if split is None or not self.has(model_name):
             raise KeyError(f"{self.model_dir} stores no tensor for {model_name} (looked for "
                            f"{self.adapter.checkpoint_name(model_name)} and per-expert tensors)")
         patterns, _ = split
         # gate rows first, then up: the fused layout of gate_up_proj [E, 2I, H]
-        experts = [torch.cat([self._slice(p.format(e=e))[:] for p in patterns], dim=0) for e in range(start, end)]
+        experts = [torch.cat([self._read(p.format(e=e)) for p in patterns], dim=0) for e in range(start, end)]
         return torch.stack(experts) if experts else torch.empty((0, *self.shape(model_name)[1:]))
 
     def full(self, model_name: str):
