@@ -15,8 +15,9 @@ In one process and on the same >= 200k tokens it measures
                    top-k and encoding in series with the forwards), loaded from git: the "before"
         serial     the current node with pipeline_depth 1 (its stages in series; its CPU default
                    when cpus_per_actor == torch_threads, as here)
-        overlap    the current node with pipeline_depth 2 (the finish of a batch runs while the
-                   next batch's forward does; its GPU default)
+        overlap    the current node with cpus_per_actor = torch_threads + 1, where its default
+                   pipeline_depth is 2 (the finish of a batch runs on that CPU while the next
+                   batch's forward runs; also its GPU default)
 then prints JSON: for each variant the end-to-end tokens/s (a whole node run, fixed cost included)
 and the marginal tokens/s (the difference of a full and a one-batch run, so the fixed cost
 cancels), each as a ratio to the bare forward (goal: >= 0.9 on CPU with one actor); bytes per
@@ -143,11 +144,7 @@ def stage_profile(teacher_dir: Path, rows: np.ndarray, args, n_batches: int = 6)
         logits = actor.forward(batch)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            from slimmoe.tasks.slimming.losses import fast_topk_with_rest
-
-            if actor.work is None:
-                actor.work = torch.empty_like(logits)
-            fast_topk_with_rest(logits, args.k, actor.work)
+            actor._topk_by_rows(logits)
         t2 = time.perf_counter()
         out = actor.finish(batch, logits)  # top-k again, then encoding and columns
         t3 = time.perf_counter()
@@ -217,7 +214,8 @@ def main() -> None:
         if "serial" in variants:
             runs["serial"] = (run_teacher_logits, {"pipeline_depth": 1})
         if "overlap" in variants:
-            runs["overlap"] = (run_teacher_logits, {"pipeline_depth": 2})
+            # One CPU more for the actor, which its default then gives to the finish (depth 2).
+            runs["overlap"] = (run_teacher_logits, {"cpus_per_actor": args.threads + 1})
 
         load = {"start": round(os.getloadavg()[0], 2)}
         profile = stage_profile(teacher, all_rows, args)
@@ -229,8 +227,9 @@ def main() -> None:
                      args.experts_implementation: bare_forward(teacher, all_rows[: 4 * args.batch_size], args.batch_size,
                                                                args.experts_implementation, args.threads)["tokens_per_s"]}
 
-        # One actor with the bare loop's threads, and one more logical CPU for the read/write tasks.
-        ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # One actor with the bare loop's threads (and, for `overlap`, one CPU for its finish), and one
+        # more logical CPU for the read/write tasks.
+        ray.init(num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         base = dict(k=args.k, batch_size=args.batch_size, actor_pool_size=1, cpus_per_actor=args.threads,
                     torch_threads=args.threads, experts_implementation=args.experts_implementation,
                     rows_per_file=1024, device="cpu")
@@ -239,18 +238,19 @@ def main() -> None:
         cold_s = time.perf_counter() - t0
         # The machine may be shared and its load drift: each full run sits between two bare loops,
         # and is compared with their mean.
-        timings, node_metrics, around = {}, None, {}
+        timings, node_metrics, around, depths = {}, None, {}, {}
         for name, (run, extra) in runs.items():
             t0 = time.perf_counter()
-            metrics = run(TeacherLogitsConfig(**base, **extra), teacher, tmp / "tokens", tmp / f"logits_{name}")
+            metrics = run(TeacherLogitsConfig(**{**base, **extra}), teacher, tmp / "tokens", tmp / f"logits_{name}")
             timings[(name, "full")] = time.perf_counter() - t0
+            depths[name] = metrics.get("pipeline_depth", 1)  # the committed node ran in series
             if node_metrics is None:
                 node_metrics, cache_dir = metrics, tmp / f"logits_{name}"
             bares.append(bare_forward(teacher, all_rows, args.batch_size, args.experts_implementation, args.threads))
             around[name] = (bares[-2]["tokens_per_s"] + bares[-1]["tokens_per_s"]) / 2
         for name, (run, extra) in runs.items():
             t0 = time.perf_counter()
-            run(TeacherLogitsConfig(**base, **extra), teacher, tmp / "tokens_small", tmp / f"logits_{name}_small")
+            run(TeacherLogitsConfig(**{**base, **extra}), teacher, tmp / "tokens_small", tmp / f"logits_{name}_small")
             timings[(name, "small")] = time.perf_counter() - t0
         ray.shutdown()
         load["end"] = round(os.getloadavg()[0], 2)
@@ -269,6 +269,7 @@ def main() -> None:
                 "marginal_tokens_per_s": marginal and round(marginal, 1),
                 "marginal_vs_bare": marginal and round(marginal / around[name], 3),
                 "bare_tokens_per_s_around_it": round(around[name], 1),
+                "pipeline_depth": depths[name],
                 "fixed_cost_s": marginal and round(max(0.0, small_s - small_tokens / marginal), 2),
                 "seconds": {"full": round(full_s, 2), "one_batch": round(small_s, 2)},
             }

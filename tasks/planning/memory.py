@@ -352,6 +352,7 @@ def teacher_pass_memory(shape: ModelShape, batch_size: int, seq_len: int, k: int
     mem = Memory(weights=-(-shape.total * elem // gpus), phase="forward")
     mem.activations = tokens * layer_forward_bytes(shape, elem)
     mem.logits = teacher_logit_bytes(shape, tokens, elem, k)
+    pipeline_depth = pipeline_depth or 1  # unset: on CPU the node runs one batch at a time unless it has a spare core
     if not on_gpu and pipeline_depth > 1:
         mem.logits += (pipeline_depth - 1) * tokens * shape.vocab * 4
     dtype = {2: "bf16", 4: "float32"}.get(elem, f"{elem}-byte")
