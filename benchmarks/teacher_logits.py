@@ -144,14 +144,15 @@ def stage_profile(teacher_dir: Path, rows: np.ndarray, args, n_batches: int = 6)
         logits = actor.forward(batch)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            actor._topk_by_rows(logits)
+            ids, logprobs, rest = actor._topk_by_rows(logits)
+            staged = (ids.to(torch.int32), logprobs.to(torch.float16), rest)
         t2 = time.perf_counter()
-        out = actor.finish(batch, logits)  # top-k again, then encoding and columns
+        out = actor.finish(batch, staged)  # given the top-k (as on a GPU): the encoding, checks and columns
         t3 = time.perf_counter()
         if i:
             times["forward"] += t1 - t0
             times["topk_and_rest"] += t2 - t1
-            times["encode_and_columns"] += max(0.0, (t3 - t2) - (t2 - t1))
+            times["encode_and_columns"] += t3 - t2
             tables.append(out)
     with tempfile.TemporaryDirectory() as out_dir:
         (Path(out_dir) / "train").mkdir()

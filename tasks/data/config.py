@@ -48,7 +48,7 @@ class TeacherLogitsConfig(BaseModel):
     # 2: a batch's top-k, encoding and checks run while the next batch's forward does; 1: in series.
     # Default: 2 on GPU (the finish runs on the CPU while the GPU computes); on CPU 2 only when
     # cpus_per_actor leaves a CPU beside torch_threads, since a finish that has to share the forward's
-    # cores slows both (measured on 2 cores: forward 582 -> 1201 ms, finish 165 -> 532 ms per batch).
+    # cores slows both (on a busy 2-core machine: forward 582 -> 1201 ms, finish 165 -> 532 ms a batch).
     pipeline_depth: Optional[int] = Field(None, ge=1, le=4, description="batches in flight per teacher actor "
                                           "(default: 2 on GPU or with a spare CPU, else 1)")
     trust_remote_code: bool = False

@@ -23,12 +23,13 @@ an exp pass over [tokens, vocab] that costs about a third of the forward; the fl
 the finite checks, the Arrow columns). torch, numpy and pyarrow release the GIL, so at depth 2
 the finish of one batch runs while the next batch's forward does, and at most two batches' logits
 are alive. Parquet encoding and writing stay in the separate write stage. Depth 2 is the default on
-GPU, and on CPU when `cpus_per_actor` leaves a CPU beside `torch_threads`; otherwise 1, because a
-finish that must share the forward's cores slows both: on this project's 2-core machine the
-overlap does happen (the forward is busy 98% of the time instead of 75%) but each forward takes
-1.2 s instead of 0.58 and each finish 0.53 s instead of 0.17, so the pass gets no faster.
-The CPU top-k runs on a few rows at a time, its scratch in cache (155 instead of 200 ms per 1024
-tokens at a 32k vocabulary; same numbers).
+GPU, and on CPU when `cpus_per_actor` leaves a CPU beside `torch_threads`; otherwise 1, because the
+finish then has no core of its own. Measured by benchmarks/teacher_logits.py (221k tokens, one CPU
+actor with one torch thread, 2 cores): with a spare core, depth 2 runs at 0.91x the bare forward
+end to end and ~1.0x at the margin, against 0.71x and 0.79x in series; on the same machine busy
+with other work (load 20) the two stages slow each other down (a forward 1.2 s instead of 0.58, a
+finish 0.53 s instead of 0.17) and depth 2 fell to 0.38x. The CPU top-k runs on a few rows at a
+time, its scratch in cache (155 instead of 200 ms per 1024 tokens at a 32k vocabulary; same numbers).
 
 Why the files are written by our own map_batches stage and not `write_parquet`: readers look rows
 up by row id, so every file must hold one ascending run of row ids. `write_parquet` bundles blocks
