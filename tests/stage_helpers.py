@@ -1,6 +1,10 @@
 """A small trained teacher with its logit cache, and stage settings, shared by the stage tests."""
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -75,3 +79,25 @@ def committed_checkpoint_step(work: Path):
     except (OSError, ValueError):  # not there yet, or caught mid-write
         return None
     return latest["metrics"]["step"] if latest else None
+
+
+def run_stage_killing_rank1(cfg: StageConfig, pipeline: dict, out: Path, work: Path, timeout_s: float = 900) -> tuple:
+    """Run the stage in a thread and SIGKILL rank 1 once a checkpoint is committed and training has
+    passed it; return (killed pid or None, the committed step it was killed after)."""
+    from slimmoe.tasks.nodes.stage import run_stage
+
+    runner = threading.Thread(target=lambda: run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, work,
+                                                       teacher_fingerprint=pipeline["fp"]))
+    runner.start()
+    killed, committed = None, None
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and runner.is_alive():
+        committed = committed_checkpoint_step(work)
+        progress = work / "progress.json"
+        if committed is not None and progress.exists() and json.loads(progress.read_text())["step"] > committed:
+            killed = int((work / "pids" / "rank1.pid").read_text())
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    runner.join()
+    return killed, committed

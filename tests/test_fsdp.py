@@ -1,10 +1,6 @@
 """The fsdp strategy: sharded loading, sharded Taylor scores, the stage end to end, resume after SIGKILL."""
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from slimmoe.tasks.nodes.stage import run_stage
 from slimmoe.tasks.slimming.scores import Scores, next_token_score_loss, taylor_scores
 from slimmoe.tasks.slimming.surgery import keep_plan
-from stage_helpers import SEQ, committed_checkpoint_step, held_out_kl, stage_cfg
+from stage_helpers import SEQ, run_stage_killing_rank1, held_out_kl, stage_cfg
 from tiny import tiny_model
 
 SCORE_FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
@@ -120,21 +116,7 @@ def test_fsdp_worker_killed_mid_distillation_resumes_at_the_planned_step(pipelin
     work, out = tmp_path / "work", tmp_path / "out"
     cfg = stage_cfg(strategy="fsdp", token_budget=60 * 8 * SEQ * 2, checkpoint_interval=15, log_interval=10,
                     max_failures=2)
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(
-        m=run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, work, teacher_fingerprint=pipeline["fp"])))
-    runner.start()
-    killed, committed = None, None
-    deadline = time.time() + 900
-    while time.time() < deadline and runner.is_alive():
-        committed = committed_checkpoint_step(work)
-        progress = work / "progress.json"
-        if committed is not None and progress.exists() and json.loads(progress.read_text())["step"] > committed:
-            killed = int((work / "pids" / "rank1.pid").read_text())
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    runner.join()
+    killed, committed = run_stage_killing_rank1(cfg, pipeline, out, work)
     assert killed is not None, "the stage finished before a checkpoint could be observed"
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps_done"] == 60

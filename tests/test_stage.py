@@ -1,10 +1,6 @@
 """The prune-then-distill stage on Ray Train (tiny models, CPU workers on gloo)."""
 
 import json
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -12,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from slimmoe.tasks.slimming.config import plan_steps
 from slimmoe.tasks.nodes.stage import run_stage
-from stage_helpers import SEQ, committed_checkpoint_step, held_out_kl, stage_cfg
+from stage_helpers import SEQ, run_stage_killing_rank1, held_out_kl, stage_cfg
 
 
 def test_distillation_halves_the_kl_of_the_slimmed_student(pipeline, ddp_stage):
@@ -33,24 +29,7 @@ def test_distillation_halves_the_kl_of_the_slimmed_student(pipeline, ddp_stage):
 def test_killed_worker_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     cfg = stage_cfg(token_budget=60 * 8 * SEQ * 2, checkpoint_interval=15, log_interval=10, max_failures=2)
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(
-        m=run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, work, teacher_fingerprint=pipeline["fp"])))
-    runner.start()
-    killed = None
-    deadline = time.time() + 900
-    committed = None
-    while time.time() < deadline and runner.is_alive():
-        committed = committed_checkpoint_step(work)
-        progress = work / "progress.json"
-        # Kill mid-training, after a checkpoint is committed and some steps past it are done.
-        if committed is not None and progress.exists() and json.loads(progress.read_text())["step"] > committed:
-            pid = int((work / "pids" / "rank1.pid").read_text())
-            os.kill(pid, signal.SIGKILL)
-            killed = pid
-            break
-        time.sleep(0.2)
-    runner.join()
+    killed, committed = run_stage_killing_rank1(cfg, pipeline, out, work)
     assert killed is not None, "the stage finished before a checkpoint could be observed"
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps_done"] == 60

@@ -473,6 +473,10 @@ def check_structure(loaded: LoadedWorkflow) -> list[Problem]:
         elif name in seen:
             out.append(P(loc, f"stage name {name!r} is used twice"))
         seen[name] = loc
+        if i == 0 and cfg.stages[i].carry_optimizer:
+            out.append(P(("stages", i, "carry_optimizer"), "the first stage cuts the teacher, which has no optimizer "
+                                                           "state to carry; remove carry_optimizer here (later stages "
+                                                           "may set it)"))
         if cfg.stages[i].distill_only:
             out.append(P(("stages", i, "distill_only"), "a stage of the schedule must cut; distill_only belongs "
                                                         "to a trim baseline's `distill` section"))
@@ -486,6 +490,9 @@ def check_structure(loaded: LoadedWorkflow) -> list[Problem]:
         if b.kind == "one_stage":
             if (b.model_extra or {}).get("from") not in (None, "teacher"):
                 out.append(P(("baselines", i, "from"), "a one_stage baseline always starts from the teacher"))
+            if (b.model_extra or {}).get("carry_optimizer"):
+                out.append(P(("baselines", i, "carry_optimizer"), "a one_stage baseline cuts the teacher, which has no "
+                                                                  "optimizer state to carry; remove carry_optimizer"))
         elif origin is not None and origin not in models:
             out.append(P(("baselines", i, "from"), f"unknown model {origin!r}; choose one of {', '.join(models)}"))
         if getattr(b, "distill", None) is not None and b.kind != "trim":

@@ -102,13 +102,20 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SCHEDULE_FIELDS = ("carry_optimizer", "keep_optimizer_state", "early_stop_min_improvement", "early_stop_window_tokens",
+                   "early_stop_rows", "cut_steps")
+
+
 def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
     """A one_stage baseline's stage: the last stage's settings, the stages' summed budget, then the
     baseline's own fields on top."""
     cfg = loaded.config
     b = cfg.baselines[i]
     fields = cfg.stages[-1].model_dump(exclude_unset=True)
-    fields.pop("name", None)
+    # How the schedule's stages hand over (moments, unspent tokens) and cut in steps is theirs; the
+    # baseline is one plain cut unless it sets these itself.
+    for key in ("name", *SCHEDULE_FIELDS):
+        fields.pop(key, None)
     fields["token_budget"] = sum(s.token_budget for s in cfg.stages)
     fields.update(b.model_extra or {})
     fields["name"] = b.name
@@ -146,6 +153,8 @@ def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[
     for i, (name, stage) in enumerate(zip(names, cfg.stages)):
         if stage.name is None:
             stage.name = name
+        if i + 1 < len(cfg.stages) and cfg.stages[i + 1].carry_optimizer:
+            stage.keep_optimizer_state = True  # the next stage starts from these moments
         add(name, "stage", ("stages", i), stage, {"model": prev, "logits": "teacher_logits"})
         prev = name
 

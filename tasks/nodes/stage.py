@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, has_tokenizer, load_config
@@ -23,10 +24,24 @@ from slimmoe.tasks.core.runtime import ensure_ray
 from slimmoe.tasks.data.formats import LogitCacheError
 from slimmoe.tasks.data.readers import open_logit_cache, parent_manifest, split_dir
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.slimming.config import StageConfig, check_score_loss, plan_steps, validate_targets
+from slimmoe.tasks.slimming.config import (ModelSizes, StageConfig, check_score_loss, gradual_cuts, plan_steps,
+                                           validate_targets)
+from slimmoe.tasks.slimming.moments import MOMENTS_FILE
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
+HELDOUT_SPLIT = "validation"  # what an adaptive-length stage measures its held-out KL on
+
+
+def unspent_tokens_of(model_dir: Path) -> int:
+    """The tokens the stage that wrote `model_dir` left unspent by ending early (0 for any other model)."""
+    metrics = model_dir / "metrics.json"
+    if not metrics.is_file():
+        return 0
+    try:
+        return int(json.loads(metrics.read_text()).get("unspent_tokens") or 0)
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{metrics} is not a stage's metrics file ({err}); it decides this stage's budget") from None
 
 
 def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teacher_fingerprint: str | None = None,
@@ -38,6 +53,14 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
 
     model_dir, logits_dir, out_dir, work_dir = map(lambda p: Path(p).resolve(), (model_dir, logits_dir, out_dir, work_dir))
     config = load_config(model_dir, cfg.trust_remote_code)
+    if cfg.carry_optimizer and not (model_dir / MOMENTS_FILE).is_file():
+        raise ValueError(f"{name}: carry_optimizer: true needs the AdamW moments of the stage before it, but "
+                         f"{model_dir} has no {MOMENTS_FILE}; set keep_optimizer_state: true on that stage (a workflow "
+                         "does this itself) or remove carry_optimizer")
+    configured_budget = cfg.token_budget
+    inherited = unspent_tokens_of(model_dir)
+    if inherited:  # the stage before ended early: its unspent tokens are this stage's
+        cfg = cfg.model_copy(update={"token_budget": cfg.token_budget + inherited})
     if not cfg.distill_only:
         validate_targets(config, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
     model_fp = model_fingerprint(model_dir)
@@ -55,13 +78,26 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     if cache.vocab_size != config.vocab_size:
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
     plan = plan_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.num_workers))
+    plan.update(configured_token_budget=configured_budget, inherited_tokens=inherited)
+    cuts = [] if cfg.distill_only else [
+        {"step": c["step"], "targets": asdict(c["targets"])}
+        for c in gradual_cuts(cfg, ModelSizes.of(config), plan["total_steps"], "bfloat16" if cfg.use_gpu else "float32")]
+    heldout_dir = None
+    if cfg.early_stop_min_improvement is not None:
+        heldout_dir = split_dir(logits_dir, HELDOUT_SPLIT, "logit_cache", missing_ok=True)
+        if heldout_dir is None or heldout_dir == cache_dir:
+            raise ValueError(f"{name}: early_stop_min_improvement measures the held-out KL on the teacher logits' "
+                             f"{HELDOUT_SPLIT} split, which {logits_dir} does not have; tokenize with a "
+                             "validation_fraction above 0 or remove early_stop_min_improvement")
+        open_logit_cache(heldout_dir, expect_teacher_fingerprint=expect_teacher, expect_tokenizer_fingerprint=expect_tok)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "nonfinite.json").unlink(missing_ok=True)
     loop_config = {
         "stage": cfg,  # the config object itself: workers get exactly what was validated
         "model_dir": str(model_dir), "cache_dir": str(cache_dir), "work_dir": str(work_dir),
         "teacher_fingerprint": cache.manifest.get("teacher_fingerprint"), "tokenizer_fingerprint": expect_tok,
-        "plan": plan, "name": name, "cuts_the_teacher": cuts_the_teacher,
+        "plan": plan, "name": name, "cuts_the_teacher": cuts_the_teacher, "cuts": cuts,
+        "heldout_cache_dir": str(heldout_dir) if heldout_dir else None,
     }
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

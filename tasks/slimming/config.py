@@ -205,6 +205,21 @@ class StageConfig(BaseModel):
     next_token_weight: float = Field(default=0.5, ge=0)
     mask_document_boundaries: bool = True
     budget_overflow: Literal["wrap", "refuse"] = "wrap"
+    # Schedule options, each measured by benchmarks/schedule_study.py and off by default.
+    # Carry the optimizer across a cut: start from the input stage's AdamW moments, sliced with the
+    # weights they belong to, and its step counts, with no second warm-up. The stage before must keep
+    # its moments (`keep_optimizer_state`, which a workflow sets on it by itself).
+    carry_optimizer: bool = False
+    keep_optimizer_state: bool = False
+    # Adaptive length: every `early_stop_window_tokens` the held-out KL (the last `early_stop_rows` rows
+    # of the validation logit cache) is measured; when it improved by less than this fraction of itself
+    # over the window, the stage ends and the next stage gets the unspent tokens.
+    early_stop_min_improvement: Optional[float] = Field(default=None, gt=0, lt=1)
+    early_stop_window_tokens: Optional[int] = Field(default=None, gt=0)
+    early_stop_rows: int = Field(default=64, gt=0)
+    # A gradual cut: reach the targets in this many equal cuts spread evenly over the stage's steps,
+    # each re-scored on the model as it is then (1: the single cut at the start).
+    cut_steps: int = Field(default=1, ge=1)
     # Bookkeeping.
     checkpoint_interval: int = Field(default=50, gt=0)
     log_interval: int = Field(default=10, gt=0)
@@ -253,6 +268,25 @@ class StageConfig(BaseModel):
             self.strategy = "fsdp" if self.use_gpu and self.num_workers > 1 else "ddp"
         if self.activation_checkpointing and self.strategy != "fsdp":
             raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {self.strategy})")
+        # These rebuild or hand over the whole model and its optimizer on every rank: ddp only.
+        for name, on in (("carry_optimizer", self.carry_optimizer), ("keep_optimizer_state", self.keep_optimizer_state),
+                         ("cut_steps", self.cut_steps > 1)):
+            if on and self.strategy != "ddp":
+                raise ValueError(f"{name} needs strategy: ddp (this stage uses {self.strategy}); remove {name}")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_options(self):
+        if self.cut_steps > 1 and self.distill_only:
+            raise ValueError("cut_steps > 1 cuts in steps, distill_only: true does not cut; remove one")
+        if self.cut_steps > 1 and self.early_stop_min_improvement is not None:
+            raise ValueError("early_stop_min_improvement with cut_steps > 1: every inner cut raises the held-out KL "
+                             "the early stop compares against; use one of them per stage")
+        if self.early_stop_window_tokens is not None and self.early_stop_min_improvement is None:
+            raise ValueError("early_stop_window_tokens is set but early_stop_min_improvement is not; set "
+                             "early_stop_min_improvement (e.g. 0.02) or remove early_stop_window_tokens")
+        if self.early_stop_min_improvement is not None and self.early_stop_window_tokens is None:
+            self.early_stop_window_tokens = max(1, self.token_budget // 8)
         return self
 
     @property
@@ -289,3 +323,34 @@ def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
         warnings.warn(msg + "; wrapping around the cache (budget_overflow: wrap)", stacklevel=2)
     return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "planned_tokens": total_steps * tokens_per_step,
             "batches_per_epoch": batches_per_epoch, "epochs": round(epochs, 4), "seq_len": seq_len}
+
+
+def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: str = "float32") -> list[dict]:
+    """The cuts of a stage: [{"step", "targets"}], one at step 0 when `cut_steps` is 1, else `cut_steps`
+    cuts spread evenly over the steps, each taking an equal share of the way from the input's sizes to
+    the targets (expert sizes kept on the fused kernel's row alignment, KV groups rounded up)."""
+    k = cfg.cut_steps
+    if k == 1:
+        return [{"step": 0, "targets": cfg.targets}]
+    if total_steps < k:
+        raise ValueError(f"cut_steps={k} needs at least {k} optimizer steps; this stage plans {total_steps}: "
+                         "lower cut_steps or raise token_budget")
+    align = ROW_ALIGN_BYTES // DTYPE_BYTES[dtype]
+
+    def widths(start: Optional[int], end: Optional[int], field: str, round_up_to: int) -> list[Optional[int]]:
+        if end is None or start is None:
+            return [end] * k
+        out = []
+        for j in range(1, k + 1):
+            raw = start - (start - end) * j / k
+            out.append(max(end, math.ceil(raw / round_up_to) * round_up_to) if j < k else end)
+        if field == "expert_intermediate_size" and any(b >= a for a, b in zip([start, *out], out)):
+            raise ValueError(f"cut_steps={k} cannot take {field} from {start} to {end} in strictly smaller steps of "
+                             f"multiples of {round_up_to}; choose cut_steps of at most {max(1, (start - end) // round_up_to)}")
+        return out
+
+    experts = widths(sizes.expert_intermediate_size, cfg.expert_intermediate_size, "expert_intermediate_size", align)
+    kv = widths(sizes.num_key_value_heads, cfg.num_key_value_heads, "num_key_value_heads", 1)
+    shared = widths(sizes.shared_expert_intermediate_size, cfg.shared_expert_intermediate_size,
+                    "shared_expert_intermediate_size", align)
+    return [{"step": round(j * total_steps / k), "targets": SlimTargets(experts[j], kv[j], shared[j])} for j in range(k)]

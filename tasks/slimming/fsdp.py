@@ -37,10 +37,9 @@ import torch.distributed as dist
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
-from slimmoe.tasks.core.checkpoint import (SAFETENSORS_INDEX, CheckpointTensors, check_safetensors, copy_tokenizer_files,
-                                          load_config)
-from slimmoe.tasks.core.runtime import lr_lambda
+from slimmoe.tasks.core.checkpoint import SAFETENSORS_INDEX, CheckpointTensors, copy_tokenizer_files, load_config
 from slimmoe.tasks.core.storage import atomic_output_dir
+from slimmoe.tasks.slimming.engine import AdamWEngine
 from slimmoe.tasks.slimming.scores import Scores
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -291,33 +290,20 @@ def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: in
 
 # -- distillation engine --------------------------------------------------------------------------
 
-class FSDPEngine:
+class FSDPEngine(AdamWEngine):
     """The train loop's engine for FSDP2: AdamW on the float32 shards, warm-up + cosine schedule."""
 
     sharded = True
 
     def __init__(self, model, cfg, device, total_steps: int):
-        self.model = self.module = model
-        self.cfg, self.device = cfg, device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+        super().__init__(model, cfg, device, total_steps)
+        self.module = model
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids).logits
 
     def backward(self, loss, last_micro: bool):
         (loss / self.cfg.grad_accum).backward()
-
-    def step(self):
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def save(self, ckpt_dir: Path, rank: int):
         import torch.distributed.checkpoint as dcp

@@ -155,30 +155,29 @@ def _per_expert_select(w: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.T
 def _slice_experts(adapter: MoEAdapter, prefix: str, experts: nn.Module, keep: torch.Tensor, sd: dict) -> None:
     inter = experts.down_proj.shape[adapter.down_axis()]
     rows = adapter.neuron_rows(keep, inter)
-    sd[prefix + "gate_up_proj"] = _per_expert_select(experts.gate_up_proj.data, adapter.gate_up_axis(), rows)
-    sd[prefix + "down_proj"] = _per_expert_select(experts.down_proj.data, adapter.down_axis(), keep)
-    if getattr(experts, "gate_up_proj_bias", None) is not None:
-        b = experts.gate_up_proj_bias.data
+    sd[prefix + "gate_up_proj"] = _per_expert_select(sd[prefix + "gate_up_proj"], adapter.gate_up_axis(), rows)
+    sd[prefix + "down_proj"] = _per_expert_select(sd[prefix + "down_proj"], adapter.down_axis(), keep)
+    if prefix + "gate_up_proj_bias" in sd:
+        b = sd[prefix + "gate_up_proj_bias"]
         sd[prefix + "gate_up_proj_bias"] = torch.stack([b[e, rows[e]] for e in range(b.shape[0])])
 
 
-def _slice_shared(prefix: str, shared: nn.Module, keep: torch.Tensor, sd: dict) -> None:
-    sd[prefix + "gate_proj.weight"] = shared.gate_proj.weight.data[keep]
-    sd[prefix + "up_proj.weight"] = shared.up_proj.weight.data[keep]
-    sd[prefix + "down_proj.weight"] = shared.down_proj.weight.data[:, keep]
+def _slice_shared(prefix: str, keep: torch.Tensor, sd: dict) -> None:
+    sd[prefix + "gate_proj.weight"] = sd[prefix + "gate_proj.weight"][keep]
+    sd[prefix + "up_proj.weight"] = sd[prefix + "up_proj.weight"][keep]
+    sd[prefix + "down_proj.weight"] = sd[prefix + "down_proj.weight"][:, keep]
 
 
-def _slice_attention(adapter: MoEAdapter, prefix: str, attn: nn.Module, keep_groups: torch.Tensor, n_heads: int,
-                     n_kv: int, head_dim: int, sd: dict) -> None:
+def _slice_attention(adapter: MoEAdapter, prefix: str, keep_groups: torch.Tensor, n_heads: int, n_kv: int,
+                     head_dim: int, sd: dict) -> None:
     q_heads, q_rows, kv_rows = attention_rows(keep_groups, n_heads, n_kv, head_dim)
     for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        proj = getattr(attn, name)
-        sd[f"{prefix}{name}.weight"] = proj.weight.data[rows]
-        if getattr(proj, "bias", None) is not None:
-            sd[f"{prefix}{name}.bias"] = proj.bias.data[rows]
-    sd[prefix + "o_proj.weight"] = attn.o_proj.weight.data[:, q_rows]
+        sd[f"{prefix}{name}.weight"] = sd[f"{prefix}{name}.weight"][rows]
+        if f"{prefix}{name}.bias" in sd:
+            sd[f"{prefix}{name}.bias"] = sd[f"{prefix}{name}.bias"][rows]
+    sd[prefix + "o_proj.weight"] = sd[prefix + "o_proj.weight"][:, q_rows]
     for name in adapter.per_head_attention_params:
-        sd[prefix + name] = getattr(attn, name).data[q_heads]
+        sd[prefix + name] = sd[prefix + name][q_heads]
 
 
 def module_names(model: nn.Module) -> dict[int, str]:
@@ -187,27 +186,34 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: KeepPlan) -> nn.Module:
-    """A new model with the plan's sizes, holding the kept slices of `model`'s weights."""
+def slice_state(model: nn.Module, plan: KeepPlan, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (tensors named and shaped like `model`'s state dict: its weights, or anything that lives
+    beside them such as AdamW's moments) with every tensor the plan cuts restricted to the kept rows.
+    Names `state` lacks are left out; the rest pass through untouched."""
     config = model.config
     adapter = get_adapter(model)
     names = module_names(model)
-    state = {k: v for k, v in model.state_dict().items()}
+    sd = dict(state)
     blocks = dict(adapter.moe_blocks(model))
     for idx, keep in plan.experts.items():
         block = blocks[idx]
-        _slice_experts(adapter, names[id(block.experts)], block.experts, keep, state)
+        _slice_experts(adapter, names[id(block.experts)], block.experts, keep, sd)
         if idx in plan.shared:
-            shared = adapter.shared_expert(block)
-            _slice_shared(names[id(shared)], shared, plan.shared[idx], state)
+            _slice_shared(names[id(adapter.shared_expert(block))], plan.shared[idx], sd)
     if plan.kv_groups:
         hd = adapter.head_dim(config)
         layers = adapter.decoder_layers(model)
         for idx, keep_g in plan.kv_groups.items():
-            attn = adapter.attention(layers[idx])
-            _slice_attention(adapter, names[id(attn)], attn, keep_g, config.num_attention_heads,
-                             config.num_key_value_heads, hd, state)
-    return build_from_state(slimmed_config(config, plan.targets), state, model)
+            _slice_attention(adapter, names[id(adapter.attention(layers[idx]))], keep_g, config.num_attention_heads,
+                             config.num_key_value_heads, hd, sd)
+    return sd
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: KeepPlan) -> nn.Module:
+    """A new model with the plan's sizes, holding the kept slices of `model`'s weights."""
+    state = slice_state(model, plan, model.state_dict())
+    return build_from_state(slimmed_config(model.config, plan.targets), state, model)
 
 
 @torch.no_grad()

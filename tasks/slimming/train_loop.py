@@ -13,19 +13,25 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from slimmoe.tasks.core.runtime import lr_lambda, progress_line
+from slimmoe.tasks.slimming.adaptive import EarlyStop, HeldOutKL
+from slimmoe.tasks.slimming.engine import AdamWEngine
 from slimmoe.tasks.slimming.config import StageConfig
 from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.slimming.scores import all_reduce_scores
 from slimmoe.tasks.slimming.scores import kd_score_loss, next_token_score_loss, score_model
-from slimmoe.tasks.slimming.surgery import slim_model
+from slimmoe.tasks.slimming.config import SlimTargets
+from slimmoe.tasks.slimming.moments import (MOMENTS_FILE, install_moments, load_moments, optimizer_moments,
+                                            save_moments, slice_moments)
+from slimmoe.tasks.slimming.surgery import apply_plan, keep_plan
 from slimmoe.tasks.core.storage import write_json_atomic
 
 CALIBRATION_SEED_OFFSET = 7919  # calibration rows are drawn apart from the training order
@@ -66,20 +72,17 @@ class MicroBatches:
             return next(self._it)
 
 
-class DDPEngine:
+class DDPEngine(AdamWEngine):
     """Plain PyTorch DDP (gloo on CPU, NCCL on GPU) with AdamW and a warm-up + cosine schedule."""
 
-    def __init__(self, model, cfg, device, total_steps: int):
+    def __init__(self, model, cfg, device, total_steps: int, **schedule):
         import ray.train.torch as rt
 
         self.module = model
-        self.cfg, self.device = cfg, device
         # Experts that receive no token in a batch get no gradient: DDP must be told.
-        self.model = rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        wrapped = rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
             if _world()[1] > 1 else model.to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+        super().__init__(wrapped, cfg, device, total_steps, **schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     def forward(self, input_ids):
@@ -95,16 +98,6 @@ class DDPEngine:
         else:
             with self.model.no_sync():
                 scaled.backward()
-
-    def step(self):
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def save(self, ckpt_dir: Path, rank: int):
         if rank == 0:
@@ -186,31 +179,59 @@ def _select_scoring_loss(cfg, cuts_the_teacher: bool):
     return "kd", kd_score_loss(cfg.temperature, cfg.next_token_weight)
 
 
-def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
-    """Score on calibration batches (all ranks, all-reduced), slim, and (rank 0) save the pruned model."""
-    work_dir = Path(loop_cfg["work_dir"])
-    model = load_model(loop_cfg["model_dir"], device=device, trust_remote_code=cfg.trust_remote_code,
+def _prepare_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int, targets):
+    """Score on calibration batches (all ranks, all-reduced), cut to `targets`, and (rank 0) save the
+    pruned model. Returns the student and, with `carry_optimizer`, the input's AdamW moments sliced
+    with the same cut."""
+    work_dir, model_dir = Path(loop_cfg["work_dir"]), Path(loop_cfg["model_dir"])
+    model = load_model(model_dir, device=device, trust_remote_code=cfg.trust_remote_code,
                        experts_implementation=cfg.experts_implementation)
+    moments = load_moments(model_dir / MOMENTS_FILE) if cfg.carry_optimizer else None
     params_before = count_parameters(model)
     if cfg.distill_only:
         if rank == 0:
-            save_model_dir(model, work_dir / "pruned", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+            save_model_dir(model, work_dir / "pruned", tokenizer_from=model_dir, overwrite=True)
             write_json_atomic(work_dir / "prepare.json", {"score_loss": None, "calibration_batches": 0,
                                                            "params_before": params_before})
-        return model
+        return model, moments
     loss_name, loss_fn = _select_scoring_loss(cfg, loop_cfg["cuts_the_teacher"])
-    batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True,
-                                 seed=cfg.seed + CALIBRATION_SEED_OFFSET)
-    calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
-    scores = all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None))
-    student = slim_model(model, scores, cfg.targets)
+    scores = _calibration_scores(model, cfg, cache, rank, world, loss_fn, CALIBRATION_SEED_OFFSET)
+    plan = keep_plan(model.config, scores, targets, model=model)
+    student = apply_plan(model, plan)
+    if moments is not None:
+        moments = slice_moments(model, plan, moments)
     del model
     if rank == 0:
         scores.save(work_dir / "scores.safetensors")
-        save_model_dir(student, work_dir / "pruned", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+        save_model_dir(student, work_dir / "pruned", tokenizer_from=model_dir, overwrite=True)
         write_json_atomic(work_dir / "prepare.json", {"score_loss": loss_name, "calibration_batches": scores.batches,
                                                        "params_before": params_before})
-    return student
+    return student, moments
+
+
+def _calibration_scores(model, cfg, cache, rank: int, world: int, loss_fn, seed_offset: int):
+    batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True, seed=cfg.seed + seed_offset)
+    calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
+    return all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None))
+
+
+def _recut(engine, cfg, loop_cfg: dict, cache, device, rank: int, world: int, cut: dict, index: int, step: int):
+    """One inner cut of a gradual stage: re-score the student as it is now (KD loss: it is no longer
+    the teacher), cut it to the cut's targets, and rebuild the engine at the same point of the
+    schedule with the moments sliced like the weights (the stage is one optimisation throughout)."""
+    model = engine.full_state_model()
+    targets = SlimTargets(**cut["targets"])
+    _, loss_fn = _select_scoring_loss(cfg, cuts_the_teacher=False)
+    scores = _calibration_scores(model, cfg, cache, rank, world, loss_fn, CALIBRATION_SEED_OFFSET + index)
+    plan = keep_plan(model.config, scores, targets, model=model)
+    moments = slice_moments(model, plan, optimizer_moments(engine.optimizer, model))
+    student = apply_plan(model, plan).to(device)
+    student.train()
+    del model, engine
+    engine = DDPEngine(student, cfg, device, loop_cfg["plan"]["total_steps"], start_step=step,
+                       warmup=not cfg.carry_optimizer)
+    install_moments(engine.optimizer, engine.module, moments)
+    return engine, {"step": step, **cut["targets"], "params_after": count_parameters(student)["total"]}
 
 
 def _prepare_sharded_student(cfg, loop_cfg: dict, cache, device, rank: int, world: int):
@@ -291,6 +312,18 @@ def _save_checkpoint(engine, state: dict, rank: int, name: str):
     shutil.rmtree(tmp, ignore_errors=True)  # uploaded synchronously by now
 
 
+def _schedule_record(cfg, state: dict, plan: dict, early_stop) -> dict:
+    """What the schedule options did, for metrics.json: the cuts made, the carried moments, and the
+    early-stop checks with the tokens left unspent (which the next stage inherits)."""
+    out = {"cuts": state["cuts"], "carried_optimizer": state["carried_optimizer"],
+           "unspent_tokens": plan["planned_tokens"] - state["tokens"] if state["stopped_early_at"] is not None else 0}
+    if early_stop is not None:
+        out["early_stop"] = {"min_improvement": cfg.early_stop_min_improvement, "window_steps": early_stop.window_steps,
+                             "rows": cfg.early_stop_rows, "checks": state["heldout"],
+                             "stopped_at_step": state["stopped_early_at"]}
+    return out
+
+
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch as rt
@@ -307,15 +340,25 @@ def train_loop(loop_cfg: dict) -> None:
     cache = open_logit_cache(loop_cfg["cache_dir"], expect_teacher_fingerprint=loop_cfg.get("teacher_fingerprint"),
                              expect_tokenizer_fingerprint=loop_cfg.get("tokenizer_fingerprint"))
 
-    state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None}
+    cuts = loop_cfg.get("cuts") or [{"step": 0, "targets": asdict(cfg.targets)}]
+    state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None, "cuts_done": 1, "cuts": [],
+             "heldout": [], "stopped_early_at": None, "carried_optimizer": None}
     checkpoint = ray.train.get_checkpoint()
     engine_cls = _engine_class(cfg.strategy)
+    # Carried moments are warm: a second warm-up would throw away what they know (same on resume).
+    schedule = {"warmup": False} if cfg.carry_optimizer else {}
     if checkpoint is None:
         if cfg.strategy == "fsdp":
-            student = _prepare_sharded_student(cfg, loop_cfg, cache, device, rank, world)
+            student, moments = _prepare_sharded_student(cfg, loop_cfg, cache, device, rank, world), None
         else:
-            student = _prepare_student(cfg, loop_cfg, cache, device, rank, world).to(device)
-        engine = engine_cls(student, cfg, device, plan["total_steps"])
+            student, moments = _prepare_student(cfg, loop_cfg, cache, device, rank, world,
+                                                SlimTargets(**cuts[0]["targets"]))
+            student = student.to(device)
+        engine = engine_cls(student, cfg, device, plan["total_steps"], **schedule)
+        if moments is not None:
+            state["carried_optimizer"] = install_moments(engine.optimizer, engine.module, moments)
+        if not cfg.distill_only:
+            state["cuts"].append({"step": 0, **cuts[0]["targets"], "params_after": count_parameters(student)["total"]})
     else:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
@@ -327,7 +370,7 @@ def train_loop(loop_cfg: dict) -> None:
                                         cfg.activation_checkpointing)
             else:
                 student = load_model(ckpt / "model", device=device, experts_implementation=cfg.experts_implementation)
-            engine = engine_cls(student, cfg, device, plan["total_steps"])
+            engine = engine_cls(student, cfg, device, plan["total_steps"], **schedule)
             engine.load(ckpt)
             saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
             state.update(saved, history=json.loads((ckpt / "history.json").read_text()))
@@ -344,8 +387,33 @@ def train_loop(loop_cfg: dict) -> None:
     batches = MicroBatches(cache, cfg.micro_batch, rank, world, cfg.seed, state["step"] * cfg.grad_accum)
     engine.model.train()
     total = plan["total_steps"]
+    early_stop, heldout = None, None
+    if cfg.early_stop_min_improvement is not None:
+        early_stop = EarlyStop(cfg.early_stop_min_improvement, cfg.early_stop_window_tokens, plan["tokens_per_step"])
+        heldout = HeldOutKL(open_logit_cache(loop_cfg["heldout_cache_dir"]), cfg.early_stop_rows, rank, world,
+                            cfg.micro_batch)
     t_log, tokens_at_log = time.time(), state["tokens"]
     while state["step"] < total:
+        while state["cuts_done"] < len(cuts) and state["step"] >= cuts[state["cuts_done"]]["step"]:
+            engine, record = _recut(engine, cfg, loop_cfg, cache, device, rank, world, cuts[state["cuts_done"]],
+                                    state["cuts_done"], state["step"])
+            state["cuts"].append(record)
+            state["cuts_done"] += 1
+            if rank == 0:
+                progress_line(f"[{name}] cut {state['cuts_done']}/{len(cuts)} at step {state['step']}: "
+                              f"{record['params_after']:,} parameters")
+        if early_stop is not None and early_stop.due(state["step"]) and \
+                not (state["heldout"] and state["heldout"][-1]["step"] == state["step"]):
+            state["heldout"].append({"step": state["step"], "tokens": state["tokens"],
+                                     "heldout_kl": round(heldout(engine.full_state_model(), device), 6)})
+            if early_stop.decide(state["heldout"]):
+                state["stopped_early_at"] = state["step"]
+                if rank == 0:
+                    c = state["heldout"][-1]
+                    progress_line(f"[{name}] held-out KL improved {c['improvement']:.2%} over the last "
+                                  f"{early_stop.window_steps} steps (< {cfg.early_stop_min_improvement:.2%}): "
+                                  f"stopping at step {state['step']}/{total}")
+                break
         parts_acc: dict[str, float] = {}
         finite = True
         for micro in range(cfg.grad_accum):
@@ -410,7 +478,10 @@ def train_loop(loop_cfg: dict) -> None:
                    "resumed_from_step": state["resumed_from_step"], "history": state["history"],
                    "params_after": count_parameters(final_model), "config": cfg.model_dump(), **prepare}
         metrics["memory_per_rank"] = [json.loads(f.read_text()) for f in sorted((work_dir / "memory").glob("rank*.json"))]
+        metrics.update(_schedule_record(cfg, state, plan, early_stop))
         if not getattr(engine, "sharded", False):
             save_model_dir(final_model, work_dir / "final", tokenizer_from=loop_cfg["model_dir"], overwrite=True)
+        if cfg.keep_optimizer_state:
+            save_moments(engine.optimizer, engine.module, work_dir / "final" / MOMENTS_FILE)
         write_json_atomic(work_dir / "metrics.json", metrics)
     ray.train.report({"step": state["step"], "tokens": state["tokens"], "stage": name, "done": True})

@@ -1,0 +1,66 @@
+"""Adaptive stage length: end a stage once its held-out KL has stopped improving, so the tokens it
+would have spent go to the next stage.
+
+The held-out rows are the last `early_stop_rows` rows of the validation logit cache (evaluation
+reads that split from its first row, so a validation split longer than both keeps them apart).
+Every rank scores its share of the rows and the sums are all-reduced, so every rank sees the same
+KL and stops at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from slimmoe.tasks.slimming.losses import per_token_kl
+
+
+class HeldOutKL:
+    """Mean per-token KL(teacher || student) on fixed held-out rows, identical on every rank."""
+
+    def __init__(self, cache, rows: int, rank: int, world: int, batch_size: int):
+        take = min(rows, cache.num_rows)
+        if take == 0:
+            raise ValueError(f"{cache.path} holds no rows to measure the held-out KL on")
+        self.rows = take
+        self.cache, self.batch_size, self.world = cache, batch_size, world
+        self.mine = list(range(cache.num_rows - take, cache.num_rows))[rank::world]
+
+    @torch.no_grad()
+    def __call__(self, model, device) -> float:
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # KL sum, token count
+        for start in range(0, len(self.mine), self.batch_size):
+            b = {k: v.to(device) for k, v in self.cache.read_rows(self.mine[start:start + self.batch_size]).items()}
+            logits = model(input_ids=b["input_ids"]).logits
+            kl = per_token_kl(logits.float(), b["topk_ids"], b["topk_logprobs"], b["rest_logprob"])
+            total += torch.stack([kl.double().sum(), torch.tensor(kl.numel(), dtype=torch.float64, device=device)])
+        if self.world > 1:
+            dist.all_reduce(total)
+        model.train(was_training)
+        return float(total[0] / total[1])
+
+
+class EarlyStop:
+    """When to measure and whether to stop: a check every `window_steps` steps (and one before the
+    first step, the baseline); stop when the last window improved the KL by less than
+    `min_improvement` of its value at the window's start."""
+
+    def __init__(self, min_improvement: float, window_tokens: int, tokens_per_step: int):
+        self.min_improvement = min_improvement
+        self.window_steps = max(1, math.ceil(window_tokens / tokens_per_step))
+
+    def due(self, step: int) -> bool:
+        return step % self.window_steps == 0
+
+    def decide(self, checks: list[dict]) -> bool:
+        """Fill in the last check's improvement; True when it says stop."""
+        if len(checks) < 2:
+            return False
+        before, now = checks[-2]["heldout_kl"], checks[-1]["heldout_kl"]
+        improvement = (before - now) / before if before > 0 else 0.0
+        checks[-1]["improvement"] = round(improvement, 6)
+        return improvement < self.min_improvement
