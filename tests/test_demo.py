@@ -55,6 +55,10 @@ def test_demo_runs_the_real_workflow_then_reuses_every_node(ray_cluster, tmp_pat
     assert (out / "results.md").read_text().startswith("| model |")
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert (out / "distillation_curves.png").stat().st_size > 1000
+    # The table ends with what this run shows, and it agrees with the rows.
+    winner = "multi-stage" if s2["perplexity"] < one["perplexity"] else "one-stage"
+    assert result["verdict"].startswith(f"This run: {winner} wins") and result["markdown"].endswith(result["verdict"])
+    assert f"multi-stage {s2['perplexity']:.2f} (stage_2), one-stage {one['perplexity']:.2f}" in result["verdict"]
 
     # Stage 1 scores with the next-token loss (the student is the teacher), stage 2 with the KD loss.
     stage_dir = tmp_path / "runs" / "demo"

@@ -13,6 +13,7 @@ from slimmoe.tasks.slimming.moments import (MomentsError, install_moments, load_
 from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
 from slimmoe.tasks.slimming.config import SlimTargets
 from slimmoe.tasks.slimming.surgery import apply_plan, keep_plan
+from test_config import ws  # noqa: F401  (the fixture)
 from tiny import tiny_model
 
 
@@ -137,3 +138,64 @@ def test_schedule_option_rules(fields, message):
 def test_early_stop_window_defaults_to_an_eighth_of_the_budget():
     assert StageConfig(expert_intermediate_size=16, token_budget=800,
                        early_stop_min_improvement=0.01).early_stop_window_tokens == 100
+
+
+# -- in a workflow ------------------------------------------------------------------------------------
+
+def _dag(ws, stages, baselines=None):
+    from slimmoe.workflows.dag import build_dag
+    from test_driver import workflow_dict, write_config
+
+    cfg = workflow_dict(ws, stages=stages, evaluate={"models": ["teacher"]})
+    if baselines is not None:
+        cfg["baselines"] = baselines
+    return build_dag(write_config(ws, cfg))
+
+
+def test_a_carrying_stage_makes_the_stage_before_keep_its_moments_and_the_baseline_stays_plain(ws):
+    dag = _dag(ws, [{"expert_intermediate_size": 32, "token_budget": 3, "early_stop_min_improvement": 0.1},
+                    {"expert_intermediate_size": 16, "token_budget": 3, "carry_optimizer": True, "cut_steps": 2}])
+    first, second, one = (dag.nodes[n].task_config for n in ("stage_1", "stage_2", "one_stage"))
+    assert first.keep_optimizer_state and not second.keep_optimizer_state
+    assert (one.carry_optimizer, one.keep_optimizer_state, one.early_stop_min_improvement, one.cut_steps) == \
+        (False, False, None, 1)
+    plain = _dag(ws, [{"expert_intermediate_size": 32, "token_budget": 3, "early_stop_min_improvement": 0.1},
+                      {"expert_intermediate_size": 16, "token_budget": 3, "cut_steps": 2}])
+    assert plain.nodes["stage_1"].key != dag.nodes["stage_1"].key  # keeping the moments is another output
+
+
+def test_carrying_into_the_first_stage_or_the_baseline_is_refused_at_its_line(ws):
+    from slimmoe.workflows.config import WorkflowConfigError
+
+    with pytest.raises(WorkflowConfigError, match=r"wf\.yaml:\d+: stages\[0\]\.carry_optimizer: the first stage cuts "
+                                                  r"the teacher"):
+        _dag(ws, [{"expert_intermediate_size": 32, "token_budget": 3, "carry_optimizer": True}])
+    with pytest.raises(WorkflowConfigError, match=r"baselines\[0\]\.carry_optimizer: a one_stage baseline cuts"):
+        _dag(ws, [{"expert_intermediate_size": 32, "token_budget": 3}],
+             baselines=[{"name": "one_stage", "kind": "one_stage", "carry_optimizer": True}])
+
+
+def test_a_gradual_cut_with_too_many_steps_for_its_width_is_refused_at_its_line(ws):
+    from slimmoe.workflows.config import WorkflowConfigError
+
+    # The stand-in teacher's experts are 48 wide: 48 -> 40 has room for two float32 cuts (44, 40), not three.
+    with pytest.raises(WorkflowConfigError, match=r"stages\[0\]\.cut_steps: cut_steps=3 cannot take "
+                                                  r"expert_intermediate_size from 48 to 40.*at most 2"):
+        _dag(ws, [{"expert_intermediate_size": 40, "token_budget": 3, "cut_steps": 3}])
+    _dag(ws, [{"expert_intermediate_size": 40, "token_budget": 3, "cut_steps": 2}])
+
+
+def test_the_plan_trains_a_gradual_cut_at_its_first_and_largest_size(ws):
+    from slimmoe.workflows.driver import plan_workflow
+    from test_driver import workflow_dict, write_config
+
+    def stage_plan(**extra):
+        cfg = workflow_dict(ws, stages=[{"expert_intermediate_size": 16, "token_budget": 4096, **extra}],
+                            evaluate={"models": ["teacher"]})
+        plan = plan_workflow(write_config(ws, cfg))
+        return next(n for n in plan.nodes if n.name == "stage_1")
+
+    plain, gradual = stage_plan(), stage_plan(cut_steps=2)
+    assert gradual.params_after == plain.params_after  # the same final model
+    assert gradual.phases["train"].weights > plain.phases["train"].weights  # 32 wide first, then 16
+    assert gradual.flops > plain.flops

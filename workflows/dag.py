@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, StageConfig, check_score_loss, check_targets
+from slimmoe.tasks.slimming.config import (ModelSizes, SlimTargetError, StageConfig, check_score_loss, check_targets,
+                                           gradual_cuts)
 
 from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, load_workflow_collecting,
                      problems_from_validation)
@@ -267,6 +268,11 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
         except ValueError as err:  # the architecture cannot express the cut (e.g. KV pruning with MLA)
             problems.append(loaded.problem(loc, str(err)))
             return None
+        if cfg.cut_steps > 1:  # the inner cuts' sizes (whether the stage has the steps for them needs the cache)
+            try:
+                gradual_cuts(cfg, sizes, total_steps=cfg.cut_steps, dtype="bfloat16" if cfg.use_gpu else "float32")
+            except ValueError as err:
+                problems.append(loaded.problem(loc + ("cut_steps",), str(err)))
         return sizes.after(cfg.targets, node.name)
 
     cfg = loaded.config

@@ -59,6 +59,21 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict_line(rows: list[dict], last_stage: str | None, baseline: str | None) -> str | None:
+    """One sentence on what this run shows: the multi-stage result against the one-stage baseline."""
+    def final(model):
+        return next((r for r in rows if r["model"] == model and r["when"] == "after distillation"), None)
+
+    multi, one = (final(last_stage), final(baseline)) if last_stage and baseline else (None, None)
+    if not multi or not one or multi["perplexity"] is None or one["perplexity"] is None:
+        return None
+    m, o = multi["perplexity"], one["perplexity"]
+    better, worse, lead = ("multi-stage", "one-stage", (o - m) / o) if m < o else ("one-stage", "multi-stage", (m - o) / m)
+    return (f"This run: {better} wins at the same size and token budget, validation perplexity "
+            f"{min(m, o):.2f} vs {max(m, o):.2f} for {worse} ({lead:.1%} lower); "
+            f"multi-stage {m:.2f} ({last_stage}), one-stage {o:.2f} ({baseline}).")
+
+
 def _curves(results, stage_names: list[str], baseline: str | None) -> dict[str, list[tuple[int, float]]]:
     """KL vs tokens seen: the multi-stage run's stages back to back, and the one-stage baseline."""
     curves: dict[str, list[tuple[int, float]]] = {"multi-stage": []}
@@ -117,8 +132,11 @@ def run_demo(storage: Path | None = None, config: Path | None = None, log: Calla
         rows.append(_row(name, "after slimming", _pruned_eval(Path(results[name].path), results, out_root, log)))
         rows.append(_row(name, "after distillation", evaluated(name)))
     table = to_markdown(rows)
+    verdict = verdict_line(rows, stage_names[-1] if stage_names else None, baseline)
+    if verdict:
+        table += "\n\n" + verdict
     (out_root / "results.md").write_text(table + "\n")
     write_json_atomic(out_root / "results.json", {"rows": rows})
     curves = _curves(results, stage_names, baseline)
     _plot(curves, out_root / "distillation_curves.png")
-    return {"rows": rows, "markdown": table, "dir": str(out_root)}
+    return {"rows": rows, "markdown": table, "verdict": verdict, "dir": str(out_root)}

@@ -503,9 +503,16 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     config_out = config_in if cfg.distill_only else slimmed_config(config_in, cfg.targets)
     ctx.configs[node.name] = config_out
     shape_in, shape_out = model_shape(config_in), model_shape(config_out)
+    trained = [shape_out]  # the students this stage trains, in order
+    if cfg.cut_steps > 1 and not cfg.distill_only:
+        from slimmoe.tasks.slimming.config import ModelSizes, gradual_cuts
+
+        cuts = gradual_cuts(cfg, ModelSizes.of(config_in), cfg.cut_steps, "bfloat16" if on_gpu else "float32")
+        trained = [model_shape(slimmed_config(config_in, c["targets"])) for c in cuts]
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.num_workers,
                     params_before=_params(shape_in), params_after=_params(shape_out))
-    plan.phases = _stage_memory(shape_in, shape_out, cfg, ctx.seq_len, ctx.k, on_gpu)
+    # A gradual cut trains its first (largest) student first: that is the training peak.
+    plan.phases = _stage_memory(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu)
     plan.memory = _peak(plan.phases)
     if on_gpu:
         plan.devices = cfg.num_workers * cfg.gpus_per_worker
@@ -520,7 +527,8 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         ctx.timing(plan, F.train_flops(shape_in.active, per_rank * cfg.num_workers), plan.devices or 1,
                    parallel_devices=None)
         plan.notes.append(f"scoring: {per_rank:,} calibration tokens per worker")
-    train = F.train_flops(shape_out.active, plan.tokens)
+    # Equal shares of the tokens go to each student a gradual cut trains.
+    train = sum(F.train_flops(t.active, plan.tokens / len(trained)) for t in trained)
     if cfg.activation_checkpointing:
         train *= 8 / 6  # each layer's forward runs again in backward
     ctx.timing(plan, train, plan.devices or 1)
@@ -529,7 +537,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     if plan.fits is False:
         plan.problem_loc = node.section
         what = plan.memory
-        fix = _stage_fix(shape_in, shape_out, cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity)
+        fix = _stage_fix(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity)
         plan.fix = (f"the {what.phase} phase needs {_gb(what.total)} GB per {'GPU' if on_gpu else 'worker'} "
                     f"(weights {_gb(what.weights)}, gradients {_gb(what.gradients)}, optimizer {_gb(what.optimizer)}, "
                     f"activations {_gb(what.activations)}, logits {_gb(what.logits)}), "

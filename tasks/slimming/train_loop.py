@@ -22,13 +22,12 @@ import torch.distributed as dist
 from slimmoe.tasks.core.runtime import lr_lambda, progress_line
 from slimmoe.tasks.slimming.adaptive import EarlyStop, HeldOutKL
 from slimmoe.tasks.slimming.engine import AdamWEngine
-from slimmoe.tasks.slimming.config import StageConfig
+from slimmoe.tasks.slimming.config import SlimTargets, StageConfig
 from slimmoe.tasks.core.checkpoint import load_model, save_model_dir
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.slimming.scores import all_reduce_scores
 from slimmoe.tasks.slimming.scores import kd_score_loss, next_token_score_loss, score_model
-from slimmoe.tasks.slimming.config import SlimTargets
 from slimmoe.tasks.slimming.moments import (MOMENTS_FILE, install_moments, load_moments, optimizer_moments,
                                             save_moments, slice_moments)
 from slimmoe.tasks.slimming.surgery import apply_plan, keep_plan
