@@ -81,9 +81,10 @@ def committed_checkpoint_step(work: Path):
     return latest["metrics"]["step"] if latest else None
 
 
-def run_stage_killing_rank1(cfg: StageConfig, pipeline: dict, out: Path, work: Path, timeout_s: float = 900) -> tuple:
-    """Run the stage in a thread and SIGKILL rank 1 once a checkpoint is committed and training has
-    passed it; return (killed pid or None, the committed step it was killed after)."""
+def run_stage_killing_rank1(cfg: StageConfig, pipeline: dict, out: Path, work: Path, timeout_s: float = 900,
+                            after_step: int = 0) -> tuple:
+    """Run the stage in a thread and SIGKILL rank 1 once a checkpoint of step `after_step` or later is
+    committed and training has passed it; return (killed pid or None, the committed step it was killed after)."""
     from slimmoe.tasks.nodes.stage import run_stage
 
     runner = threading.Thread(target=lambda: run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, work,
@@ -94,7 +95,8 @@ def run_stage_killing_rank1(cfg: StageConfig, pipeline: dict, out: Path, work: P
     while time.time() < deadline and runner.is_alive():
         committed = committed_checkpoint_step(work)
         progress = work / "progress.json"
-        if committed is not None and progress.exists() and json.loads(progress.read_text())["step"] > committed:
+        if committed is not None and committed >= after_step and progress.exists() and \
+                json.loads(progress.read_text())["step"] > committed:
             killed = int((work / "pids" / "rank1.pid").read_text())
             os.kill(killed, signal.SIGKILL)
             break

@@ -199,3 +199,12 @@ def test_the_plan_trains_a_gradual_cut_at_its_first_and_largest_size(ws):
     assert gradual.params_after == plain.params_after  # the same final model
     assert gradual.phases["train"].weights > plain.phases["train"].weights  # 32 wide first, then 16
     assert gradual.flops > plain.flops
+
+
+def test_the_one_stage_baseline_reaches_targets_an_earlier_stage_cut(ws):
+    # Three stages, the KV groups halved at the second: the baseline must end at the same architecture.
+    dag = _dag(ws, [{"expert_intermediate_size": 32, "token_budget": 3},
+                    {"expert_intermediate_size": 16, "num_key_value_heads": 1, "token_budget": 3},
+                    {"expert_intermediate_size": 8, "token_budget": 3}])
+    one = dag.nodes["one_stage"].task_config
+    assert (one.expert_intermediate_size, one.num_key_value_heads, one.token_budget) == (8, 1, 9)

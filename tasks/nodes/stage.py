@@ -9,6 +9,8 @@ worker starts, plans the steps, launches a `TorchTrainer` whose workers run
                            distill_only, the input model as it came)
     <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; plan and timings
     <out_dir>/scores.safetensors  the all-reduced sensitivity scores the cut was made with
+    <out_dir>/optimizer_state.safetensors  with keep_optimizer_state: the final AdamW moments by
+                           parameter name, for a next stage that carries them
 """
 
 from __future__ import annotations
