@@ -9,7 +9,7 @@ worker starts, plans the steps, launches a `TorchTrainer` whose workers run
                            distill_only, the input model as it came)
     <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; plan and timings
     <out_dir>/scores.safetensors  the all-reduced sensitivity scores the cut was made with
-    <out_dir>/optimizer_state.safetensors  with keep_optimizer_state: the final AdamW moments by
+    <out_dir>/optimizer/moments.safetensors  with keep_optimizer_state: the final AdamW moments by
                            parameter name, for a next stage that carries them
 """
 
@@ -161,7 +161,10 @@ def _cache_error(err: BaseException) -> LogitCacheError | None:
 def _assemble_output(final_dir: Path, work_dir: Path, model_dir: Path, out_dir: Path, metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in final_dir.iterdir():
-        shutil.copy2(item, out_dir / item.name)
+        if item.is_dir():  # optimizer/ (kept moments)
+            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out_dir / item.name)
     shutil.copytree(work_dir / "pruned", out_dir / "pruned", dirs_exist_ok=True)
     if (work_dir / "scores.safetensors").exists():  # a distill-only stage scores nothing
         shutil.copy2(work_dir / "scores.safetensors", out_dir / "scores.safetensors")

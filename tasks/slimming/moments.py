@@ -1,7 +1,8 @@
 """AdamW's state carried across a cut: saved by name beside a model, sliced with the same plan as the
 weights, and put back into a fresh optimizer so the next stage continues where the last one ended.
 
-On disk it is one safetensors file, `optimizer_state.safetensors`, holding `exp_avg/<param>`,
+On disk it is one safetensors file, `optimizer/moments.safetensors` beside the model (a folder of
+its own, so nothing that globs a model directory's `*.safetensors` takes it for weights), holding `exp_avg/<param>`,
 `exp_avg_sq/<param>` and `step/<param>` (a 0-d float64) for every parameter the optimizer has
 stepped. Parameters are named as in `model.named_parameters()`, the names the moments are sliced by.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from slimmoe.tasks.slimming.surgery import KeepPlan, slice_state
 
-MOMENTS_FILE = "optimizer_state.safetensors"
+MOMENTS_FILE = "optimizer/moments.safetensors"
 FORMAT = "slimmoe-adamw-moments/1"
 KINDS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -45,6 +46,7 @@ def save_moments(optimizer: torch.optim.Optimizer, model: nn.Module, path: str |
     moments = optimizer_moments(optimizer, model)
     tensors = {f"{kind}/{name}": t.contiguous() for kind, d in moments.items() for name, t in d.items()}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, path)
