@@ -120,10 +120,9 @@ def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -
     # A target an earlier stage cut and the last one leaves alone (KV groups halved at stage 2 of
     # three) is still part of the schedule's final model: the baseline must reach it too.
     for key in ("num_key_value_heads", "shared_expert_intermediate_size"):
-        if fields.get(key) is None:
-            fields[key] = next((getattr(s, key) for s in reversed(cfg.stages) if getattr(s, key) is not None), None)
-            if fields[key] is None:
-                del fields[key]
+        earlier = [getattr(s, key) for s in cfg.stages if getattr(s, key) is not None]
+        if fields.get(key) is None and earlier:
+            fields[key] = earlier[-1]
     fields["token_budget"] = sum(s.token_budget for s in cfg.stages)
     fields.update(b.model_extra or {})
     fields["name"] = b.name

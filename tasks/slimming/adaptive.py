@@ -25,16 +25,18 @@ class HeldOutKL:
         if take == 0:
             raise ValueError(f"{cache.path} holds no rows to measure the held-out KL on")
         self.rows = take
-        self.cache, self.batch_size, self.world = cache, batch_size, world
-        self.mine = list(range(cache.num_rows - take, cache.num_rows))[rank::world]
+        self.world = world
+        # A few dozen rows, read once: every check scores the same ones.
+        mine = list(range(cache.num_rows - take, cache.num_rows))[rank::world]
+        self.batches = [cache.read_rows(mine[s:s + batch_size]) for s in range(0, len(mine), batch_size)]
 
     @torch.no_grad()
     def __call__(self, model, device) -> float:
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # KL sum, token count
-        for start in range(0, len(self.mine), self.batch_size):
-            b = {k: v.to(device) for k, v in self.cache.read_rows(self.mine[start:start + self.batch_size]).items()}
+        for rows in self.batches:
+            b = {k: v.to(device) for k, v in rows.items()}
             logits = model(input_ids=b["input_ids"]).logits
             kl = per_token_kl(logits.float(), b["topk_ids"], b["topk_logprobs"], b["rest_logprob"])
             total += torch.stack([kl.double().sum(), torch.tensor(kl.numel(), dtype=torch.float64, device=device)])
