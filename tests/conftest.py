@@ -1,5 +1,6 @@
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,68 @@ def ddp_stage(pipeline, tmp_path_factory):
     headline = run_stage(cfg, pipeline["teacher"], pipeline["logits"], root / "out", root / "work",
                          teacher_fingerprint=pipeline["fp"], name="stage_1")
     return cfg, root / "out", headline
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace for workflow configs (see standins.workflow_dict): stand-in node kinds and a teacher;
+    stand-in calls are logged to calls.txt."""
+    import standins
+
+    standins.install()
+    standins.make_teacher(tmp_path / "teacher")
+    monkeypatch.setenv("STANDIN_CALLS", str(tmp_path / "calls.txt"))
+    yield tmp_path
+    standins.uninstall()
+
+
+# Dummy credentials: the AWS SDK inside pyarrow signs every request and would find none; and no
+# lookups at a cloud metadata service this machine does not have (each one waits for a timeout).
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class S3Server:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint  # http://127.0.0.1:PORT
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = f"slimmoe-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    def uri(self, bucket: str, prefix: str = "store") -> str:
+        """A storage URI that carries its endpoint, so any process with the credentials can open it."""
+        host = self.endpoint.split("://", 1)[1]
+        return f"s3://{bucket}/{prefix}?endpoint_override={host}&scheme=http&region=us-east-1"
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in the bucket, as the S3 API lists them (directory markers included)."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Moto's S3 server in this process on localhost; subprocesses reach it through the endpoint in
+    the storage URI and the dummy credentials set in the environment for the session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would bury a failure's log
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in S3_ENV.items():
+            mp.setenv(k, v)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield S3Server(f"http://{host}:{port}")
+        finally:
+            server.stop()

@@ -7,6 +7,10 @@ puts the real kinds back. A subprocess gets them with `PYTHONPATH=tests/standin_
 `sitecustomize` installs them at interpreter start. Environment: STANDIN_CALLS (a file each call's
 node name is appended to), STANDIN_FAIL (a node name that raises), STANDIN_SLOW (`node:seconds`,
 the pause per stage step), STANDIN_RAY_EVAL=1 (evaluate inside a Ray task).
+
+Below them, the small workflow the driver-level tests (driver, config, validation, plan, submit, S3)
+run: `workflow_dict` / `write_config`, a stand-in teacher directory, and helpers to read the calls
+and SIGKILL a run mid-stage.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -113,3 +119,83 @@ def uninstall() -> None:
     for kind in _REPLACED.values():
         register_node_kind(kind, replace=True)
     _REPLACED.clear()
+
+
+# The small workflow the driver-level tests run with these stand-ins.
+
+STANDIN_SITE = str(Path(__file__).resolve().parent / "standin_site")  # see the module docstring
+ALL_NODES = ["tokenize", "teacher_logits", "stage_1", "stage_2", "stage_3", "one_stage",
+             "evaluate_stage_3", "evaluate_one_stage"]
+
+
+def write_weights(path: Path, value: float = 0.0) -> Path:
+    """A small but valid safetensors file (validation reads its header)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.full(4, value, dtype=np.float32)}, str(path))
+    return path
+
+
+def make_teacher(path: Path) -> Path:
+    """A teacher directory as the driver sees it: a PhiMoE config.json, weights and tokenizer files."""
+    from tiny import tiny_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_config("phimoe").to_json_file(path / "config.json")
+    write_weights(path / "model.safetensors")
+    (path / "tokenizer.json").write_text('{"stand-in": true}')
+    return path
+
+
+def workflow_dict(root: Path, storage: str | None = None, **changes) -> dict:
+    data = root / "data.txt"  # validation checks that the source exists
+    if not data.exists():
+        data.write_text("hello\n")
+    cfg = {
+        "name": "wf",
+        "storage": storage or str(root / "store"),
+        "teacher": {"path": str(root / "teacher")},
+        "data": {"source": str(data)},
+        "logits": {"k": 4},
+        "resources": {"actor_pool_size": 1},
+        "stages": [
+            {"expert_intermediate_size": 32, "token_budget": 3},
+            {"expert_intermediate_size": 16, "num_key_value_heads": 1, "token_budget": 3},
+            {"expert_intermediate_size": 8, "token_budget": 3},
+        ],
+        "baselines": [{"name": "one_stage", "kind": "one_stage"}],
+        "evaluate": {"models": ["stage_3", "one_stage"]},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write_config(root: Path, cfg: dict, name: str = "wf.yaml") -> Path:
+    import yaml
+
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def take_calls(path: Path) -> list[str]:
+    """The stand-in calls recorded in `path` since the last look (the file is emptied)."""
+    out = path.read_text().split() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return out
+
+
+def kill_mid_stage(proc: subprocess.Popen, work: Path, log: Path, at_step: int = 3, timeout_s: float = 120) -> int:
+    """SIGKILL the driver `proc` once its stage stand-in (work dirs under `work`) has passed `at_step`;
+    return the step the killed stage had reached."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        progress = list(work.glob("*/progress.json"))
+        if progress and json.loads(progress[0].read_text())["step"] >= at_step:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, log.read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(list(work.glob("*/progress.json"))[0].read_text())["step"]

@@ -8,20 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_driver import make_teacher, workflow_dict, write_config, write_weights
+from standins import workflow_dict, write_config, write_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
-
-
-@pytest.fixture
-def ws(tmp_path, monkeypatch):
-    import standins
-
-    standins.install()
-    make_teacher(tmp_path / "teacher")
-    monkeypatch.setenv("STANDIN_CALLS", str(tmp_path / "calls.txt"))
-    yield tmp_path
-    standins.uninstall()
 
 
 def fails_before_work(ws: Path, cfg_path: Path, *patterns: str) -> str:
@@ -276,3 +265,42 @@ def test_relative_paths_resolve_against_the_config_file(ws):
     sub.mkdir()
     loaded = load_workflow(write_config(sub, cfg))
     assert loaded.config.evaluate.lm_eval_include_path == str(sub / "my_tasks")
+
+
+def test_a_stage_that_must_keep_its_moments_is_checked_like_a_written_setting(ws):
+    """carry_optimizer on a stage makes the stage before keep its AdamW moments; an fsdp stage cannot,
+    so the workflow is refused at the carrying stage's line before anything trains."""
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.dag import build_dag
+
+    cfg = workflow_dict(ws)
+    cfg["stages"][0].update(strategy="fsdp", num_workers=2)
+    cfg["stages"][1]["carry_optimizer"] = True
+    path = write_config(ws, cfg)
+    with pytest.raises(WorkflowConfigError) as err:
+        build_dag(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "carry_optimizer" in text)
+    assert f"wf.yaml:{line}: stages[1].carry_optimizer: carry_optimizer: true starts from the AdamW moments of " \
+           "stage_1" in str(err.value)
+    assert "keep_optimizer_state needs strategy: ddp (this stage uses fsdp)" in str(err.value)
+    cfg["stages"][0]["strategy"] = "ddp"  # a ddp stage keeps them, and only the node before the carrier does
+    dag = build_dag(write_config(ws, cfg))
+    assert [dag.nodes[f"stage_{i}"].task_config.keep_optimizer_state for i in (1, 2, 3)] == [True, False, False]
+
+
+def test_configs_are_frozen_and_a_change_is_validated_and_derived_again():
+    from pydantic import ValidationError
+
+    from slimmoe.tasks.slimming.config import StageConfig
+
+    cfg = StageConfig(expert_intermediate_size=32, token_budget=800, early_stop_min_improvement=0.02)
+    assert (cfg.strategy, cfg.early_stop_window_tokens) == ("ddp", 100)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.token_budget = 1600
+    more = cfg.with_changes(token_budget=1600)
+    assert (more.token_budget, more.early_stop_window_tokens) == (1600, 200)  # derived again, not kept
+    assert cfg.with_changes(early_stop_window_tokens=50).with_changes(token_budget=1600).early_stop_window_tokens == 50
+    gpu = cfg.with_changes(use_gpu=True, num_workers=2, early_stop_min_improvement=None)
+    assert gpu.strategy == "fsdp" and gpu.train_dtype() == "bfloat16"
+    with pytest.raises(ValidationError, match="carry_optimizer needs strategy: ddp"):
+        gpu.with_changes(carry_optimizer=True)

@@ -11,7 +11,7 @@ import json
 import yaml
 
 from slimmoe.workflows.demo import demo_config_path, run_demo
-from test_pretrain_teacher import TINY
+from tiny import TINY_TEACHER
 
 SEQ = 64
 STEP_TOKENS = 8 * SEQ
@@ -20,7 +20,7 @@ STEP_TOKENS = 8 * SEQ
 def short_demo_config(tmp_path):
     cfg = yaml.safe_load(demo_config_path().read_text())
     cfg["storage"] = str(tmp_path / "runs")
-    cfg["pretrain_teacher"] = dict(TINY, seed=0, max_steps=40, eval_every=0)
+    cfg["pretrain_teacher"] = dict(TINY_TEACHER, seed=0, max_steps=40, eval_every=0)
     cfg["data"] = {"source": "${PYTHON_STDLIB}/[a-c]*.py", "seq_len": SEQ, "validation_fraction": 0.2}
     cfg["logits"] = {"k": 16, "batch_size": 16}
     for stage, size, steps in zip(cfg["stages"], (32, 16), (4, 8)):  # 50% then 25% of the teacher's 64

@@ -203,16 +203,3 @@ def test_tile_files_drops_retry_copies_and_finds_gaps(tmp_path):
     with pytest.raises(RuntimeError, match="row 5"):
         tile_files(tmp_path, spans[:3], 9)
 
-
-def test_to_ray_dataset_reads_the_manifest_files_only(ray_cluster, cache_dir):
-    path, (input_ids, topk_ids, topk_logprobs, rest) = cache_dir
-    shutil.copy(path / "rows-0.parquet", path / "leftover.parquet")
-    cache = open_logit_cache(path)
-    rows = cache.to_ray_dataset().take_all()
-    assert len(rows) == 23
-    by_id = {int(r["row_id"]): r for r in rows}
-    r = by_id[7]
-    assert np.array_equal(r["input_ids"], input_ids[7])
-    assert np.array_equal(r["topk_ids"], topk_ids[7].astype(np.int32))
-    assert np.array_equal(r["topk_logprobs"].view(np.uint16), topk_logprobs[7].view(np.uint16))
-    assert np.array_equal(r["rest_logprob"], rest[7])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_driver import write_weights
+from standins import write_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
 GB = 10**9
@@ -175,11 +175,11 @@ def test_allow_infeasible_lets_validation_pass(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from slimmoe.workflows.cli import app
-    from slimmoe.workflows.dag import validate_workflow
+    from slimmoe.workflows.dag import build_dag
     from slimmoe.workflows.driver import Driver
 
     config, _ = _runnable_phi(tmp_path, **INFEASIBLE)
-    dag = validate_workflow(config, allow_infeasible=True)
+    dag = build_dag(config, check_plan=False)  # what `run --allow-infeasible` validates
     assert "teacher_logits" in dag.nodes
     started = []
     monkeypatch.setattr(Driver, "run", lambda self, **kw: started.append(self.dag.name) or {})
@@ -248,3 +248,62 @@ def test_the_rayjob_embedded_workflow_plans_feasible(tmp_path, phi_dir):
     path.write_text(config_map["data"]["workflow.yaml"])
     plan = plan_workflow(path, PlanOptions(gpu="a100"), overrides={"teacher": {"path": str(phi_dir)}})
     assert plan.feasible, plan.format()
+
+
+@pytest.mark.parametrize("use_gpu", [True, False])
+@pytest.mark.parametrize("gpus_per_actor", [1, "auto"])
+def test_the_plan_and_the_nodes_resolve_the_same_settings(phi_dir, monkeypatch, use_gpu, gpus_per_actor):
+    """Every setting the plan reports is what the node derives from the same facts: the plan passes the
+    workflow's resources, the node reads the cluster; both call the config's own methods."""
+    import slimmoe.tasks.nodes.teacher_logits as teacher_node
+    from slimmoe.tasks.data.config import PassFacts
+    from slimmoe.workflows.dag import build_dag
+
+    changes = {"resources": {"use_gpu": use_gpu, "num_workers": 8, "gpu_memory_gb": 80},
+               "logits": {"gpus_per_actor": gpus_per_actor}}
+    plan = plan_of("phi-mini-moe", phi_dir, **changes)
+    planned = {n.name: n.settings for n in plan.nodes}
+    dag = build_dag(CONFIGS / "phi-mini-moe.yaml", overrides={"teacher": {"path": str(phi_dir)}, **changes},
+                    check_env=False, check_storage=False)
+
+    # The teacher pass as the node resolves it on a cluster with these facts.
+    facts = PassFacts(cluster_has_gpus=use_gpu, gpu_memory_bytes=80 * GB if use_gpu else None, gpus_per_node=8)
+    monkeypatch.setattr(teacher_node, "pass_facts", lambda cfg: facts)
+    monkeypatch.setattr(teacher_node, "_biggest_node_gpus", lambda: 8)
+    node = teacher_node.resolve_teacher_pass(dag.nodes["teacher_logits"].task_config, phi_config(), 4096)
+    assert planned["teacher_logits"] == {"device": node.device, "dtype": node.dtype,
+                                         "gpus_per_actor": node.gpus_per_actor,
+                                         "pipeline_depth": node.pipeline_depth, "torch_threads": node.torch_threads}
+    assert node.device == ("cuda" if use_gpu else "cpu")
+    assert node.gpus_per_actor == (0 if not use_gpu else 2 if gpus_per_actor == "auto" else 1)
+
+    for name, n in dag.nodes.items():
+        cfg = n.task_config
+        if n.kind == "stage":
+            assert planned[name] == {"strategy": cfg.resolved_strategy(), "dtype": cfg.train_dtype(),
+                                     "world": cfg.world()}
+            assert planned[name]["dtype"] == ("bfloat16" if use_gpu else "float32")
+        elif n.kind == "evaluate":  # the node: cfg.run_device(torch.cuda.is_available()) on its own process
+            device = cfg.run_device(use_gpu)
+            assert planned[name] == {"device": device, "dtype": cfg.weights_dtype(device)}
+            assert planned[name]["dtype"] == ("bfloat16" if use_gpu else "float32")
+
+
+def test_a_fix_is_proposed_only_when_the_stage_accepts_it(phi_dir):
+    """A ddp stage that keeps its optimizer moments for the next one cannot become fsdp: the plan must
+    not propose it."""
+    from slimmoe.tasks.slimming.config import StageConfig
+    from slimmoe.tasks.planning.memory import model_shape
+    from slimmoe.tasks.slimming.surgery import slimmed_config
+    from slimmoe.workflows.plan import _stage_fix
+
+    shape_in = model_shape(phi_config())
+    shape_out = model_shape(slimmed_config(phi_config(), StageConfig(expert_intermediate_size=3200,
+                                                                     token_budget=10).targets))
+    fixes = {}
+    for keep in (False, True):
+        cfg = StageConfig(expert_intermediate_size=3200, token_budget=10, use_gpu=True, num_workers=64,
+                          strategy="ddp", micro_batch=1, keep_optimizer_state=keep)
+        fixes[keep] = _stage_fix(shape_in, shape_out, cfg, 4096, 8, True, 80 * GB)
+    assert fixes[False] == "strategy: fsdp"
+    assert fixes[True] is None or "fsdp" not in fixes[True]

@@ -13,17 +13,13 @@ import torch
 from slimmoe.tasks.pretraining.config import PretrainTeacherConfig
 from slimmoe.tasks.nodes.pretrain_teacher import run_pretrain_teacher
 from slimmoe.tasks.pretraining.corpus import source_files
-
-TINY = dict(max_text_bytes=300_000, validation_every=5, vocab_size=512, hidden_size=64, num_layers=2, num_experts=4,
-            expert_intermediate_size=64, seq_len=64, batch_size=8, warmup_steps=10, log_every=10, eval_every=30,
-            num_threads=1)
-
+from tiny import TINY_TEACHER
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "out"
     lines: list[str] = []
-    metrics = run_pretrain_teacher(PretrainTeacherConfig(**TINY, max_steps=60), out, log=lines.append)
+    metrics = run_pretrain_teacher(PretrainTeacherConfig(**TINY_TEACHER, max_steps=60), out, log=lines.append)
     return out, metrics, lines
 
 
@@ -66,7 +62,7 @@ def test_output_reloads_without_custom_code(trained):
 
 
 def test_same_seed_same_weights(tmp_path):
-    small = dict(TINY, max_steps=8, eval_every=0, log_every=8)
+    small = dict(TINY_TEACHER, max_steps=8, eval_every=0, log_every=8)
     a = run_pretrain_teacher(PretrainTeacherConfig(**small), tmp_path / "a", log=lambda _: None)
     b = run_pretrain_teacher(PretrainTeacherConfig(**small), tmp_path / "b", log=lambda _: None)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -77,10 +73,10 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_held_out_rule_and_bad_config(tmp_path):
-    root, files = source_files(PretrainTeacherConfig(**TINY))
+    root, files = source_files(PretrainTeacherConfig(**TINY_TEACHER))
     rel = [f.relative_to(root).as_posix() for f in files]
     assert rel == sorted(rel) and len(rel) > 5 and not any(r.startswith(("test/", "encodings/")) for r in rel)
-    assert sum(f.stat().st_size for f in files[:-1]) < TINY["max_text_bytes"]
+    assert sum(f.stat().st_size for f in files[:-1]) < TINY_TEACHER["max_text_bytes"]
     with pytest.raises(ValueError, match="num_attention_heads"):
         PretrainTeacherConfig(hidden_size=130)
     with pytest.raises(ValueError):
@@ -92,7 +88,7 @@ def test_held_out_rule_and_bad_config(tmp_path):
     busy.mkdir()
     (busy / "x").write_text("x")
     with pytest.raises(FileExistsError):
-        run_pretrain_teacher(PretrainTeacherConfig(**TINY), busy)
+        run_pretrain_teacher(PretrainTeacherConfig(**TINY_TEACHER), busy)
 
 
 def test_the_demo_scores_every_model_on_text_its_teacher_never_saw():

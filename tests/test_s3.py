@@ -1,7 +1,7 @@
 """Workflow storage on a real S3 API: moto's S3 server on localhost, reached through pyarrow's S3
 filesystem exactly as a bucket would be (no rename; listings from key prefixes; directory markers).
 
-The server runs in this process; subprocesses reach it through the endpoint in the storage URI and
+The server (the `s3_server` fixture of conftest.py) runs in this process; subprocesses reach it through the endpoint in the storage URI and
 the dummy credentials in the environment.
 """
 
@@ -11,60 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from test_driver import ALL_NODES, STANDIN_SITE, kill_mid_stage, make_teacher, take_calls, workflow_dict, write_config
 
-# Dummy credentials: the AWS SDK inside pyarrow signs every request and would find none; and no
-# lookups at a cloud metadata service this machine does not have (each one waits for a timeout).
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-class S3Server:
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint  # http://127.0.0.1:PORT
-
-    def new_bucket(self) -> str:
-        import boto3
-
-        name = f"slimmoe-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-        return name
-
-    def uri(self, bucket: str, prefix: str = "store") -> str:
-        """A storage URI that carries its endpoint, so any process with the credentials can open it."""
-        host = self.endpoint.split("://", 1)[1]
-        return f"s3://{bucket}/{prefix}?endpoint_override={host}&scheme=http&region=us-east-1"
-
-    def keys(self, bucket: str) -> list[str]:
-        """Every object key in the bucket, as the S3 API lists them (directory markers included)."""
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would bury a failure's log
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in S3_ENV.items():
-            mp.setenv(k, v)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield S3Server(f"http://{host}:{port}")
-        finally:
-            server.stop()
+from standins import ALL_NODES, STANDIN_SITE, kill_mid_stage, make_teacher, take_calls, workflow_dict, write_config
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from slimmoe.tasks.slimming.moments import (MomentsError, install_moments, load_
 from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
 from slimmoe.tasks.slimming.config import SlimTargets
 from slimmoe.tasks.slimming.surgery import apply_plan, keep_plan
-from test_config import ws  # noqa: F401  (the fixture)
 from tiny import tiny_model
 
 
@@ -144,7 +143,7 @@ def test_early_stop_window_defaults_to_an_eighth_of_the_budget():
 
 def _dag(ws, stages, baselines=None):
     from slimmoe.workflows.dag import build_dag
-    from test_driver import workflow_dict, write_config
+    from standins import workflow_dict, write_config
 
     cfg = workflow_dict(ws, stages=stages, evaluate={"models": ["teacher"]})
     if baselines is not None:
@@ -187,7 +186,7 @@ def test_a_gradual_cut_with_too_many_steps_for_its_width_is_refused_at_its_line(
 
 def test_the_plan_trains_a_gradual_cut_at_its_first_and_largest_size(ws):
     from slimmoe.workflows.driver import plan_workflow
-    from test_driver import workflow_dict, write_config
+    from standins import workflow_dict, write_config
 
     def stage_plan(**extra):
         cfg = workflow_dict(ws, stages=[{"expert_intermediate_size": 16, "token_budget": 4096, **extra}],

@@ -3,7 +3,7 @@
 Each test runs on a local directory and on a `file://` URI (pyarrow's local filesystem reached the
 way a bucket is: writers stage locally and upload), both of which rename atomically, and on two
 object stores, where publishing takes the copy-and-delete route: pyarrow's in-memory `mock://`
-filesystem and a real S3 API (moto's server on localhost, see test_s3.py).
+filesystem and a real S3 API (moto's server on localhost, the `s3_server` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 import pytest
 
 from slimmoe.workflows.storage import MARKER, Store, StorageError, is_uri, leftover
-from test_s3 import s3_server  # noqa: F401  (the fixture)
 
 
 @pytest.fixture(params=["local", "file", "object", "s3"])

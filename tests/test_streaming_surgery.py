@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from slimmoe.tasks.core.adapters import get_adapter
+from slimmoe.tasks.core.safetensors_files import CheckpointTensors
 from slimmoe.tasks.slimming.config import SlimTargets
 from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
-from slimmoe.tasks.slimming.streaming import (CheckpointLayoutError, _Source, stream_slim,
-                                              streaming_magnitude_scores)
+from slimmoe.tasks.slimming.streaming import CheckpointLayoutError, stream_slim, streaming_magnitude_scores
 from slimmoe.tasks.slimming.surgery import KeepPlan, keep_plan, slim_model
 from slimmoe.workflows.cli import app
 from tiny import FAMILIES, tiny_model
@@ -168,7 +168,7 @@ def test_a_write_that_fails_midway_leaves_no_output(tmp_path, monkeypatch):
     scores, targets = _random_scores(model), _targets(model)
     model.save_pretrained(tmp_path / "src")
     calls = []
-    real_read = _Source.read
+    real_read = CheckpointTensors.read
 
     def failing_read(self, name, key=None):
         calls.append(name)
@@ -176,7 +176,7 @@ def test_a_write_that_fails_midway_leaves_no_output(tmp_path, monkeypatch):
             raise OSError("disk read failed")
         return real_read(self, name, key)
 
-    monkeypatch.setattr(_Source, "read", failing_read)
+    monkeypatch.setattr(CheckpointTensors, "read", failing_read)
     with pytest.raises(OSError, match="disk read failed"):
         stream_slim(tmp_path / "src", tmp_path / "out", keep_plan(model.config, scores, targets), max_shard_bytes=4096)
     assert len(calls) == 5
@@ -222,8 +222,8 @@ def test_large_copied_tensors_are_copied_in_chunks(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "src")
     monkeypatch.setattr(streaming, "PIECE_BYTES", 1000)  # the embedding [96, 32] goes in 7-row chunks
     reads = []
-    real_read = _Source.read
-    monkeypatch.setattr(_Source, "read", lambda self, name, key=None: reads.append(name) or real_read(self, name, key))
+    real_read = CheckpointTensors.read
+    monkeypatch.setattr(CheckpointTensors, "read", lambda self, name, key=None: reads.append(name) or real_read(self, name, key))
     report = stream_slim(tmp_path / "src", tmp_path / "out", keep_plan(model.config, scores, targets))
     assert reads.count("model.embed_tokens.weight") == 14 and reads.count("lm_head.weight") == 14
     assert report["peak_tensor_bytes"] < 96 * 32 * 4

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from test_driver import STANDIN_SITE, make_teacher, workflow_dict, write_config
+from standins import STANDIN_SITE, make_teacher, workflow_dict, write_config
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ from slimmoe.tasks.slimming.scores import next_token_score_loss
 from slimmoe.tasks.nodes.slim import run_slim
 from slimmoe.tasks.slimming.config import SlimConfig
 from slimmoe.tasks.slimming.config import SlimTargetError, SlimTargets
-from slimmoe.tasks.slimming.surgery import keep_all_targets, slim_model
+from slimmoe.tasks.slimming.surgery import slim_model
 from tiny import FAMILIES, HEAD_PRUNABLE, stdlib_texts, tiny_model, train_tokenizer
 
 VOCAB = 96
@@ -40,7 +40,10 @@ def _half_targets(model):
 def test_keep_all_is_identity(family):
     model = tiny_model(family, vocab_size=VOCAB)
     scores = taylor_scores(model, [_inputs(2)], next_token_score_loss)
-    same = slim_model(model, scores, keep_all_targets(model.config), strict=False).eval()
+    adapter = get_adapter(model)
+    keep_all = SlimTargets(expert_intermediate_size=adapter.expert_size(model.config),
+                           num_key_value_heads=model.config.num_key_value_heads if adapter.head_pruning else None)
+    same = slim_model(model, scores, keep_all, strict=False).eval()
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(same(x).logits, model(x).logits, atol=1e-5, rtol=0)

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from slimmoe.tasks.core.checkpoint import load_model
 from slimmoe.tasks.core.placement import balanced_device_map, split_layers
-from slimmoe.tasks.data.config import TeacherLogitsConfig
-from slimmoe.tasks.nodes.teacher_logits import actor_gpus, teacher_pool_args
+from slimmoe.tasks.data.config import PassFacts, TeacherLogitsConfig
+from slimmoe.tasks.nodes.teacher_logits import resolve_teacher_pass, teacher_pool_args
 from tiny import tiny_config, tiny_model
 
 # Phi-3.5-MoE's shape (the transformers defaults): 41.9B parameters, 84 GB in bf16.
@@ -81,14 +81,14 @@ def test_a_two_gpu_actor_asks_ray_for_two_gpus(tmp_path):
         import json, os, sys
         import ray, transformers
         from slimmoe.tasks.data.config import TeacherLogitsConfig
-        from slimmoe.tasks.nodes.teacher_logits import actor_gpus, teacher_pool_args
+        from slimmoe.tasks.nodes.teacher_logits import resolve_teacher_pass, teacher_pool_args
 
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         config = transformers.PhimoeConfig(**{tiny_config("phimoe").to_diff_dict()!r})
         cfg = TeacherLogitsConfig(gpus_per_actor=2, device="cuda", cpus_per_actor=0.5)
-        gpus = actor_gpus(cfg, "cuda", "bfloat16", config, 16)
+        gpus = resolve_teacher_pass(cfg, config, 16).gpus_per_actor
         try:
-            actor_gpus(TeacherLogitsConfig(gpus_per_actor=3, device="cuda"), "cuda", "bfloat16", config, 16)
+            resolve_teacher_pass(TeacherLogitsConfig(gpus_per_actor=3, device="cuda"), config, 16)
             too_many = None
         except ValueError as err:
             too_many = str(err)
@@ -116,7 +116,7 @@ def test_a_two_gpu_actor_asks_ray_for_two_gpus(tmp_path):
 def test_auto_takes_the_fewest_gpus_that_hold_the_pass(ray_cluster):
     def auto(gb: float, batch_size: int = 8) -> int:
         cfg = TeacherLogitsConfig(gpus_per_actor="auto", gpu_memory_gb=gb, batch_size=batch_size, device="cuda")
-        return actor_gpus(cfg, "cuda", "bfloat16", PHI35, seq_len=4096)
+        return cfg.resolve_pass(PassFacts(cluster_has_gpus=True), PHI35, seq_len=4096).gpus_per_actor
 
     # 84 GB of bf16 weights: not one 80 GB GPU; two halves of 42 GB plus 10.5 GB of float32 logits
     # for 8 x 4096 tokens fit. One 141 GB GPU holds it all.
@@ -125,13 +125,13 @@ def test_auto_takes_the_fewest_gpus_that_hold_the_pass(ray_cluster):
     with pytest.raises(ValueError, match=r"logits.gpus_per_actor: auto: the teacher pass does not fit 8 GPUs"):
         auto(10)
     # A CPU pass asks for no GPU, whatever auto would say.
-    assert actor_gpus(TeacherLogitsConfig(gpus_per_actor="auto"), "cpu", "float32", PHI35, 4096) == 0
+    assert TeacherLogitsConfig(gpus_per_actor="auto").resolve_pass(PassFacts(False), PHI35, 4096).gpus_per_actor == 0
 
 
 def test_auto_without_gpu_memory_and_no_gpu_worker_names_the_setting(ray_cluster):
     cfg = TeacherLogitsConfig(gpus_per_actor="auto", device="cuda", wait_for_actors_s=1)
     with pytest.raises(ValueError, match=r"no GPU worker answered within wait_for_actors_s=1s; set resources.gpu_memory_gb"):
-        actor_gpus(cfg, "cuda", "bfloat16", PHI35, 4096)
+        resolve_teacher_pass(cfg, PHI35, 4096)
 
 
 def test_bad_values_are_refused_naming_the_field(ray_cluster, tmp_path):
@@ -144,11 +144,11 @@ def test_bad_values_are_refused_naming_the_field(ray_cluster, tmp_path):
             TeacherLogitsConfig(gpus_per_actor=2, **cpu)
     # device auto on a cluster without GPUs: known only on the driver, before the pool starts.
     with pytest.raises(ValueError, match=r"logits.gpus_per_actor=2 asks for GPUs.*the Ray cluster has no GPUs"):
-        actor_gpus(TeacherLogitsConfig(gpus_per_actor=2), "cpu", "float32", PHI35, 4096)
+        resolve_teacher_pass(TeacherLogitsConfig(gpus_per_actor=2), PHI35, 4096)
 
 
 def test_the_workflow_fills_gpu_memory_and_names_a_bad_value(tmp_path):
-    from test_driver import make_teacher, workflow_dict, write_config
+    from standins import make_teacher, workflow_dict, write_config
 
     from slimmoe.workflows.config import WorkflowConfigError, load_workflow
 

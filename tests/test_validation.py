@@ -11,8 +11,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from slimmoe.workflows.cli import app
-from test_config import ws  # noqa: F401  (the fixture)
-from test_driver import workflow_dict, write_config, write_weights
+from standins import workflow_dict, write_config, write_weights
 
 runner = CliRunner()
 

@@ -11,6 +11,11 @@ from transformers import AutoModelForCausalLM
 
 VOCAB = 96
 
+# A demo teacher (`pretrain_teacher`) at test size; callers add max_steps / eval_every.
+TINY_TEACHER = dict(max_text_bytes=300_000, validation_every=5, vocab_size=512, hidden_size=64, num_layers=2,
+                    num_experts=4, expert_intermediate_size=64, seq_len=64, batch_size=8, warmup_steps=10,
+                    log_every=10, eval_every=30, num_threads=1)
+
 
 def tiny_config(family: str, vocab_size: int = VOCAB, **overrides):
     common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

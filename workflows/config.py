@@ -69,7 +69,7 @@ class WorkflowConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TeacherSection(_Strict):
@@ -199,7 +199,9 @@ class WorkflowConfig(_Strict):
             if key in raw or key == "logits":
                 raw[key] = fill(raw.get(key, {}), model)
         if isinstance(raw.get("stages"), list):
-            raw["stages"] = [fill(s, StageConfig) for s in raw["stages"]]
+            # A stage's node name (stage_<i> unless it names itself) is part of what the stage runs with.
+            raw["stages"] = [fill({"name": f"stage_{i + 1}", **s} if isinstance(s, dict) else s, StageConfig)
+                             for i, s in enumerate(raw["stages"])]
         if isinstance(raw.get("baselines"), list):
             raw["baselines"] = [_fill_baseline(b, fill) for b in raw["baselines"]]
         return raw

@@ -112,7 +112,7 @@ def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -
     baseline's own fields on top."""
     cfg = loaded.config
     b = cfg.baselines[i]
-    fields = cfg.stages[-1].model_dump(exclude_unset=True)
+    fields = cfg.stages[-1].written()
     # How the schedule's stages hand over (moments, unspent tokens) and cut in steps is theirs; the
     # baseline is one plain cut unless it sets these itself.
     for key in ("name", *SCHEDULE_FIELDS):
@@ -142,6 +142,24 @@ def _distill_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> 
         return None
 
 
+def _stage_config(loaded: LoadedWorkflow, i: int, name: str, problems: list[Problem]) -> Optional[StageConfig]:
+    """Stage i as the workflow runs it: named, and keeping its AdamW moments when the next stage
+    carries them (validated like a written setting, so a stage that cannot keep them is refused here
+    rather than after it trained)."""
+    stages = loaded.config.stages
+    stage = stages[i]
+    if not (i + 1 < len(stages) and stages[i + 1].carry_optimizer) or stage.keep_optimizer_state:
+        return stage
+    try:
+        return stage.with_changes(keep_optimizer_state=True)
+    except ValidationError as err:
+        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors(include_url=False))
+        problems.append(loaded.problem(("stages", i + 1, "carry_optimizer"),
+                                       f"carry_optimizer: true starts from the AdamW moments of {name}, which cannot "
+                                       f"keep them: {why}; remove carry_optimizer here, or make {name} a ddp stage"))
+        return None
+
+
 def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[str, Node]:
     cfg = loaded.config
     nodes: dict[str, Node] = {}
@@ -158,11 +176,7 @@ def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[
 
     prev, names = "teacher", cfg.stage_names()
     for i, (name, stage) in enumerate(zip(names, cfg.stages)):
-        if stage.name is None:
-            stage.name = name
-        if i + 1 < len(cfg.stages) and cfg.stages[i + 1].carry_optimizer:
-            stage.keep_optimizer_state = True  # the next stage starts from these moments
-        add(name, "stage", ("stages", i), stage, {"model": prev, "logits": "teacher_logits"})
+        add(name, "stage", ("stages", i), _stage_config(loaded, i, name, problems), {"model": prev, "logits": "teacher_logits"})
         prev = name
 
     for i, b in enumerate(cfg.baselines):
@@ -204,7 +218,7 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         problems.append(loaded.problem(loc, f"teacher directory {path} has no config.json; it is not a Hugging Face "
                                             "model directory"))
         return None
-    from slimmoe.tasks.core.checkpoint import BrokenCheckpointError, check_safetensors
+    from slimmoe.tasks.core.safetensors_files import BrokenCheckpointError, check_safetensors
     from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
 
     try:
@@ -264,10 +278,10 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
 
     def check(node: Node, sizes: Optional[ModelSizes], loc: tuple) -> Optional[ModelSizes]:
         cfg = node.task_config
-        if sizes is None:
+        if sizes is None or cfg is None:
             return None
         try:
-            check_targets(sizes, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
+            check_targets(sizes, cfg.targets, dtype=cfg.train_dtype())
         except SlimTargetError as err:
             problems.append(loaded.problem(loc + (err.field,), str(err)))
             return None
@@ -276,7 +290,7 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
             return None
         if cfg.cut_steps > 1:  # the inner cuts' sizes (whether the stage has the steps for them needs the cache)
             try:
-                gradual_cuts(cfg, sizes, total_steps=cfg.cut_steps, dtype="bfloat16" if cfg.use_gpu else "float32")
+                gradual_cuts(cfg, sizes, total_steps=cfg.cut_steps, dtype=cfg.train_dtype())
             except ValueError as err:
                 problems.append(loaded.problem(loc + ("cut_steps",), str(err)))
         return sizes.after(cfg.targets, node.name)
@@ -292,7 +306,7 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
     for i, name in enumerate(cfg.stage_names()):
         node = nodes[name]
         if sizes is None and i > 0:  # no teacher to start from: the previous stage's targets, with no adapter
-            prev = nodes[cfg.stage_names()[i - 1]].task_config
+            prev = cfg.stages[i - 1]
             sizes = ModelSizes(None, prev.expert_intermediate_size, None, prev.num_key_value_heads, None,
                                cfg.stage_names()[i - 1])
         sizes = check(node, sizes, ("stages", i))
@@ -370,10 +384,4 @@ def _complete(store: Store, workflow: str, node: Node) -> bool:
         return False
 
 
-def validate_workflow(source, overrides: dict | None = None, check_storage: bool = True,
-                      allow_infeasible: bool = False) -> Dag:
-    """Everything `run` checks before it starts: raises WorkflowConfigError naming each problem."""
-    return build_dag(source, overrides, check_env=True, check_storage=check_storage, check_plan=not allow_infeasible)
-
-
-__all__ = ["Dag", "Node", "build_dag", "validate_workflow", "WorkflowConfigError"]
+__all__ = ["Dag", "Node", "build_dag", "WorkflowConfigError"]

@@ -64,10 +64,6 @@ def register_node_kind(kind: NodeKind, replace: bool = False) -> NodeKind:
     return kind
 
 
-def known_kinds() -> dict[str, NodeKind]:
-    return dict(_REGISTRY)
-
-
 def get_node_kind(name: str) -> NodeKind:
     try:
         return _REGISTRY[name]

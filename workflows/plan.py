@@ -13,10 +13,14 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pydantic import ValidationError
+
+from slimmoe.tasks.core.dtypes import dtype_bytes
+from slimmoe.tasks.data.config import PassFacts
 from slimmoe.tasks.planning import flops as F
 from slimmoe.tasks.planning.cache import cache_bytes, cache_bytes_per_token
 from slimmoe.tasks.planning.memory import (GB, Memory, ModelShape, as_model_config, evaluate_memory, model_shape,
@@ -69,9 +73,13 @@ class NodePlan:
     fix: Optional[str] = None
     problem_loc: tuple = ()
     notes: list = field(default_factory=list)
+    # The settings the node derives from its config and the device (the same config methods decide
+    # them in the node): device, dtype, strategy, GPUs per actor, ...
+    settings: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "device": self.device, "devices": self.devices,
+                "settings": dict(self.settings),
                 "params_before": self.params_before, "params_after": self.params_after,
                 "memory": self.memory.as_dict() if self.memory else None,
                 "phases": {k: v.as_dict() for k, v in self.phases.items()},
@@ -330,9 +338,11 @@ def _input_config(ctx: _Context, node) -> Any:
 
 def _plan_pretrain(ctx: _Context, node) -> NodePlan:
     pt = node.task_config
-    on_gpu = pt.device.startswith("cuda") or (pt.device == "auto" and ctx.loaded.config.resources.use_gpu)
+    device = pt.run_device(ctx.loaded.config.resources.use_gpu)
+    on_gpu = device.startswith("cuda")
     shape = model_shape(ctx.configs["teacher"])
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_after=_params(shape))
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_after=_params(shape),
+                    settings={"device": device})
     mem = stage_train_memory(shape, "ddp", 1, pt.batch_size, pt.seq_len, on_gpu)
     plan.memory, plan.phases = mem, {"train": mem}
     plan.capacity = ctx.capacity(on_gpu)
@@ -351,29 +361,26 @@ def _plan_tokenize(ctx: _Context, node) -> NodePlan:
 def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
     lc = node.task_config
     shape = model_shape(ctx.configs["teacher"])
-    on_gpu = lc.device == "cuda" or (lc.device == "auto" and bool(lc.use_gpu if lc.use_gpu is not None
-                                                                    else ctx.loaded.config.resources.use_gpu))
-    elem = {"float32": 4, "bfloat16": 2}.get(lc.dtype, 2 if on_gpu else 4)
-    dtype = "bf16" if elem == 2 else "float32"
-    asked = getattr(lc, "gpus_per_actor", 1) if on_gpu else 1
+    facts = PassFacts(cluster_has_gpus=ctx.loaded.config.resources.use_gpu, gpu_memory_bytes=ctx.gpu_bytes,
+                      gpus_per_node=GPUS_PER_NODE)
     loc = ("logits", "gpus_per_actor")
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", lc.actor_pool_size, params_before=_params(shape),
+    plan = NodePlan(node.name, node.kind, "cpu", lc.actor_pool_size, params_before=_params(shape),
                     tokens=ctx.data_tokens)
-    gpus = asked
-    if asked == "auto":
-        if ctx.gpu_bytes is None:
-            gpus = 1
-            plan.notes.append("gpus_per_actor auto: GPU memory unknown, planned as 1")
-        else:
-            try:
-                gpus = teacher_actor_gpus(ctx.configs["teacher"], lc.batch_size, ctx.seq_len, lc.k, ctx.gpu_bytes,
-                                          elem, GPUS_PER_NODE)
-                plan.notes.append(f"gpus_per_actor auto resolves to {gpus}")
-            except ValueError as err:
-                gpus = GPUS_PER_NODE
-                plan.fix = str(err)
-    mem = teacher_pass_memory(shape, lc.batch_size, ctx.seq_len, lc.k, on_gpu, gpus=int(gpus), dtype_bytes=elem,
-                              pipeline_depth=getattr(lc, "pipeline_depth", 1))
+    try:
+        resolved = lc.resolve_pass(facts, ctx.configs["teacher"], ctx.seq_len)
+    except ValueError as err:  # auto: even a whole node's GPUs do not hold the pass
+        resolved = lc.with_changes(gpus_per_actor=GPUS_PER_NODE).resolve_pass(facts)
+        plan.fix = str(err)
+    on_gpu = resolved.device == "cuda"
+    plan.device, plan.settings = ("gpu" if on_gpu else "cpu"), asdict(resolved)
+    elem = dtype_bytes(resolved.dtype)
+    dtype = "bf16" if elem == 2 else resolved.dtype
+    gpus = max(1, resolved.gpus_per_actor)
+    if on_gpu and lc.gpus_per_actor == "auto" and plan.fix is None:
+        plan.notes.append(f"gpus_per_actor auto resolves to {gpus}" if ctx.gpu_bytes is not None else
+                          "gpus_per_actor auto: GPU memory unknown, planned as 1")
+    mem = teacher_pass_memory(shape, lc.batch_size, ctx.seq_len, lc.k, on_gpu, gpus=gpus, dtype_bytes=elem,
+                              pipeline_depth=resolved.pipeline_depth)
     plan.memory, plan.phases = mem, {"forward": mem}
     if on_gpu:
         plan.devices = lc.actor_pool_size * int(gpus)
@@ -435,9 +442,9 @@ def _stage_memory(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool) 
     phases = {}
     mapped = shape_in.checkpoint_bytes  # a CPU worker's loaded checkpoint stays mapped (the student shares it)
     if not cfg.distill_only:
-        phases["score"] = stage_score_memory(shape_in, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len,
+        phases["score"] = stage_score_memory(shape_in, cfg.resolved_strategy(), cfg.world(), cfg.micro_batch, seq_len,
                                              on_gpu, shape_after=shape_out, mapped_bytes=mapped)
-    phases["train"] = stage_train_memory(shape_out, cfg.strategy, cfg.num_workers, cfg.micro_batch, seq_len, on_gpu,
+    phases["train"] = stage_train_memory(shape_out, cfg.resolved_strategy(), cfg.world(), cfg.micro_batch, seq_len, on_gpu,
                                          cfg.activation_checkpointing, k, grad_accum=cfg.grad_accum,
                                          mapped_bytes=mapped)
     return phases
@@ -449,9 +456,13 @@ def _peak(phases: dict) -> Memory:
 
 def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, capacity: int) -> Optional[str]:
     """The smallest change that makes the stage fit: fsdp, activation checkpointing, a smaller micro-batch
-    (grad_accum raised to keep the tokens per step), or a combination."""
+    (grad_accum raised to keep the tokens per step), or a combination. Only changes the stage's rules
+    accept are proposed (fsdp is no fix for a stage that hands its optimizer moments on)."""
     def fits(**changes) -> bool:
-        trial = cfg.model_copy(update=changes)
+        try:
+            trial = cfg.with_changes(**changes)
+        except ValidationError:
+            return False
         return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu)).total <= capacity
 
     # Cheapest first: fsdp costs nothing, a smaller micro-batch a little efficiency, activation
@@ -490,6 +501,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
 
     cfg = node.task_config
     on_gpu = bool(cfg.use_gpu)
+    dtype = cfg.train_dtype()
     config_in = _input_config(ctx, node)
     if config_in is None:
         return None
@@ -497,7 +509,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         from slimmoe.tasks.slimming.config import validate_targets
 
         try:  # `slimmoe plan` builds the DAG without the teacher: its cuts are checked here
-            validate_targets(config_in, cfg.targets, dtype="bfloat16" if on_gpu else "float32")
+            validate_targets(config_in, cfg.targets, dtype=dtype)
         except ValueError as err:
             raise PlanError(f"{node.name}: {err}") from None
     config_out = config_in if cfg.distill_only else slimmed_config(config_in, cfg.targets)
@@ -507,10 +519,11 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     if cfg.cut_steps > 1 and not cfg.distill_only:
         from slimmoe.tasks.slimming.config import ModelSizes, gradual_cuts
 
-        cuts = gradual_cuts(cfg, ModelSizes.of(config_in), cfg.cut_steps, "bfloat16" if on_gpu else "float32")
+        cuts = gradual_cuts(cfg, ModelSizes.of(config_in), cfg.cut_steps, dtype)
         trained = [model_shape(slimmed_config(config_in, c["targets"])) for c in cuts]
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.num_workers,
-                    params_before=_params(shape_in), params_after=_params(shape_out))
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.world(),
+                    params_before=_params(shape_in), params_after=_params(shape_out),
+                    settings={"strategy": cfg.resolved_strategy(), "dtype": dtype, "world": cfg.world()})
     # A gradual cut trains its first (largest) student first: that is the training peak.
     plan.phases = _stage_memory(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu)
     plan.memory = _peak(plan.phases)
@@ -523,8 +536,9 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     plan.tokens = steps["planned_tokens"]
     if not cfg.distill_only:
         # Under fsdp every rank runs every rank's calibration batches (the scores stay exact).
-        per_rank = cfg.calibration_batches * cfg.micro_batch * ctx.seq_len * (cfg.num_workers if cfg.strategy == "fsdp" else 1)
-        ctx.timing(plan, F.train_flops(shape_in.active, per_rank * cfg.num_workers), plan.devices or 1,
+        per_rank = cfg.calibration_batches * cfg.micro_batch * ctx.seq_len * (
+            cfg.world() if cfg.resolved_strategy() == "fsdp" else 1)
+        ctx.timing(plan, F.train_flops(shape_in.active, per_rank * cfg.world()), plan.devices or 1,
                    parallel_devices=None)
         plan.notes.append(f"scoring: {per_rank:,} calibration tokens per worker")
     # Equal shares of the tokens go to each student a gradual cut trains.
@@ -532,7 +546,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     if cfg.activation_checkpointing:
         train *= 8 / 6  # each layer's forward runs again in backward
     ctx.timing(plan, train, plan.devices or 1)
-    plan.notes.append(f"{steps['total_steps']:,} steps of {steps['tokens_per_step']:,} tokens ({cfg.strategy})")
+    plan.notes.append(f"{steps['total_steps']:,} steps of {steps['tokens_per_step']:,} tokens ({cfg.resolved_strategy()})")
     ctx.judge(plan)
     if plan.fits is False:
         plan.problem_loc = node.section
@@ -552,10 +566,12 @@ def _plan_evaluate(ctx: _Context, node) -> NodePlan:
     config = ctx.configs.get(model)
     if config is None:
         return None
-    on_gpu = ec.device.startswith("cuda") or (ec.device == "auto" and ctx.loaded.config.resources.use_gpu)
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(ec.load_dtype, 2 if on_gpu else 4)
+    device = ec.run_device(ctx.loaded.config.resources.use_gpu)
+    on_gpu = device.startswith("cuda")
+    elem = dtype_bytes(ec.weights_dtype(device))
     shape = model_shape(config)
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape))
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape),
+                    settings={"device": device, "dtype": ec.weights_dtype(device)})
     mem = evaluate_memory(shape, ec.batch_size, ctx.seq_len, on_gpu, elem)
     plan.memory, plan.phases = mem, {"forward": mem}
     plan.capacity = ctx.capacity(on_gpu)
@@ -592,8 +608,8 @@ def _plan_trim(ctx: _Context, node) -> NodePlan:
         return None
     config_out = _trimmed_config(config_in, tc)
     ctx.configs[node.name] = config_out
-    on_gpu = tc.device.startswith("cuda")
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[tc.dtype]
+    on_gpu = tc.run_device(ctx.loaded.config.resources.use_gpu).startswith("cuda")
+    elem = dtype_bytes(tc.dtype)
     shape_in, shape_out = model_shape(config_in), model_shape(config_out)
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape_in),
                     params_after=_params(shape_out))
@@ -619,8 +635,8 @@ def _plan_quantize(ctx: _Context, node) -> NodePlan:
     if config_in is None:
         return None
     ctx.configs[node.name] = config_in  # the same architecture, packed (evaluated at 16 bits: an upper bound)
-    on_gpu = qc.device.startswith("cuda") or (qc.device == "auto" and ctx.loaded.config.resources.use_gpu)
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[qc.compute_dtype]
+    on_gpu = qc.run_device(ctx.loaded.config.resources.use_gpu).startswith("cuda")
+    elem = dtype_bytes(qc.compute_dtype)
     shape = model_shape(config_in)
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape),
                     params_after=_params(shape))

@@ -23,10 +23,6 @@ def dtype_from_name(name: str, field: str = "dtype") -> torch.dtype:
         raise ValueError(f"{field}={name!r} is not a dtype name; use one of {', '.join(DTYPES)}") from None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
-
-
 def resolve_device(name: str, field: str = "device") -> torch.device:
     """`auto` is the GPU when there is one; a named CUDA device without CUDA is an error, not a fallback."""
     if name == "auto":

@@ -3,13 +3,18 @@ shards -> the teacher's top-k log-probs per token)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from slimmoe.tasks.core.dtypes import dtype_bytes, resolve_dtype
+from slimmoe.tasks.core.settings import TaskConfig
+
+GB = 1e9
 
 
-class TokenizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeConfig(TaskConfig):
 
     source: str = Field(..., description="text/JSONL/Parquet file, directory or glob, or a saved `datasets` directory")
     text_field: str = "text"
@@ -21,8 +26,7 @@ class TokenizeConfig(BaseModel):
     trust_remote_code: bool = False
 
 
-class TeacherLogitsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TeacherLogitsConfig(TaskConfig):
 
     k: int = Field(64, ge=1, description="top-k token ids kept per position")
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass")
@@ -69,6 +73,71 @@ class TeacherLogitsConfig(BaseModel):
             raise ValueError(cpu_pass_with_gpus(self.gpus_per_actor, "device: cpu" if self.device == "cpu"
                                                 else "resources.use_gpu: false"))
         return self
+
+    def pass_device(self, cluster_has_gpus: bool) -> str:
+        """"cuda" or "cpu". `auto` follows the workflow's resources.use_gpu when it is set (a cluster that
+        autoscales from zero GPU nodes shows no GPU yet when the node starts), else the cluster."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if (self.use_gpu if self.use_gpu is not None else cluster_has_gpus) else "cpu"
+
+    def torch_threads_per_actor(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_actor))
+
+    def resolve_pass(self, facts: "PassFacts", model_config=None, seq_len: int | None = None) -> "TeacherPass":
+        """Everything the pass derives from the device it runs on: the one place both `slimmoe plan`
+        (planned facts) and the teacher_logits node (the cluster's facts) decide it.
+
+        `model_config` and `seq_len` are needed only to resolve `gpus_per_actor: auto`."""
+        device = self.pass_device(facts.cluster_has_gpus)
+        on_gpu = device == "cuda"
+        dtype = resolve_dtype(self.dtype, on_gpu)
+        if not on_gpu:
+            if self.gpus_per_actor not in (1, "auto"):
+                raise ValueError(cpu_pass_with_gpus(self.gpus_per_actor, "device: cpu" if self.device == "cpu" else
+                                                    "resources.use_gpu: false" if self.use_gpu is False else
+                                                    "the Ray cluster has no GPUs and neither logits.device nor "
+                                                    "resources.use_gpu asks for them"))
+            gpus = 0
+        elif self.gpus_per_actor != "auto":
+            gpus = int(self.gpus_per_actor)
+        else:
+            memory = int(self.gpu_memory_gb * GB) if self.gpu_memory_gb else facts.gpu_memory_bytes
+            if memory is None:  # only the plan can lack it: the node asks a GPU worker first
+                gpus = 1
+            else:
+                from slimmoe.tasks.planning.memory import teacher_actor_gpus
+
+                try:
+                    gpus = teacher_actor_gpus(model_config, self.batch_size, seq_len, self.k, memory,
+                                              dtype_bytes=dtype_bytes(dtype), max_gpus=facts.gpus_per_node)
+                except ValueError as err:
+                    raise ValueError(f"logits.gpus_per_actor: auto: {err}") from None
+        threads = self.torch_threads_per_actor()
+        # A finish that has to share the forward's cores slows both: pipeline only with a spare CPU or a GPU.
+        depth = self.pipeline_depth or (2 if on_gpu or self.cpus_per_actor >= threads + 1 else 1)
+        return TeacherPass(device, dtype, gpus, depth, threads)
+
+
+@dataclass(frozen=True)
+class PassFacts:
+    """What the teacher pass's settings depend on beyond its config: planned by `slimmoe plan`, read
+    off the cluster by the node."""
+
+    cluster_has_gpus: bool
+    gpu_memory_bytes: Optional[int] = None  # one GPU's memory; None: unknown
+    gpus_per_node: int = 8  # the most GPUs one actor may span (an actor's GPUs are on one node)
+
+
+@dataclass(frozen=True)
+class TeacherPass:
+    """The resolved settings of a teacher pass."""
+
+    device: str  # "cuda" or "cpu"
+    dtype: str  # "bfloat16" or "float32" (or what logits.dtype names)
+    gpus_per_actor: int  # 0 on CPU: the actors ask Ray for no GPU at all
+    pipeline_depth: int
+    torch_threads: int
 
 
 def cpu_pass_with_gpus(gpus_per_actor, why: str) -> str:

@@ -346,21 +346,6 @@ class _ParquetRows:
         for b in range(max(0, int(start_batch)), len(mine) // batch_size):
             yield self.read_rows(mine[b * batch_size : (b + 1) * batch_size])
 
-    def to_ray_dataset(self, decode: bool = True, **read_kwargs):
-        """A Ray Dataset over exactly the manifest's files (for streaming into Ray Train).
-        With `decode`, per-token columns come back as fixed-shape numpy arrays."""
-        import ray
-
-        from slimmoe.tasks.core.runtime import ensure_ray
-
-        ensure_ray()
-        read_kwargs.setdefault("fragment_scan_options", page_verifying_scan_options())
-        ds = ray.data.read_parquet([str(f) for f in self.files], file_extensions=None, **read_kwargs)
-        ds = ds.select_columns(list(self.columns))
-        if decode:
-            ds = ds.map_batches(_DecodeBatch(self), batch_format="pyarrow")
-        return ds
-
 
 def page_verifying_scan_options():
     """Ray Data / pyarrow.dataset scan options that check Parquet page checksums, with the buffered
@@ -368,25 +353,6 @@ def page_verifying_scan_options():
     import pyarrow.dataset as pds
 
     return pds.ParquetFragmentScanOptions(page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 << 20)
-
-
-class _DecodeBatch:
-    """Picklable batch decoder for `to_ray_dataset` (holds only the shape information)."""
-
-    def __init__(self, reader: _ParquetRows):
-        self.decode = type(reader)._decode_table
-        self.info = reader._shape_info()
-        self.path = str(reader.path)
-        self.kind = reader.kind
-
-    def __call__(self, table):
-        arrays = self.decode(table, **self.info)
-        bad = nonfinite_values(arrays)
-        if bad is not None:
-            column, count, row = bad
-            raise LogitCacheError(f"{self.path}: row {row} holds non-finite values (NaN or inf) in {column} "
-                                  f"({count} in this batch). {rebuild_hint(self.kind)}")
-        return {k: (v.astype(np.int32) if v.dtype == np.uint16 else v) for k, v in arrays.items()}
 
 
 # Log-prob columns: a writer stores finite values only, so NaN or inf means a broken teacher or damage.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from slimmoe.tasks.core.dtypes import resolve_dtype
+from slimmoe.tasks.core.settings import OnOneDevice, TaskConfig
 
 
-class EvaluateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EvaluateConfig(OnOneDevice, TaskConfig):
 
     max_rows: Optional[int] = Field(256, gt=0, description="validation rows scored (None = all)")
     batch_size: int = Field(8, gt=0)
@@ -41,6 +43,9 @@ class EvaluateConfig(BaseModel):
     dynamic_pruning_target: Optional[float] = Field(None, ge=0, lt=1, description="ODP target share of expert calls dropped")
     dynamic_pruning_protect_top: float = Field(0.02, ge=0, lt=1, description="ODP: share of most important tokens kept whole")
     dynamic_pruning_calibration_rows: int = Field(32, gt=0, description="rows used to calibrate betas for a target")
+
+    def weights_dtype(self, device: str) -> str:
+        return resolve_dtype(self.load_dtype, device.startswith("cuda"))
 
     @field_validator("lm_eval_tasks", mode="before")
     @classmethod

@@ -78,7 +78,7 @@ def run_lm_eval_tasks(model_dir: str | Path, cfg: EvaluateConfig, device: torch.
         msg = (f"lm-eval's hf model cannot be imported ({type(err).__name__}: {err}); install what it needs with "
                f"{LM_EVAL_INSTALL_HINT}")
         return {t: {"status": "unavailable", "message": msg} for t in cfg.lm_eval_tasks}
-    dtype = cfg.load_dtype if cfg.load_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = cfg.weights_dtype(device.type)
     try:
         include_path = _include_path(cfg)
         task_manager = _task_manager(include_path)

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from slimmoe.tasks.core.settings import OnOneDevice, TaskConfig
 from slimmoe.tasks.mcmoe.allocation import check_budget, check_candidates
 
 
-class QuantizeConfig(BaseModel):
+class QuantizeConfig(OnOneDevice, TaskConfig):
     """PMQ settings. `avg_bits` is a per-MoE-layer budget over its routed experts: the average
     width never exceeds it and, with `exact_budget`, equals it whenever an allocation with exactly
     that average exists (see mcmoe/allocation.py). Uniform baselines: `candidate_bits=[b]`,
     `avg_bits=b`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     avg_bits: float = Field(2.5, gt=0, description="average expert width per MoE layer (budget)")
     candidate_bits: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], description="widths an expert may get")

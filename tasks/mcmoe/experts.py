@@ -30,11 +30,6 @@ def canonical_experts(adapter: MoEAdapter, experts: nn.Module) -> tuple[torch.Te
     return gu, down
 
 
-def to_stored_layout(adapter: MoEAdapter, canonical: torch.Tensor) -> torch.Tensor:
-    """Canonical [E, out, in] -> the layout the family's experts module stores."""
-    return canonical.transpose(1, 2).contiguous() if adapter.transposed_experts else canonical.contiguous()
-
-
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The input of expert e's down projection, for tokens x [n, H], with canonical gate_up [2I, H]."""
     h = torch.nn.functional.linear(x, gate_up.to(x.dtype))

@@ -70,7 +70,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
     # Every input is checked before the model is loaded.
     ensure_free_output(out_dir)
     load_config(model_dir, cfg.trust_remote_code)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run_device(torch.cuda.is_available()))
     tokens_path = split_dir(tokens_dir, "validation", "token_shards")
     tokens = open_token_shards(tokens_path)
     data_tok_fp = tokens.manifest.get("tokenizer_fingerprint")
@@ -100,7 +100,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
     memory = PeakMemory(device)
     memory.start()
     t0 = time.perf_counter()
-    dtype = DTYPES.get(cfg.load_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[cfg.weights_dtype(device.type)]
     from slimmoe.tasks.mcmoe.packed import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(model_dir):  # a `slimmoe quantize` output: rebuilt with its packed experts

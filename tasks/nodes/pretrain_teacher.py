@@ -44,7 +44,7 @@ def run_pretrain_teacher(cfg: PretrainTeacherConfig, out_dir: str | Path, log=_l
     and `report.json` (written last) into `out_dir`. Returns the report's headline metrics."""
     out_dir = Path(out_dir)
     ensure_free_output(out_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run_device(torch.cuda.is_available()))
     corpus = split_corpus(cfg)  # bad source paths fail here, before any training
     threads = torch.get_num_threads()
     if cfg.num_threads:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
 from typing import Callable
 
 from torch import nn
@@ -64,7 +66,7 @@ def run_quantize(cfg: QuantizeConfig, model_dir: str | Path, data: str | Path, o
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = load_config(model_dir, cfg.trust_remote_code)
     check_config_for_model(cfg, config)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run_device(torch.cuda.is_available()))
     ensure_free_output(out_dir)
     batches = calibration_batches(data, cfg.calibration_batches, cfg.batch_size, cfg.seq_len,
                                   tokenizer_dir=model_dir, text_field=cfg.text_field)

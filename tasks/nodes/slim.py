@@ -16,11 +16,12 @@ from typing import Callable
 
 from slimmoe.tasks.core.checkpoint import load_config, load_model
 from slimmoe.tasks.core.params import count_parameters_from_config
+from slimmoe.tasks.core.safetensors_files import checkpoint_dtype
 from slimmoe.tasks.core.storage import ensure_free_output
 from slimmoe.tasks.data.calibration import calibration_batches
 from slimmoe.tasks.slimming.config import SlimConfig, check_scores_source, validate_targets
 from slimmoe.tasks.slimming.scores import Scores, score_model
-from slimmoe.tasks.slimming.streaming import checkpoint_dtype, stream_slim, streaming_magnitude_scores
+from slimmoe.tasks.slimming.streaming import stream_slim, streaming_magnitude_scores
 from slimmoe.tasks.slimming.surgery import keep_plan, slimmed_config
 
 

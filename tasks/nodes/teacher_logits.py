@@ -58,6 +58,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,12 @@ from slimmoe.tasks.core.checkpoint import has_tokenizer, load_config
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
 from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
-from slimmoe.tasks.data.config import TeacherLogitsConfig, cpu_pass_with_gpus
+from slimmoe.tasks.core.dtypes import dtype_bytes
+from slimmoe.tasks.data.config import PassFacts, TeacherLogitsConfig, TeacherPass
 from slimmoe.tasks.data.formats import (LogitCacheError, LogitCacheManifest, TeacherLogitsManifest, ids_dtype,
                                         list_column_to_numpy, numpy_to_binary_column, read_manifest, write_parquet_file)
 from slimmoe.tasks.data.readers import open_token_shards, page_verifying_scan_options, split_dirs, tile_files
-from slimmoe.tasks.planning.memory import GB, model_shape, teacher_actor_gpus, teacher_logit_bytes
+from slimmoe.tasks.planning.memory import model_shape, teacher_logit_bytes
 from slimmoe.tasks.slimming.losses import fast_topk_with_rest
 
 # The CPU top-k's scratch: about an L2 cache (a few rows of logits at a time).
@@ -246,19 +248,20 @@ def write_row_runs(batch, root: str, splits: list[str], compression: str, proven
                      "bytes": pa.array(meta["bytes"], pa.int64()), "checksum": pa.array(meta["checksum"], pa.string())})
 
 
-def _pass_device(cfg: TeacherLogitsConfig) -> tuple[str, str]:
-    """The teacher actors' device and dtype, decided from the cluster (not from this process's own devices)."""
+def pass_facts(cfg: TeacherLogitsConfig) -> PassFacts:
+    """The cluster's facts the pass's settings depend on (not this process's own devices). One GPU's
+    memory is asked of a GPU worker only when `gpus_per_actor: auto` needs it and no config gives it."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    device = cfg.device
-    if device == "auto":
-        device = ("cuda" if cfg.use_gpu else "cpu") if cfg.use_gpu is not None else ("cuda" if gpus >= 1 else "cpu")
-    if device == "cuda" and gpus < 1:
+    has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    facts = PassFacts(cluster_has_gpus=has_gpus, gpus_per_node=_biggest_node_gpus() or 8)
+    device = cfg.pass_device(has_gpus)
+    if device == "cuda" and not has_gpus:
         warnings.warn(f"the Ray cluster has no GPUs now; waiting up to wait_for_actors_s={cfg.wait_for_actors_s}s "
                       "for GPU nodes (an autoscaler may be adding them)", stacklevel=2)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    return device, dtype
+    if device == "cuda" and cfg.gpus_per_actor == "auto" and not cfg.gpu_memory_gb:
+        facts = replace(facts, gpu_memory_bytes=_probe_gpu_memory(cfg))
+    return facts
 
 
 def _biggest_node_gpus() -> int:
@@ -290,27 +293,15 @@ def _probe_gpu_memory(cfg: TeacherLogitsConfig) -> int:
     return got
 
 
-def actor_gpus(cfg: TeacherLogitsConfig, device: str, dtype: str, model_config, seq_len: int) -> int:
-    """The GPUs each teacher actor asks Ray for (0 on CPU), checked against the cluster before the
-    pool starts: `gpus_per_actor`, or for "auto" the fewest GPUs that hold the pass."""
-    if device != "cuda":
-        if cfg.gpus_per_actor not in (1, "auto"):
-            raise ValueError(cpu_pass_with_gpus(cfg.gpus_per_actor, "the Ray cluster has no GPUs and neither "
-                                                "logits.device nor resources.use_gpu asks for them"))
-        return 0
+def resolve_teacher_pass(cfg: TeacherLogitsConfig, model_config, seq_len: int) -> TeacherPass:
+    """The pass's settings on this cluster, checked against it before the pool starts."""
+    resolved = cfg.resolve_pass(pass_facts(cfg), model_config, seq_len)
     biggest = _biggest_node_gpus()  # 0 while an autoscaler has not started any GPU node yet
-    gpus = cfg.gpus_per_actor
-    if gpus == "auto":
-        memory = int(cfg.gpu_memory_gb * GB) if cfg.gpu_memory_gb else _probe_gpu_memory(cfg)
-        try:
-            gpus = teacher_actor_gpus(model_config, cfg.batch_size, seq_len, cfg.k, memory,
-                                      dtype_bytes=2 if dtype == "bfloat16" else 4, max_gpus=biggest or 8)
-        except ValueError as err:
-            raise ValueError(f"logits.gpus_per_actor: auto: {err}") from None
+    gpus = resolved.gpus_per_actor
     if biggest and gpus > biggest:
         raise ValueError(f"logits.gpus_per_actor={gpus}, but the biggest node of the Ray cluster has {biggest} GPUs "
                          "(an actor's GPUs must be on one node); lower logits.gpus_per_actor, or add nodes with more GPUs")
-    return int(gpus)
+    return resolved
 
 
 def teacher_pool_args(cfg: TeacherLogitsConfig, device: str, gpus: int) -> dict[str, Any]:
@@ -366,15 +357,13 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     import ray
 
     ensure_ray()
-    device, dtype = _pass_device(cfg)
     seq_len = max(s.seq_len for s in shards.values())
-    gpus = actor_gpus(cfg, device, dtype, config, seq_len)
+    resolved = resolve_teacher_pass(cfg, config, seq_len)
+    device, dtype, gpus, depth, threads = (resolved.device, resolved.dtype, resolved.gpus_per_actor,
+                                           resolved.pipeline_depth, resolved.torch_threads)
     head_reserve = 0
     if gpus > 1:  # the logits and their top-k buffers sit on the GPU of the output head
-        elem = 2 if dtype == "bfloat16" else 4
-        head_reserve = teacher_logit_bytes(model_shape(config), cfg.batch_size * seq_len, elem, cfg.k)
-    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    depth = cfg.pipeline_depth or (2 if device == "cuda" or cfg.cpus_per_actor >= threads + 1 else 1)
+        head_reserve = teacher_logit_bytes(model_shape(config), cfg.batch_size * seq_len, dtype_bytes(dtype), cfg.k)
     names = list(shards)
     created_out_dir = not out_dir.exists()
     for name in names:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from slimmoe.tasks.core.settings import OnOneDevice, TaskConfig
 
 
-class PretrainTeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PretrainTeacherConfig(OnOneDevice, TaskConfig):
 
     seed: int = 0
     # Corpus

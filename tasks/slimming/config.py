@@ -13,7 +13,10 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from slimmoe.tasks.core.dtypes import DTYPE_BYTES, compute_dtype
+from slimmoe.tasks.core.settings import TaskConfig
 
 if TYPE_CHECKING:
     from slimmoe.tasks.core.adapters import MoEAdapter
@@ -22,7 +25,6 @@ if TYPE_CHECKING:
 # every expert row to start on a 16-byte boundary: a float32 expert size of 18 saves fine and then
 # fails at the first forward. Sizes must be multiples of this many elements per dtype.
 ROW_ALIGN_BYTES = 16
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class SlimTargetError(ValueError):
@@ -141,10 +143,8 @@ def validate_targets(config, targets: SlimTargets, strict: bool = True, dtype: s
     check_targets(ModelSizes.of(config), targets, strict=strict, dtype=dtype)
 
 
-class SlimConfig(BaseModel):
+class SlimConfig(TaskConfig):
     """One-shot slimming (`slimmoe slim`): the cut's targets and its calibration data."""
-
-    model_config = ConfigDict(extra="forbid")
 
     expert_intermediate_size: int = Field(gt=0, description="the new intermediate size of every routed expert")
     num_key_value_heads: Optional[int] = Field(None, gt=0, description="keep this many KV groups (query heads follow)")
@@ -175,8 +175,7 @@ def check_scores_source(cfg: "SlimConfig") -> None:
                          "scores) or --data (score on calibration data), not both")
 
 
-class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StageConfig(TaskConfig):
 
     # The stage's node name in a workflow (default stage_<i>); names its log lines. Not part of its key.
     name: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -262,17 +261,48 @@ class StageConfig(BaseModel):
                              "or zero_stage: 2")
         return data
 
-    @model_validator(mode="after")
-    def _resolve_strategy(self):
+    @staticmethod
+    def strategy_for(strategy: str, use_gpu: bool, num_workers: int) -> str:
+        """The concrete strategy of `strategy` on `num_workers` workers with or without GPUs: `auto` is
+        fsdp for a GPU stage with more than one worker (the only strategy that shards a model that
+        does not fit one device), ddp otherwise (small models, CPU, the demo)."""
+        if strategy != "auto":
+            return strategy
+        return "fsdp" if use_gpu and num_workers > 1 else "ddp"
+
+    def resolved_strategy(self) -> str:
+        return self.strategy_for(self.strategy, self.use_gpu, self.num_workers)
+
+    def train_dtype(self) -> str:
+        """The dtype the stage computes in and cuts for (expert rows must align in it)."""
+        return compute_dtype(self.use_gpu)
+
+    def world(self) -> int:
+        """Ranks of the stage's Ray Train job."""
+        return self.num_workers
+
+    def tokens_per_step(self, seq_len: int) -> int:
+        return self.micro_batch * self.grad_accum * self.world() * seq_len
+
+    def derived_fields(self) -> dict:
+        # Resolved at parse time, so the node's key and the workers see the concrete values.
+        out = {}
         if self.strategy == "auto":
-            self.strategy = "fsdp" if self.use_gpu and self.num_workers > 1 else "ddp"
-        if self.activation_checkpointing and self.strategy != "fsdp":
-            raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {self.strategy})")
+            out["strategy"] = self.resolved_strategy()
+        if self.early_stop_min_improvement is not None and self.early_stop_window_tokens is None:
+            out["early_stop_window_tokens"] = max(1, self.token_budget // 8)
+        return out
+
+    @model_validator(mode="after")
+    def _strategy_rules(self):
+        strategy = self.resolved_strategy()
+        if self.activation_checkpointing and strategy != "fsdp":
+            raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {strategy})")
         # These rebuild or hand over the whole model and its optimizer on every rank: ddp only.
         for name, on in (("carry_optimizer", self.carry_optimizer), ("keep_optimizer_state", self.keep_optimizer_state),
                          ("cut_steps", self.cut_steps > 1)):
-            if on and self.strategy != "ddp":
-                raise ValueError(f"{name} needs strategy: ddp (this stage uses {self.strategy}); remove {name}")
+            if on and strategy != "ddp":
+                raise ValueError(f"{name} needs strategy: ddp (this stage uses {strategy}); remove {name}")
         return self
 
     @model_validator(mode="after")
@@ -285,8 +315,6 @@ class StageConfig(BaseModel):
         if self.early_stop_window_tokens is not None and self.early_stop_min_improvement is None:
             raise ValueError("early_stop_window_tokens is set but early_stop_min_improvement is not; set "
                              "early_stop_min_improvement (e.g. 0.02) or remove early_stop_window_tokens")
-        if self.early_stop_min_improvement is not None and self.early_stop_window_tokens is None:
-            self.early_stop_window_tokens = max(1, self.token_budget // 8)
         return self
 
     @property
@@ -306,7 +334,7 @@ def check_score_loss(cfg: "StageConfig", cuts_the_teacher: bool) -> None:
 
 def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
     """Optimizer steps for the token budget, and whether the cache must wrap around to supply them."""
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.num_workers * seq_len
+    tokens_per_step = cfg.tokens_per_step(seq_len)
     total_steps = max(1, math.ceil(cfg.token_budget / tokens_per_step))
     micro_batches = total_steps * cfg.grad_accum
     if batches_per_epoch <= 0:

@@ -26,7 +26,6 @@ gathered one tensor at a time into sharded safetensors that plain `from_pretrain
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,12 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
-from slimmoe.tasks.core.checkpoint import SAFETENSORS_INDEX, CheckpointTensors, copy_tokenizer_files, load_config
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
+from slimmoe.tasks.core.safetensors_files import MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, spec_of, write_sharded
 from slimmoe.tasks.core.storage import atomic_output_dir
 from slimmoe.tasks.slimming.engine import AdamWEngine
 from slimmoe.tasks.slimming.scores import Scores
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -331,57 +330,38 @@ class FSDPEngine(AdamWEngine):
 
 
 def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str | Path, dtype: torch.dtype | None = None,
-                       tokenizer_from: str | Path | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       tokenizer_from: str | Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> Path | None:
     """Gather the FSDP2 model one tensor at a time and write, on rank 0, a Hugging Face directory:
-    the config files of `config_from`, sharded safetensors and their index. Every rank must call it
-    (the gathers are collective); rank 0 holds at most one output shard plus one tensor."""
-    from safetensors.torch import save_file
-
+    the config files of `config_from` and the weights under the model's own names as
+    `core.safetensors_files.write_sharded` writes them. Every rank must call it (the gathers are
+    collective, in state-dict order); rank 0 holds one gathered tensor at a time."""
     rank, _ = _world()
     out_dir = Path(out_dir)
     tied = _tied_names(model)
-    names = [n for n in model.state_dict().keys() if n not in tied]
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    tensors = {n: params[n] if n in params else buffers[n] for n in model.state_dict().keys() if n not in tied}
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
     def gathered(name: str) -> torch.Tensor:
-        t = params[name] if name in params else buffers[name]
+        t = tensors[name]
         full = t.full_tensor() if hasattr(t, "full_tensor") else t
-        return full.detach().to("cpu", dtype if dtype is not None and full.is_floating_point() else full.dtype)
+        return full.detach().to("cpu", out_dtype(full))
 
     if rank != 0:
-        for name in names:
+        for name in tensors:
             gathered(name)
         return None
+
+    def pieces(spec: TensorSpec) -> Iterable[torch.Tensor]:
+        yield gathered(spec.name)  # bound to no name here, so the writer frees it after writing
+
+    specs = [spec_of(name, t.shape, out_dtype(t)) for name, t in tensors.items()]  # a DTensor's shape is global
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        groups: list[dict[str, torch.Tensor]] = [{}]
-        size, total, written = 0, 0, []
-
-        def flush():
-            if groups[-1]:
-                part = tmp / f"part-{len(written):05d}.safetensors"
-                save_file({k: v.contiguous() for k, v in groups[-1].items()}, str(part), metadata={"format": "pt"})
-                written.append((part, list(groups[-1])))
-                groups[-1] = {}
-
-        for name in names:
-            t = gathered(name)
-            nbytes = t.numel() * t.element_size()
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                flush()
-                size = 0
-            groups[-1][name] = t
-            size += nbytes
-            total += nbytes
-        flush()
-        weight_map = {}
-        for i, (part, keys) in enumerate(written):
-            final = tmp / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            part.rename(final)
-            weight_map.update({k: final.name for k in keys})
-        (tmp / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                        indent=2) + "\n")
+        write_sharded(tmp, specs, pieces, max_shard_bytes)
         for name in CONFIG_FILES:
             src = Path(config_from) / name
             if src.exists():

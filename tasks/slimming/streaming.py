@@ -21,7 +21,6 @@ anything is written; every written tensor's shape is checked against the slimmed
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -32,125 +31,53 @@ import torch
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
-from slimmoe.tasks.core.checkpoint import (SAFETENSORS_INDEX, check_safetensors, copy_tokenizer_files,
-                                           load_config)
-from slimmoe.tasks.core.storage import atomic_output_dir, ensure_free_output, write_json_atomic
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
+from slimmoe.tasks.core.safetensors_files import (MAX_SHARD_BYTES, CheckpointTensors, TensorEntry, TensorSpec,
+                                                  release_freed_memory, write_sharded)
+from slimmoe.tasks.core.storage import atomic_output_dir, ensure_free_output
 from slimmoe.tasks.slimming.config import validate_targets
 from slimmoe.tasks.slimming.scores import (KV_PROJECTIONS, Scores, gate_up_bias_neuron_sum, kv_group_total,
                                            kv_rows_per_group)
 from slimmoe.tasks.slimming.surgery import KeepPlan, attention_rows, meta_model, module_names, slimmed_config
-
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-# What transformers checks in a safetensors header before it loads the file.
-_SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class CheckpointLayoutError(ValueError):
     """A checkpoint the streaming surgery cannot cut correctly (it names the tensor and what is supported)."""
 
 
-# -- the source checkpoint ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: str  # the safetensors dtype string ("BF16", "F32", ...): kept as it is
-    shape: tuple[int, ...]
-    nbytes: int
-    offset: int  # where its data starts in the file (for reading files in order)
-
-
-def _read_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
-
-
 # The most a copied tensor is read at once: larger ones (embeddings, heads) are copied in dim-0 chunks.
 PIECE_BYTES = 64 * 2**20
 
 
-class _Source:
-    """A checkpoint's tensors by their on-disk names, read a piece at a time.
-
-    Every read opens the file afresh: safetensors memory-maps it, and every page a read touches
-    stays resident while the file is open, so a shard kept open would end up wholly in RSS."""
-
-    def __init__(self, model_dir: str | Path):
-        self.entries: dict[str, _Entry] = {}
-        for path in check_safetensors(model_dir):  # sizes checked against headers: no truncated shard
-            for name, info in _read_header(path).items():
-                if name == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                self.entries[name] = _Entry(path, info["dtype"], tuple(info["shape"]), end - start, start)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def ordered(self) -> list[str]:
-        """Names in file order, then data order: the files are read front to back."""
-        return sorted(self.entries, key=lambda n: (str(self.entries[n].file), self.entries[n].offset))
-
-    def read(self, name: str, key: tuple | None = None) -> torch.Tensor:
-        """The tensor, or `get_slice(name)[key]` of it (ranges and index lists)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.entries[name].file), "pt") as f:
-            return f.get_tensor(name) if key is None else f.get_slice(name)[key]
-
-    def pieces(self, name: str, cut: "_Cut | None") -> Iterator[torch.Tensor]:
-        """The output tensor as consecutive blocks of its row-major data: a copied tensor in dim-0
-        chunks of at most PIECE_BYTES, a fused expert tensor expert by expert, any other cut whole."""
-        entry = self.entries[name]
-        if cut is None:
-            rows = entry.shape[0] if entry.shape else 0
-            if rows <= 1 or entry.nbytes <= PIECE_BYTES:
-                yield self.read(name)
-                return
-            step = max(1, PIECE_BYTES // (entry.nbytes // rows))
-            for start in range(0, rows, step):
-                yield self.read(name, (slice(start, min(start + step, rows)),))
-        elif cut.per_expert:
-            for e in range(cut.index.shape[0]):
-                yield self.read(name, (e,) + (slice(None),) * (cut.axis - 1) + (cut.index[e].tolist(),))
-        else:
-            yield self.read(name, (slice(None),) * cut.axis + (cut.index.tolist(),))
+def _pieces(src: CheckpointTensors, name: str, cut: "_Cut | None", shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """The output tensor as consecutive blocks of its row-major data: a copied tensor in dim-0
+    chunks of at most PIECE_BYTES, a fused expert tensor expert by expert, any other cut whole.
+    (Each piece is yielded without a name bound to it here, so the writer's `del` frees it.)"""
+    entry = src.entries[name]
+    if cut is None:
+        rows = entry.shape[0] if entry.shape else 0
+        if rows <= 1 or entry.nbytes <= PIECE_BYTES:
+            yield _checked(name, src.read(name), shape, False)
+            return
+        step = max(1, PIECE_BYTES // (entry.nbytes // rows))
+        for start in range(0, rows, step):
+            yield _checked(name, src.read(name, (slice(start, min(start + step, rows)),)), shape, False)
+    elif cut.per_expert:
+        for e in range(cut.index.shape[0]):
+            key = (e,) + (slice(None),) * (cut.axis - 1) + (cut.index[e].tolist(),)
+            yield _checked(name, src.read(name, key), shape, True)
+    else:
+        yield _checked(name, src.read(name, (slice(None),) * cut.axis + (cut.index.tolist(),)), shape, False)
 
 
-def _load_libc():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
+def _checked(name: str, piece: torch.Tensor, shape: tuple[int, ...], per_expert: bool) -> torch.Tensor:
+    if not (tuple(piece.shape) == shape[1:] if per_expert else
+            piece.dim() == len(shape) and tuple(piece.shape[1:]) == shape[1:]):
+        raise RuntimeError(f"{name}: read a piece of shape {tuple(piece.shape)}, planned {shape}")
+    return piece
 
 
-_LIBC = _load_libc()
-
-
-def _give_back_freed_memory() -> None:
-    """Return freed heap pages to the OS. After the first large free glibc raises its mmap threshold,
-    so later tensor-sized buffers come from the heap and stay resident once freed: without this the
-    RSS grows by a tensor every few tensors (measured over 96 reads of 8 MB: +64 MB, +8 MB with this)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-# The 16-bit float dtypes, whose expert rows need the stricter alignment.
-_NARROW_FLOATS = {"BF16": "bfloat16", "F16": "float16"}
-
-
-def checkpoint_dtype(model_dir: str | Path) -> str:
-    """The float dtype the checkpoint's weights are stored in ("bfloat16", "float16" or "float32"),
-    from the headers alone: the narrowest one present."""
-    stored = {e.dtype for e in _Source(model_dir).entries.values()}
-    return next((name for code, name in _NARROW_FLOATS.items() if code in stored), "float32")
-
-
-def _out_bytes(entry: _Entry, shape: tuple[int, ...]) -> int:
+def _out_bytes(entry: TensorEntry, shape: tuple[int, ...]) -> int:
     numel = math.prod(entry.shape)
     if numel == 0:
         return 0
@@ -317,7 +244,7 @@ def _check_plan_fits(config, plan: KeepPlan, layout: _Layout) -> None:
                          f"{sorted(want_kv)}; build the plan with keep_plan on this model's config")
 
 
-def _resolve(src: _Source, layout: _Layout, slim_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple], dict]:
+def _resolve(src: CheckpointTensors, layout: _Layout, slim_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple], dict]:
     """For every source tensor: its output shape and its cut (None: copied as it is), and the layout
     each cut module is stored in. Raises CheckpointLayoutError for anything that cannot be cut
     correctly, before a byte is written."""
@@ -366,47 +293,15 @@ def _resolve(src: _Source, layout: _Layout, slim_shapes: dict[str, tuple[int, ..
 
 # -- writing --------------------------------------------------------------------------------------------
 
-def _shards(items: list[tuple[str, int]], max_shard_bytes: int) -> list[list[tuple[str, int]]]:
-    """Greedy, in order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[tuple[str, int]]] = [[]]
-    size = 0
-    for name, nbytes in items:
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, nbytes))
-        size += nbytes
-    return shards
-
-
-def _header_bytes(header: dict) -> bytes:
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data then starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def _as_bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-class _Peak:
-    """The most tensor bytes held at once (one piece: the writer keeps nothing between pieces)."""
-
-    def __init__(self):
-        self.bytes = 0
-
-    def hold(self, n: int) -> None:
-        self.bytes = max(self.bytes, n)
-
-
 def stream_slim(model_dir: str | Path, out_dir: str | Path, plan: KeepPlan, *,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str | Path | None = None,
+                max_shard_bytes: int = MAX_SHARD_BYTES, tokenizer_from: str | Path | None = None,
                 overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """Write `model_dir` cut by `plan` to `out_dir` (atomically), one tensor at a time.
 
     `out_dir` gets the slimmed config.json, the source's generation_config.json, the weights as
-    `model.safetensors` or, past `max_shard_bytes`, as `model-0000i-of-0000n.safetensors` shards with
-    `model.safetensors.index.json`, and the tokenizer files of `tokenizer_from` (default: `model_dir`).
+    `core.safetensors_files.write_sharded` writes them (`model.safetensors`, or past `max_shard_bytes`
+    `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`), and the tokenizer
+    files of `tokenizer_from` (default: `model_dir`).
     Every tensor keeps its dtype and its name; tensors the plan does not cut are copied as they are.
     Returns a report: tensors, cut, bytes, files, expert_layouts, peak_tensor_bytes (the most tensor bytes
     held at once), largest_source_tensor_bytes."""
@@ -422,64 +317,33 @@ def stream_slim(model_dir: str | Path, out_dir: str | Path, plan: KeepPlan, *,
     slim_shapes = {k: tuple(v.shape) for k, v in meta_model(new_config, trust_remote_code).state_dict().items()}
     blocks = dict(adapter.moe_blocks(meta))
     _plan_cuts(config, plan, layout, slim_shapes, lambda idx: blocks[idx].experts)
-    src = _Source(model_dir)
+    src = CheckpointTensors(model_dir, adapter)
     resolved, layouts = _resolve(src, layout, slim_shapes)
-    items = [(name, _out_bytes(src.entries[name], shape)) for name, (shape, _) in resolved.items()]
-    shards = _shards(items, max_shard_bytes)
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    peak = _Peak()
+    specs = [TensorSpec(name, src.entries[name].dtype, shape, _out_bytes(src.entries[name], shape))
+             for name, (shape, _) in resolved.items()]
+
+    def pieces(spec: TensorSpec) -> Iterator[torch.Tensor]:
+        shape, cut = resolved[spec.name]
+        return _pieces(src, spec.name, cut, shape)
+
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         new_config.save_pretrained(tmp)
         if (model_dir / "generation_config.json").is_file():
             shutil.copy2(model_dir / "generation_config.json", tmp / "generation_config.json")
-        weight_map = {}
-        for file, shard in zip(files, shards):
-            header, offset = {"__metadata__": _SAFETENSORS_METADATA}, 0
-            for name, nbytes in shard:
-                header[name] = {"dtype": src.entries[name].dtype, "shape": list(resolved[name][0]),
-                                "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-                weight_map[name] = file
-            with open(tmp / file, "wb") as f:
-                f.write(_header_bytes(header))
-                for name, nbytes in shard:
-                    shape, cut = resolved[name]
-                    written = 0
-                    per_expert = cut is not None and cut.per_expert
-                    for piece in src.pieces(name, cut):
-                        if not (tuple(piece.shape) == shape[1:] if per_expert else
-                                piece.dim() == len(shape) and tuple(piece.shape[1:]) == shape[1:]):
-                            raise RuntimeError(f"{name}: read a piece of shape {tuple(piece.shape)}, planned {shape}")
-                        data = _as_bytes(piece)
-                        peak.hold(data.nbytes)
-                        f.write(data)
-                        written += data.nbytes
-                        del piece, data
-                        _give_back_freed_memory()
-                    if written != nbytes:
-                        raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes} for {shape}")
-        if n > 1:
-            total = sum(nbytes for _, nbytes in items)
-            write_json_atomic(tmp / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        check_safetensors(tmp)  # every shard is exactly what its header says
+        written = write_sharded(tmp, specs, pieces, max_shard_bytes)
         copy_tokenizer_files(tokenizer_from if tokenizer_from is not None else model_dir, tmp)
     return {
         "tensors": len(resolved),
         "cut": sum(1 for _, cut in resolved.values() if cut is not None),
-        "bytes": sum(nbytes for _, nbytes in items),
-        "files": files,
+        "bytes": written.bytes,
+        "files": written.files,
         "expert_layouts": sorted(set(layouts.values())),
-        "peak_tensor_bytes": peak.bytes,
+        "peak_tensor_bytes": written.peak_piece_bytes,
         "largest_source_tensor_bytes": max(e.nbytes for e in src.entries.values()),
     }
 
 
 # -- data-free scores, streamed ------------------------------------------------------------------------
-
-def _find(src: _Source, adapter: MoEAdapter, model_name: str) -> str | None:
-    return next((n for n in _forms(adapter, model_name) if n in src), None)
-
 
 def streaming_magnitude_scores(model_dir: str | Path, with_heads: bool = True,
                                trust_remote_code: bool = False) -> Scores:
@@ -487,12 +351,12 @@ def streaming_magnitude_scores(model_dir: str | Path, with_heads: bool = True,
     and KV group), computed reading one tensor at a time: the same numbers, without the model."""
     config = load_config(model_dir, trust_remote_code)
     adapter, meta, layout = _walk(config, trust_remote_code)
-    src = _Source(model_dir)
+    src = CheckpointTensors(model_dir, adapter)
     out = Scores(method="magnitude")
 
     def values(model_name: str, key: tuple | None = None) -> torch.Tensor:
-        _give_back_freed_memory()  # what the previous reads freed
-        name = _find(src, adapter, model_name)
+        release_freed_memory()  # what the previous reads freed
+        name = src.find(model_name)
         if name is None:
             raise CheckpointLayoutError(f"{model_dir} holds no tensor {model_name} (nor "
                                         f"{adapter.checkpoint_name(model_name)})")
@@ -501,14 +365,14 @@ def streaming_magnitude_scores(model_dir: str | Path, with_heads: bool = True,
 
     n_experts = adapter.num_experts(config)
     for idx, (fused, per_expert) in layout.experts.items():
-        if _find(src, adapter, fused + "gate_up_proj") is not None:
+        if src.find(fused + "gate_up_proj") is not None:
             # expert by expert ([1, ...] slices of the fused tensors): the same sums, one expert held
             rows = []
             for e in range(n_experts):
                 one = (slice(e, e + 1),)
                 total = (adapter.per_neuron_gate_up(values(fused + "gate_up_proj", one))
                          + adapter.per_neuron_down(values(fused + "down_proj", one)))
-                if _find(src, adapter, fused + "gate_up_proj_bias") is not None:
+                if src.find(fused + "gate_up_proj_bias") is not None:
                     total = total + gate_up_bias_neuron_sum(adapter, values(fused + "gate_up_proj_bias", one))
                 rows.append(total[0])
             total = torch.stack(rows)
@@ -531,7 +395,7 @@ def streaming_magnitude_scores(model_dir: str | Path, with_heads: bool = True,
             parts = []
             for proj in KV_PROJECTIONS:
                 rows = values(f"{prefix}{proj}.weight").sum(dim=1)
-                if _find(src, adapter, f"{prefix}{proj}.bias") is not None:
+                if src.find(f"{prefix}{proj}.bias") is not None:
                     rows = rows + values(f"{prefix}{proj}.bias")
                 parts.append(kv_rows_per_group(rows, n_kv))
             parts.append(kv_rows_per_group(values(prefix + "o_proj.weight").sum(dim=0), n_kv))

@@ -23,14 +23,6 @@ from slimmoe.tasks.slimming.config import SlimTargets, validate_targets
 from slimmoe.tasks.slimming.scores import Scores
 
 
-def keep_all_targets(config) -> SlimTargets:
-    adapter = get_adapter(config)
-    return SlimTargets(
-        expert_intermediate_size=adapter.expert_size(config),
-        num_key_value_heads=config.num_key_value_heads if adapter.head_pruning else None,
-    )
-
-
 def _top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k best along the last axis, in their original order (stable for ties)."""
     # Sort by descending score with the index as tie-break so equal scores keep the lower index.

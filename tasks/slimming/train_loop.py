@@ -464,8 +464,8 @@ def train_loop(loop_cfg: dict) -> None:
         dist.barrier()  # every rank's record is on disk before rank 0 collects them
     if getattr(engine, "sharded", False):  # a collective gather: every rank takes part
         from slimmoe.tasks.core.runtime import dtype_from_name
+        from slimmoe.tasks.core.safetensors_files import checkpoint_dtype
         from slimmoe.tasks.slimming.fsdp import save_sharded_model
-        from slimmoe.tasks.slimming.streaming import checkpoint_dtype
 
         # The student keeps the dtype its teacher was stored in (float32 masters are for training only).
         save_sharded_model(final_model, work_dir / "final", config_from=work_dir / "pruned",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from slimmoe.tasks.core.settings import OnOneDevice, TaskConfig
 
 
 METHODS = ("expert-drop", "layer-drop", "block-drop")
@@ -15,8 +17,7 @@ RECONSTRUCTION_NOTE = (
 )
 
 
-class TrimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TrimConfig(OnOneDevice, TaskConfig):
 
     method: Literal["expert-drop", "layer-drop", "block-drop"]
     n: int = Field(ge=0, description="experts per layer (expert-drop), MoE blocks or decoder layers to remove")
