@@ -72,8 +72,8 @@ def _stage_facts(results: dict, name: str) -> dict:
     if m.get("early_stop"):
         facts["stopped_at_step"] = m["early_stop"]["stopped_at_step"]
         facts["unspent_tokens"] = m.get("unspent_tokens", 0)
-    if m.get("plan", {}).get("inherited_tokens"):
-        facts["inherited_tokens"] = m["plan"]["inherited_tokens"]
+    if m.get("steps", {}).get("inherited_tokens"):
+        facts["inherited_tokens"] = m["steps"]["inherited_tokens"]
     if len(m.get("cuts") or []) > 1:
         facts["cuts"] = [(c["step"], c["expert_intermediate_size"]) for c in m["cuts"]]
     if m.get("carried_optimizer"):

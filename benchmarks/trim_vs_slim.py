@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
         except UnsupportedOperationError as err:  # a refusal (layer drop on PhiMoE) is a result, not a crash
             row["refused"] = str(err)
             if cfg is not None and not out.exists():  # still report the ranking the method would have used
-                run_trim(cfg.model_copy(update={"scores_only": True}), teacher, data, out, log=log)
+                run_trim(cfg.with_changes(scores_only=True), teacher, data, out, log=log)
                 report = json.loads((out / REPORT_NAME).read_text())
                 row["ranking"] = {"would_remove": report["removed"],
                                   "moe_block_change": report["scores"]["moe_block_change"],

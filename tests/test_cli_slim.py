@@ -83,5 +83,5 @@ def test_the_stage_refuses_a_misaligned_size_before_it_reads_the_cache_or_starts
         run_stage(cfg, tiny_model_dir, tmp_path / "no_cache_here", tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
     with pytest.raises(SlimTargetError, match="multiples of 8 in bfloat16: choose 16 or 24"):
-        run_stage(cfg.model_copy(update={"expert_intermediate_size": 20, "use_gpu": True}), tiny_model_dir,
+        run_stage(cfg.with_changes(expert_intermediate_size=20, use_gpu=True), tiny_model_dir,
                   tmp_path / "no_cache_here", tmp_path / "out", tmp_path / "work")

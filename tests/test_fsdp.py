@@ -79,6 +79,31 @@ def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(tmp_path):
                               rtol=1e-5, atol=1e-8)
 
 
+def test_the_gathered_save_writes_hugging_face_files_that_load_shards_reads_back(tmp_path):
+    """World 1, no process group: the unsharded path of the same functions (the fsdp stage below covers 2 ranks)."""
+    from slimmoe.tasks.slimming import fsdp
+
+    model = tiny_model("mixtral")
+    want = model.state_dict()
+    model.save_pretrained(tmp_path / "src")  # per-expert, as transformers 5 saves
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    fsdp.load_shards(fresh, tmp_path / "src")
+    assert all(torch.equal(fresh.state_dict()[n], t) for n, t in want.items())
+
+    fsdp.save_sharded_model(model, tmp_path / "one", config_from=tmp_path / "src", tokenizer_from=None)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
+    fsdp.save_sharded_model(model, tmp_path / "many", config_from=tmp_path / "src", dtype=torch.bfloat16,
+                            max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(want)  # the model's own (fused) names
+    for out, dtype in (("one", torch.float32), ("many", torch.bfloat16)):
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=dtype).state_dict()
+        assert all(got[n].dtype == dtype and torch.equal(got[n], t.to(dtype)) for n, t in want.items()), out
+
+
 def _kept(scores_file: Path, model_dir: Path, targets):
     config = AutoModelForCausalLM.from_pretrained(model_dir).config
     plan = keep_plan(config, Scores.load(scores_file), targets)
@@ -88,7 +113,7 @@ def _kept(scores_file: Path, model_dir: Path, targets):
 def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, ddp_stage, tmp_path):
     ddp_cfg, ddp_out, ddp_headline = ddp_stage
     assert ddp_cfg.strategy == "ddp"
-    cfg = ddp_cfg.model_copy(update={"strategy": "fsdp"})
+    cfg = ddp_cfg.with_changes(strategy="fsdp")
     fsdp_out = tmp_path / "fsdp"
     run_stage(cfg, pipeline["teacher"], pipeline["logits"], fsdp_out, tmp_path / "work",
               teacher_fingerprint=pipeline["fp"], name="fsdp")
@@ -98,8 +123,8 @@ def test_fsdp_stage_makes_the_ddp_cut_and_distills_as_well(pipeline, ddp_stage, 
     ddp_kl, fsdp_kl = held_out_kl(ddp_out, pipeline["logits"]), held_out_kl(fsdp_out, pipeline["logits"])
     assert abs(fsdp_kl - ddp_kl) <= 0.05 * ddp_kl, (ddp_kl, fsdp_kl)
     assert fsdp_kl < held_out_kl(fsdp_out / "pruned", pipeline["logits"])
-    # A standard Hugging Face directory with sharded safetensors and an index.
-    assert (fsdp_out / "model.safetensors.index.json").exists()
+    # A standard Hugging Face directory: the tiny student fits one file, so model.safetensors and no index.
+    assert (fsdp_out / "model.safetensors").exists() and not (fsdp_out / "model.safetensors.index.json").exists()
     student = AutoModelForCausalLM.from_pretrained(fsdp_out)
     assert student.config.intermediate_size == 16 and student.config.num_key_value_heads == 1
     metrics = json.loads((fsdp_out / "metrics.json").read_text())

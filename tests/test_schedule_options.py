@@ -43,13 +43,13 @@ def test_an_early_stop_passes_its_unspent_tokens_to_the_next_stage(early_then_ca
     first, second, s1, s2 = early_then_carried
     m1, m2 = _metrics(s1), _metrics(s2)
     stop = m1["early_stop"]
-    assert stop["stopped_at_step"] is not None and stop["stopped_at_step"] < m1["plan"]["total_steps"]
+    assert stop["stopped_at_step"] is not None and stop["stopped_at_step"] < m1["steps"]["total_steps"]
     assert m1["steps_done"] == stop["stopped_at_step"]
     assert stop["checks"][-1]["improvement"] < 0.5 and stop["checks"][0]["step"] == 0
     assert all(c["step"] % stop["window_steps"] == 0 for c in stop["checks"])
-    assert m1["unspent_tokens"] == m1["plan"]["planned_tokens"] - m1["tokens_seen"] > 0
-    assert m2["plan"]["inherited_tokens"] == m1["unspent_tokens"]
-    assert m2["plan"]["configured_token_budget"] == second.token_budget
+    assert m1["unspent_tokens"] == m1["steps"]["planned_tokens"] - m1["tokens_seen"] > 0
+    assert m2["steps"]["inherited_tokens"] == m1["unspent_tokens"]
+    assert m2["steps"]["configured_token_budget"] == second.token_budget
     # The schedule spends exactly what was configured, whichever stage spends it.
     assert m1["tokens_seen"] + m2["tokens_seen"] == first.token_budget + second.token_budget
 
@@ -60,7 +60,7 @@ def test_carried_moments_continue_the_step_count_without_a_second_warmup(early_t
     assert m2["carried_optimizer"]["max_step"] == m1["steps_done"] == _embed_step(s1)
     assert _embed_step(s2) == m1["steps_done"] + m2["steps_done"]
     first_row = m2["history"][0]
-    assert first_row["step"] < m2["plan"]["total_steps"] * second.warmup_fraction
+    assert first_row["step"] < m2["steps"]["total_steps"] * second.warmup_fraction
     # Without the warm-up the first logged lr is on the cosine near the peak; inside a warm-up of half
     # the steps it would be below half of it.
     assert first_row["lr"] > 0.9 * second.lr
@@ -75,7 +75,7 @@ def test_gradual_cut_reaches_the_targets_at_the_planned_steps_through_a_worker_k
     assert killed is not None, "the stage finished before a checkpoint past the second cut could be observed"
     m = _metrics(tmp_path / "out")
     assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= committed >= 15
-    assert m["plan"]["total_steps"] == 45
+    assert m["steps"]["total_steps"] == 45
     assert [(c["step"], c["expert_intermediate_size"], c["num_key_value_heads"]) for c in m["cuts"]] == \
         [(0, 48, 2), (15, 32, 2), (30, 16, 1)]
     sizes = [c["params_after"] for c in m["cuts"]]

@@ -113,7 +113,7 @@ def test_gradual_cut_reaches_the_targets_at_planned_steps():
     assert [c["step"] for c in cuts] == [0, 10, 20]
     assert [c["targets"].expert_intermediate_size for c in cuts] == [192, 128, 64]
     assert [c["targets"].num_key_value_heads for c in cuts] == [2, 2, 1]  # rounded up: heads go at the last cut
-    one = gradual_cuts(cfg.model_copy(update={"cut_steps": 1}), sizes, total_steps=30)
+    one = gradual_cuts(cfg.with_changes(cut_steps=1), sizes, total_steps=30)
     assert one == [{"step": 0, "targets": cfg.targets}]
     with pytest.raises(ValueError, match="cut_steps=3 needs at least 3 optimizer steps"):
         gradual_cuts(cfg, sizes, total_steps=2)

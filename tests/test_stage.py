@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimmoe.tasks.slimming.config import plan_steps
+from slimmoe.tasks.slimming.config import stage_steps
 from slimmoe.tasks.nodes.stage import run_stage
 from stage_helpers import SEQ, run_stage_killing_rank1, held_out_kl, stage_cfg
 
@@ -74,10 +74,10 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(pipeline, tmp_path
 def test_budget_beyond_the_cache_wraps_with_a_warning_or_is_refused():
     cfg = stage_cfg(token_budget=1000 * 8 * SEQ * 2)
     with pytest.warns(UserWarning, match="wrapping around"):
-        plan = plan_steps(cfg, SEQ, batches_per_epoch=100)
-    assert plan["total_steps"] == 1000 and plan["epochs"] == 10
+        steps = stage_steps(cfg, SEQ, batches_per_epoch=100)
+    assert steps.total_steps == 1000 and steps.epochs == 10
     with pytest.raises(ValueError, match="token_budget=.*budget_overflow"):
-        plan_steps(stage_cfg(token_budget=1000 * 8 * SEQ * 2, budget_overflow="refuse"), SEQ, batches_per_epoch=100)
+        stage_steps(stage_cfg(token_budget=1000 * 8 * SEQ * 2, budget_overflow="refuse"), SEQ, batches_per_epoch=100)
 
 
 def test_bad_stage_configs_are_refused_before_any_work(pipeline, tmp_path):

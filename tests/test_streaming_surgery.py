@@ -223,7 +223,8 @@ def test_large_copied_tensors_are_copied_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming, "PIECE_BYTES", 1000)  # the embedding [96, 32] goes in 7-row chunks
     reads = []
     real_read = CheckpointTensors.read
-    monkeypatch.setattr(CheckpointTensors, "read", lambda self, name, key=None: reads.append(name) or real_read(self, name, key))
+    monkeypatch.setattr(CheckpointTensors, "read",
+                        lambda self, name, key=None: reads.append(name) or real_read(self, name, key))
     report = stream_slim(tmp_path / "src", tmp_path / "out", keep_plan(model.config, scores, targets))
     assert reads.count("model.embed_tokens.weight") == 14 and reads.count("lm_head.weight") == 14
     assert report["peak_tensor_bytes"] < 96 * 32 * 4

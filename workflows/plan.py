@@ -468,7 +468,9 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
     # Cheapest first: fsdp costs nothing, a smaller micro-batch a little efficiency, activation
     # checkpointing a third more compute.
     options: list[tuple[str, dict]] = []
-    if on_gpu and cfg.num_workers > 1 and cfg.strategy != "fsdp":
+    # Where `auto` would shard (a GPU stage of several workers), fsdp is a fix to try.
+    shardable = cfg.strategy_for("auto", on_gpu, cfg.world()) == "fsdp"
+    if shardable and cfg.strategy != "fsdp":
         options.append(("strategy: fsdp", {"strategy": "fsdp"}))
     mb = cfg.micro_batch // 2
     while mb >= 1:
@@ -476,18 +478,18 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
         options.append((f"micro_batch: {mb} and grad_accum: {ga} (the same tokens per step)",
                         {"micro_batch": mb, "grad_accum": ga}))
         mb //= 2
-    if (cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1)) and not cfg.activation_checkpointing:
+    if (cfg.strategy == "fsdp" or shardable) and not cfg.activation_checkpointing:
         options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
                         {"activation_checkpointing": True, "strategy": "fsdp"}))
     for text, changes in options:
         if fits(**changes):
             return text
     combined = {"micro_batch": 1, "grad_accum": cfg.grad_accum * cfg.micro_batch}
-    if on_gpu and cfg.num_workers > 1:
+    if shardable:
         combined.update(strategy="fsdp", activation_checkpointing=True)
     if fits(**combined):
         return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}" for key, v in combined.items())
-    if cfg.strategy == "fsdp" or (on_gpu and cfg.num_workers > 1):
+    if cfg.strategy == "fsdp" or shardable:
         for workers in (2, 4, 8, 16, 32, 64, 128, 256, 512):
             if workers > cfg.num_workers and fits(**combined, num_workers=workers):
                 return (f"not with {cfg.num_workers} workers: with fsdp, activation checkpointing and micro_batch 1 "
@@ -496,7 +498,7 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
 
 
 def _plan_stage(ctx: _Context, node) -> NodePlan:
-    from slimmoe.tasks.slimming.config import plan_steps
+    from slimmoe.tasks.slimming.config import stage_steps
     from slimmoe.tasks.slimming.surgery import slimmed_config
 
     cfg = node.task_config
@@ -532,8 +534,8 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         plan.capacity = ctx.capacity(True, min(1.0, cfg.gpus_per_worker))
     else:
         plan.capacity = ctx.capacity(False, 1 / cfg.num_workers)
-    steps = plan_steps(cfg, ctx.seq_len, batches_per_epoch=2**62)
-    plan.tokens = steps["planned_tokens"]
+    steps = stage_steps(cfg, ctx.seq_len, batches_per_epoch=2**62)
+    plan.tokens = steps.planned_tokens
     if not cfg.distill_only:
         # Under fsdp every rank runs every rank's calibration batches (the scores stay exact).
         per_rank = cfg.calibration_batches * cfg.micro_batch * ctx.seq_len * (
@@ -546,7 +548,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     if cfg.activation_checkpointing:
         train *= 8 / 6  # each layer's forward runs again in backward
     ctx.timing(plan, train, plan.devices or 1)
-    plan.notes.append(f"{steps['total_steps']:,} steps of {steps['tokens_per_step']:,} tokens ({cfg.resolved_strategy()})")
+    plan.notes.append(f"{steps.total_steps:,} steps of {steps.tokens_per_step:,} tokens ({cfg.resolved_strategy()})")
     ctx.judge(plan)
     if plan.fits is False:
         plan.problem_loc = node.section

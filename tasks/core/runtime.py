@@ -1,5 +1,5 @@
-"""Runtime helpers every node shares: device and dtype names, the Ray connection, the learning-rate
-schedule, and one-line progress output."""
+"""Runtime helpers every node shares: device and dtype names, the Ray connection, this process's rank,
+the learning-rate schedule, and one-line progress output."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def ensure_ray(address: Optional[str] = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, ignore_reinit_error=True)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks; (0, 1) outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: float, base: float = 1.0) -> float:

@@ -189,6 +189,15 @@ class CheckpointTensors:
                 return [prefix + "{e}." + p + ".weight" for p in parts]
         return None
 
+    def _stored_per_expert(self, model_name: str) -> list[str]:
+        """The per-expert patterns of a fused tensor the checkpoint stores split, or KeyError."""
+        patterns = self._per_expert(model_name)
+        if patterns is None or patterns[0].format(e=0) not in self.entries:
+            renamed = self.adapter.checkpoint_name(model_name) if self.adapter is not None else model_name
+            raise KeyError(f"{self.model_dir} stores no tensor for {model_name} (looked for {renamed} and "
+                           "per-expert tensors)")
+        return patterns
+
     def has(self, model_name: str) -> bool:
         if self.find(model_name) is not None:
             return True
@@ -205,14 +214,6 @@ class CheckpointTensors:
             n += 1
         first = [self.entries[p.format(e=0)].shape for p in patterns]
         return (n, sum(s[0] for s in first), *first[0][1:])
-
-    def _stored_per_expert(self, model_name: str) -> list[str]:
-        patterns = self._per_expert(model_name)
-        if patterns is None or patterns[0].format(e=0) not in self.entries:
-            renamed = self.adapter.checkpoint_name(model_name) if self.adapter is not None else model_name
-            raise KeyError(f"{self.model_dir} stores no tensor for {model_name} (looked for {renamed} and "
-                           "per-expert tensors)")
-        return patterns
 
     def rows(self, model_name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) along dim 0 (for fused experts: experts start..end-1) in the model's layout."""
@@ -352,7 +353,8 @@ def write_sharded(out_dir: str | Path, specs: Sequence[TensorSpec],
                         del piece, data
                         release_freed_memory()
                     if written != spec.nbytes:
-                        raise RuntimeError(f"{spec.name}: wrote {written} bytes, planned {spec.nbytes} for {spec.shape}")
+                        raise RuntimeError(f"{spec.name}: wrote {written} bytes, planned {spec.nbytes} "
+                                           f"for {spec.shape}")
             read_header(path)  # the file is exactly what its header says
         for path, name in zip(partial, files):
             os.replace(path, out_dir / name)

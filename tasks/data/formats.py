@@ -1,4 +1,5 @@
-"""The file formats of slimmoe's data outputs, in one place, with their format version.
+"""The file formats of slimmoe's data outputs, and of the part of a stage's output a later stage
+reads (`StageMetrics`), in one place, with their format version.
 
 Token shards (the tokenize node) and logit caches (the teacher_logits node) are directories of
 Parquet files plus a `manifest.json` written last; a node output with several splits has one such
@@ -138,6 +139,37 @@ class TeacherLogitsManifest(_Manifest):
     k: int
     vocab_size: int
     seq_len: int
+
+
+STAGE_METRICS = "metrics.json"
+
+
+class StageMetrics(BaseModel):
+    """A stage output's metrics.json, as far as a later stage reads it: the tokens this stage left
+    unspent by ending early, which the next stage adds to its budget. The rest (history, steps,
+    memory per rank, the config) is a report and is kept as written. Files from before this model
+    carry no kind or version and read as version 1."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["stage_metrics"] = "stage_metrics"
+    format_version: int = FORMAT_VERSION
+    unspent_tokens: int = Field(0, ge=0)
+
+
+def read_stage_metrics(model_dir: str | Path) -> StageMetrics | None:
+    """The metrics of the stage that wrote `model_dir`; None when no stage did (a teacher, a model cut elsewhere)."""
+    path = Path(model_dir) / STAGE_METRICS
+    if not path.is_file():
+        return None
+    try:
+        metrics = StageMetrics.model_validate_json(path.read_text())
+    except ValueError as err:  # pydantic's ValidationError (bad JSON included) is a ValueError
+        raise ValueError(f"{path} is not a stage's metrics file ({err}); the next stage's token budget depends on "
+                         "it: rerun the stage that wrote it") from None
+    if metrics.format_version != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {metrics.format_version}, this slimmoe reads {FORMAT_VERSION}; "
+                         "rerun the stage that wrote it")
+    return metrics
 
 
 # Node outputs that hold one directory per split, and the single-split kind each holds.

@@ -1,13 +1,15 @@
 """One SlimMoE stage as one Ray Train job: score, slim, then distill on the cached teacher logits.
 
 `run_stage` runs on the driver: it checks the config against the model and the cache before any
-worker starts, plans the steps, launches a `TorchTrainer` whose workers run
-`slimmoe.tasks.slimming.train_loop.train_loop`, and assembles the output directory:
+worker starts, works out once what every worker must agree on (a `StageRun`: the steps, the cuts,
+the fingerprints), launches a `TorchTrainer` whose workers run
+`slimmoe.tasks.slimming.train_loop.train_loop(run)`, and assembles the output directory:
 
     <out_dir>/             the distilled student: a standard Hugging Face model directory
     <out_dir>/pruned/      the slimmed, not yet distilled checkpoint (the one-shot result; with
                            distill_only, the input model as it came)
-    <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; plan and timings
+    <out_dir>/metrics.json per-logging-step loss, KL, tokens/s, learning rate; steps and timings
+                           (`data.formats.StageMetrics`: the part a next stage reads)
     <out_dir>/scores.safetensors  the all-reduced sensitivity scores the cut was made with
     <out_dir>/optimizer/moments.safetensors  with keep_optimizer_state: the final AdamW moments by
                            parameter name, for a next stage that carries them
@@ -15,20 +17,21 @@ worker starts, plans the steps, launches a `TorchTrainer` whose workers run
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, has_tokenizer, load_config
 from slimmoe.tasks.core.runtime import ensure_ray
-from slimmoe.tasks.data.formats import LogitCacheError
+from slimmoe.tasks.data.formats import STAGE_METRICS, LogitCacheError, read_stage_metrics
 from slimmoe.tasks.data.readers import open_logit_cache, parent_manifest, split_dir
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.slimming.config import (ModelSizes, StageConfig, check_score_loss, gradual_cuts, plan_steps,
+from slimmoe.tasks.slimming.config import (ModelSizes, StageConfig, check_score_loss, gradual_cuts, stage_steps,
                                            validate_targets)
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
+from slimmoe.tasks.slimming.stage_run import Cut, StageRun
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
@@ -37,13 +40,8 @@ HELDOUT_SPLIT = "validation"  # what an adaptive-length stage measures its held-
 
 def unspent_tokens_of(model_dir: Path) -> int:
     """The tokens the stage that wrote `model_dir` left unspent by ending early (0 for any other model)."""
-    metrics = model_dir / "metrics.json"
-    if not metrics.is_file():
-        return 0
-    try:
-        return int(json.loads(metrics.read_text()).get("unspent_tokens") or 0)
-    except (ValueError, AttributeError) as err:
-        raise ValueError(f"{metrics} is not a stage's metrics file ({err}); it decides this stage's budget") from None
+    metrics = read_stage_metrics(model_dir)
+    return metrics.unspent_tokens if metrics is not None else 0
 
 
 def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teacher_fingerprint: str | None = None,
@@ -59,12 +57,11 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         raise ValueError(f"{name}: carry_optimizer: true needs the AdamW moments of the stage before it, but "
                          f"{model_dir} has no {MOMENTS_FILE}; set keep_optimizer_state: true on that stage (a workflow "
                          "does this itself) or remove carry_optimizer")
-    configured_budget = cfg.token_budget
     inherited = unspent_tokens_of(model_dir)
-    if inherited:  # the stage before ended early: its unspent tokens are this stage's
-        cfg = cfg.model_copy(update={"token_budget": cfg.token_budget + inherited})
+    if inherited:  # the stage before ended early: its unspent tokens are this stage's (and its windows follow)
+        cfg = cfg.with_changes(token_budget=cfg.token_budget + inherited)
     if not cfg.distill_only:
-        validate_targets(config, cfg.targets, dtype="bfloat16" if cfg.use_gpu else "float32")
+        validate_targets(config, cfg.targets, dtype=cfg.train_dtype())
     model_fp = model_fingerprint(model_dir)
     check_score_loss(cfg, model_fp == teacher_fingerprint)  # before anything else is read, when the driver knows
     expect_tok = tokenizer_fingerprint(model_dir) if has_tokenizer(model_dir) else None
@@ -79,11 +76,9 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         check_score_loss(cfg, cuts_the_teacher)
     if cache.vocab_size != config.vocab_size:
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
-    plan = plan_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.num_workers))
-    plan.update(configured_token_budget=configured_budget, inherited_tokens=inherited)
-    cuts = [] if cfg.distill_only else [
-        {"step": c["step"], "targets": asdict(c["targets"])}
-        for c in gradual_cuts(cfg, ModelSizes.of(config), plan["total_steps"], "bfloat16" if cfg.use_gpu else "float32")]
+    steps = stage_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.world()), inherited_tokens=inherited)
+    cuts = (Cut(0, cfg.targets),) if cfg.distill_only else tuple(
+        Cut(c["step"], c["targets"]) for c in gradual_cuts(cfg, ModelSizes.of(config), steps.total_steps, cfg.train_dtype()))
     heldout_dir = None
     if cfg.early_stop_min_improvement is not None:
         heldout_dir = split_dir(logits_dir, HELDOUT_SPLIT, "logit_cache", missing_ok=True)
@@ -92,23 +87,20 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
                              f"{HELDOUT_SPLIT} split, which {logits_dir} does not have; tokenize with a "
                              "validation_fraction above 0 or remove early_stop_min_improvement")
         open_logit_cache(heldout_dir, expect_teacher_fingerprint=expect_teacher, expect_tokenizer_fingerprint=expect_tok)
+    # The config travels as the object itself, validated with any inherited tokens already in its budget.
+    run = StageRun(cfg=cfg, name=name, model_dir=model_dir, cache_dir=cache_dir, work_dir=work_dir, steps=steps,
+                   cuts=cuts, cuts_the_teacher=cuts_the_teacher,
+                   teacher_fingerprint=cache.manifest.get("teacher_fingerprint"), tokenizer_fingerprint=expect_tok,
+                   heldout_cache_dir=heldout_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "nonfinite.json").unlink(missing_ok=True)
-    loop_config = {
-        "stage": cfg,  # the config object itself: workers get exactly what was validated
-        "model_dir": str(model_dir), "cache_dir": str(cache_dir), "work_dir": str(work_dir),
-        "teacher_fingerprint": cache.manifest.get("teacher_fingerprint"), "tokenizer_fingerprint": expect_tok,
-        "plan": plan, "name": name, "cuts_the_teacher": cuts_the_teacher, "cuts": cuts,
-        "heldout_cache_dir": str(heldout_dir) if heldout_dir else None,
-    }
+    run.nonfinite_file.unlink(missing_ok=True)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     ensure_ray()
 
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
+        functools.partial(train_loop, run),  # Ray Train's own config must be a dict; this is typed
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name="distill", storage_path=str(work_dir / "ray_train"),
@@ -125,19 +117,17 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
             raise
         # Ray Train wraps the worker's error in its own report; the file and the fix are what matter.
         raise LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: {damaged}") from err
-    final_dir = work_dir / "final"
-    nonfinite_file = work_dir / "nonfinite.json"
-    if nonfinite_file.exists():
-        nonfinite = json.loads(nonfinite_file.read_text())["step"]
+    if run.nonfinite_file.exists():
+        nonfinite = json.loads(run.nonfinite_file.read_text())["step"]
         raise FloatingPointError(
             f"{name}: the distillation loss became NaN or inf at step {nonfinite}; nothing was saved as final. "
             "Lower lr, raise warmup_fraction, or check the logit cache with `slimmoe logits inspect`."
         )
-    if not (final_dir / "config.json").exists():
-        raise RuntimeError(f"{name}: training ended without writing the final model to {final_dir}")
-    metrics = json.loads((work_dir / "metrics.json").read_text())
+    if not (run.final_dir / "config.json").exists():
+        raise RuntimeError(f"{name}: training ended without writing the final model to {run.final_dir}")
+    metrics = json.loads(run.metrics_file.read_text())
     metrics["wall_seconds_last_attempt"] = round(time.time() - started, 2)
-    _assemble_output(final_dir, work_dir, model_dir, out_dir, metrics)
+    _assemble_output(run, out_dir, metrics)
     return _headline(metrics)
 
 
@@ -158,18 +148,18 @@ def _cache_error(err: BaseException) -> LogitCacheError | None:
     return None
 
 
-def _assemble_output(final_dir: Path, work_dir: Path, model_dir: Path, out_dir: Path, metrics: dict) -> None:
+def _assemble_output(run: StageRun, out_dir: Path, metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for item in final_dir.iterdir():
+    for item in run.final_dir.iterdir():
         if item.is_dir():  # optimizer/ (kept moments)
             shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, out_dir / item.name)
-    shutil.copytree(work_dir / "pruned", out_dir / "pruned", dirs_exist_ok=True)
-    if (work_dir / "scores.safetensors").exists():  # a distill-only stage scores nothing
-        shutil.copy2(work_dir / "scores.safetensors", out_dir / "scores.safetensors")
-    copy_tokenizer_files(model_dir, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.copytree(run.pruned_dir, out_dir / "pruned", dirs_exist_ok=True)
+    if run.scores_file.exists():  # a distill-only stage scores nothing
+        shutil.copy2(run.scores_file, out_dir / "scores.safetensors")
+    copy_tokenizer_files(run.model_dir, out_dir)
+    (out_dir / STAGE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _headline(metrics: dict) -> dict:

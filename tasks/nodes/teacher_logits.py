@@ -117,7 +117,7 @@ class _TeacherActor:
                 raise RuntimeError(f"this teacher actor was given {gpus} GPUs by Ray but sees {visible} CUDA "
                                    f"device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
             device_map = balanced_device_map(load_config(teacher_dir, trust_remote_code), list(range(gpus)),
-                                             reserve_bytes=head_reserve_bytes, dtype_bytes=getattr(torch, dtype).itemsize)
+                                             reserve_bytes=head_reserve_bytes, dtype_bytes=dtype_bytes(dtype))
         self.model = load_model(teacher_dir, dtype=getattr(torch, dtype), device=device,
                                 trust_remote_code=trust_remote_code, experts_implementation=experts_implementation,
                                 device_map=device_map).eval()

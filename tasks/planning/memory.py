@@ -40,6 +40,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from slimmoe.tasks.core.dtypes import DTYPE_BYTES, compute_dtype
+from slimmoe.tasks.core.dtypes import dtype_bytes as _dtype_bytes
+
 GB = 10**9
 # A GPU loses this much to the CUDA context and the cuBLAS / NCCL workspaces.
 GPU_RUNTIME_BYTES = int(2.5 * GB)
@@ -134,8 +137,7 @@ def _shape_of_json(text: str) -> ModelShape:
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         head_dim=adapter.head_dim(config), expert_size=adapter.expert_size(config),
         num_experts=adapter.num_experts(config), top_k=adapter.top_k(config), shared_expert_size=int(shared),
-        checkpoint_dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}.get(
-            str(values.get("dtype") or values.get("torch_dtype") or "float32"), 4))
+        checkpoint_dtype_bytes=DTYPE_BYTES.get(str(values.get("dtype") or values.get("torch_dtype") or "float32"), 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro
     the runtime term (e.g. by a measured one); `mapped_bytes` is the checkpoint file a CPU worker
     loaded the model from (it stays mapped)."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
-    wide = 2 if on_gpu else 4  # the compute dtype: bf16 on GPU, float32 on CPU
+    wide = _dtype_bytes(compute_dtype(on_gpu))
     checkpointing = activation_checkpointing and strategy == "fsdp"
     batch_note = (f"activations for micro_batch x seq_len = {micro_batch} x {seq_len}"
                   + (" with activation checkpointing" if checkpointing else ""))
@@ -319,7 +321,7 @@ def stage_score_memory(shape: ModelShape, strategy: str, num_workers: int, micro
     """One worker's peak while scoring (and then slimming) the model a stage cuts."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
     if strategy == "fsdp":
-        wide = 2 if on_gpu else 4
+        wide = _dtype_bytes(compute_dtype(on_gpu))
         gathered = shape.layer * wide + shape.root * wide
         mem = Memory(**_ints(weights=4 * p / n + gathered, gradients=shape.layer * (wide + (4 if on_gpu else 0))))
         mem.activations = train_activation_bytes(shape, tokens, wide, wide, checkpointing=False)
@@ -346,7 +348,7 @@ def teacher_pass_memory(shape: ModelShape, batch_size: int, seq_len: int, k: int
     plus the forward's activations and the logits' work buffers, which sit on one of them. On CPU,
     `pipeline_depth` batches' logits can be alive at once (the next forward runs while the last
     batch's top-k does)."""
-    elem = dtype_bytes or (2 if on_gpu else 4)
+    elem = dtype_bytes or _dtype_bytes(compute_dtype(on_gpu))
     gpus = max(1, gpus if on_gpu else 1)
     tokens = batch_size * seq_len
     mem = Memory(weights=-(-shape.total * elem // gpus), phase="forward")
@@ -364,7 +366,7 @@ def teacher_pass_memory(shape: ModelShape, batch_size: int, seq_len: int, k: int
 def evaluate_memory(shape: ModelShape, batch_size: int, seq_len: int, on_gpu: bool, dtype_bytes: int | None = None,
                     overhead: int | None = None) -> Memory:
     """The evaluate node (in the driver's process, one device): weights, a forward, the logits' log-softmax."""
-    elem = dtype_bytes or (2 if on_gpu else 4)
+    elem = dtype_bytes or _dtype_bytes(compute_dtype(on_gpu))
     tokens = batch_size * seq_len
     mem = Memory(weights=shape.total * elem, phase="forward")
     mem.activations = tokens * layer_forward_bytes(shape, elem)

@@ -332,8 +332,23 @@ def check_score_loss(cfg: "StageConfig", cuts_the_teacher: bool) -> None:
                          "auto (next-token scores while the student is the teacher) or next_token")
 
 
-def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
-    """Optimizer steps for the token budget, and whether the cache must wrap around to supply them."""
+@dataclass(frozen=True)
+class StageSteps:
+    """A stage's optimizer steps for its token budget (recorded in its metrics.json as "steps")."""
+
+    total_steps: int
+    tokens_per_step: int
+    planned_tokens: int
+    batches_per_epoch: int
+    epochs: float  # how often the stage reads its logit cache through (above 1: it wraps around)
+    seq_len: int
+    configured_token_budget: int  # the budget as written, before any inherited tokens
+    inherited_tokens: int = 0  # what the stage before left unspent by ending early
+
+
+def stage_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int, inherited_tokens: int = 0) -> StageSteps:
+    """Optimizer steps for the token budget, and whether the cache must wrap around to supply them.
+    `inherited_tokens` is the part of `cfg.token_budget` the stage before left unspent."""
     tokens_per_step = cfg.tokens_per_step(seq_len)
     total_steps = max(1, math.ceil(cfg.token_budget / tokens_per_step))
     micro_batches = total_steps * cfg.grad_accum
@@ -349,8 +364,9 @@ def plan_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int) -> dict:
         if cfg.budget_overflow == "refuse":
             raise ValueError(msg + "; lower token_budget, cache more data, or set budget_overflow: wrap")
         warnings.warn(msg + "; wrapping around the cache (budget_overflow: wrap)", stacklevel=2)
-    return {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "planned_tokens": total_steps * tokens_per_step,
-            "batches_per_epoch": batches_per_epoch, "epochs": round(epochs, 4), "seq_len": seq_len}
+    return StageSteps(total_steps=total_steps, tokens_per_step=tokens_per_step, planned_tokens=total_steps * tokens_per_step,
+                      batches_per_epoch=batches_per_epoch, epochs=round(epochs, 4), seq_len=seq_len,
+                      configured_token_budget=cfg.token_budget - inherited_tokens, inherited_tokens=inherited_tokens)
 
 
 def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: str = "float32") -> list[dict]:

@@ -1,4 +1,5 @@
-"""A stage on FSDP2: sharded loading, sharded Taylor scores, sharded training and checkpoints.
+"""A stage on FSDP2: sharded loading, sharded Taylor scores, the gathered save. (Training and its
+checkpoints: `engines.FSDPEngine`.)
 
 No rank ever holds the whole model. The model is built on the meta device, sharded with
 `fully_shard` per decoder layer and at the root, and each rank reads only its own rows of every
@@ -19,9 +20,7 @@ gradient is exactly that batch's gradient. Scoring therefore costs `num_workers`
 calibration compute of a ddp stage; it is a few thousand forward-backward passes against billions
 of training tokens.
 
-Checkpoints go through `torch.distributed.checkpoint`: each rank writes its own shard files, the
-coordinator the metadata, so a restarted group resumes at the exact step. The final model is
-gathered one tensor at a time into sharded safetensors that plain `from_pretrained` loads.
+The final model is gathered one tensor at a time into safetensors that plain `from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -37,18 +36,12 @@ from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
+from slimmoe.tasks.core.runtime import rank_and_world
 from slimmoe.tasks.core.safetensors_files import MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, spec_of, write_sharded
 from slimmoe.tasks.core.storage import atomic_output_dir
-from slimmoe.tasks.slimming.engine import AdamWEngine
 from slimmoe.tasks.slimming.scores import Scores
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +111,7 @@ def load_shards(model: nn.Module, model_dir: str | Path) -> int:
     reading only its own rows. Returns the largest number of bytes read at once."""
     model_dir = Path(model_dir)
     source = CheckpointTensors(model_dir, get_adapter(model))
-    rank, world = _world()
+    rank, world = rank_and_world()
     state_names = set(model.state_dict().keys()) - _tied_names(model)
     missing = sorted(n for n in state_names if not source.has(n))
     if missing:
@@ -236,7 +229,7 @@ class _Folder:
 def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_heads: bool = True) -> Scores:
     """Taylor scores of an FSDP2 model, identical to `scores.taylor_scores` on the unsharded model
     over the same batches. Every rank must pass the same batches in the same order."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     folder = _Folder(model, with_heads)
     handles = []
 
@@ -287,48 +280,6 @@ def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: in
             yield b
 
 
-# -- distillation engine --------------------------------------------------------------------------
-
-class FSDPEngine(AdamWEngine):
-    """The train loop's engine for FSDP2: AdamW on the float32 shards, warm-up + cosine schedule."""
-
-    sharded = True
-
-    def __init__(self, model, cfg, device, total_steps: int):
-        super().__init__(model, cfg, device, total_steps)
-        self.module = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids).logits
-
-    def backward(self, loss, last_micro: bool):
-        (loss / self.cfg.grad_accum).backward()
-
-    def save(self, ckpt_dir: Path, rank: int):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        # Each rank writes its own `__<rank>_0.distcp` into its directory and the coordinator the
-        # metadata; Ray Train gathers the ranks' directories into one checkpoint.
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ckpt_dir / "dcp"))
-        if rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict()}, ckpt_dir / "scheduler.pt")
-
-    def load(self, ckpt_dir: Path):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True)["scheduler"])
-
-    def full_state_model(self):
-        return self.model
-
-
 def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str | Path, dtype: torch.dtype | None = None,
                        tokenizer_from: str | Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> Path | None:
@@ -336,7 +287,7 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
     the config files of `config_from` and the weights under the model's own names as
     `core.safetensors_files.write_sharded` writes them. Every rank must call it (the gathers are
     collective, in state-dict order); rank 0 holds one gathered tensor at a time."""
-    rank, _ = _world()
+    rank, _ = rank_and_world()
     out_dir = Path(out_dir)
     tied = _tied_names(model)
     params = dict(model.named_parameters())

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
+from slimmoe.tasks.core.runtime import rank_and_world
 from slimmoe.tasks.slimming.losses import kd_loss, next_token_loss
 
 
@@ -197,7 +198,7 @@ def all_reduce_scores(scores: Scores) -> Scores:
     """Sum scores over all ranks of the default process group, so every rank slims alike."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         flat = scores.flat().to(torch.float64)
         dist.all_reduce(flat)
         scores.load_flat(flat.float())
