@@ -222,7 +222,7 @@ def test_8bit_quantization_is_near_lossless(trained, tmp_path):
     assert kl < 1e-3, kl
     print('KL8', kl, 'loss', trained.get('loss'))
     # and 2-bit experts are measurably lossy, so the check above can fail
-    cfg2 = cfg.model_copy(update={"avg_bits": 2, "candidate_bits": [2]})
+    cfg2 = cfg.with_changes(avg_bits=2, candidate_bits=[2])
     run_quantize(cfg2, trained["model_dir"], trained["data"], tmp_path / "q2", log=lambda _m: None)
     kl2 = _kl(original, _logits(load_quantized(tmp_path / "q2"), trained["eval_ids"]))
     print('KL2', kl2)

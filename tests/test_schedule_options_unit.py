@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.slimming.adaptive import EarlyStop
-from slimmoe.tasks.slimming.config import ModelSizes, StageConfig, gradual_cuts
+from slimmoe.tasks.slimming.config import Cut, ModelSizes, StageConfig, gradual_cuts
 from slimmoe.tasks.slimming.moments import (MomentsError, install_moments, load_moments, optimizer_moments,
                                             save_moments, slice_moments)
 from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
@@ -110,11 +110,11 @@ def test_gradual_cut_reaches_the_targets_at_planned_steps():
     sizes = ModelSizes.of(tiny_model("phimoe", intermediate_size=256).config)
     cfg = StageConfig(expert_intermediate_size=64, num_key_value_heads=1, token_budget=1000, cut_steps=3)
     cuts = gradual_cuts(cfg, sizes, total_steps=30)
-    assert [c["step"] for c in cuts] == [0, 10, 20]
-    assert [c["targets"].expert_intermediate_size for c in cuts] == [192, 128, 64]
-    assert [c["targets"].num_key_value_heads for c in cuts] == [2, 2, 1]  # rounded up: heads go at the last cut
+    assert [c.step for c in cuts] == [0, 10, 20]
+    assert [c.targets.expert_intermediate_size for c in cuts] == [192, 128, 64]
+    assert [c.targets.num_key_value_heads for c in cuts] == [2, 2, 1]  # rounded up: heads go at the last cut
     one = gradual_cuts(cfg.with_changes(cut_steps=1), sizes, total_steps=30)
-    assert one == [{"step": 0, "targets": cfg.targets}]
+    assert one == [Cut(0, cfg.targets)]
     with pytest.raises(ValueError, match="cut_steps=3 needs at least 3 optimizer steps"):
         gradual_cuts(cfg, sizes, total_steps=2)
     tight = StageConfig(expert_intermediate_size=248, token_budget=1000, cut_steps=3)

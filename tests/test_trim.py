@@ -268,7 +268,7 @@ def test_run_trim_refuses_token_data_of_another_tokenizer(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="another tokenizer"):
         run_trim(cfg, tiny_model_dir, shards, tmp_path / "a")
     with pytest.raises(ValueError, match="beyond the model's vocab_size"):
-        run_trim(cfg.model_copy(update={"check_tokenizer": False}), tiny_model_dir, shards, tmp_path / "b", log=lambda _m: None)
+        run_trim(cfg.with_changes(check_tokenizer=False), tiny_model_dir, shards, tmp_path / "b", log=lambda _m: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -138,7 +138,9 @@ for _k in (
                                    "rows_per_file", "wait_for_actors_s", "batch_size", "gpus_per_actor",
                                    "gpu_memory_gb", "pipeline_depth"}),
              headline=("tokens", "rows"), description="the teacher's top-k log-probs per token"),
-    NodeKind("stage", 1, _run_stage, StageConfig, uses_work_dir=True,
+    # 2: metrics.json is a versioned StageMetrics (the step record under "steps"); an fsdp stage's
+    # final model that fits one file is model.safetensors.
+    NodeKind("stage", 2, _run_stage, StageConfig, uses_work_dir=True,
              key_ignore=frozenset({"checkpoint_interval", "log_interval", "max_failures", "cpus_per_worker",
                                    "gpus_per_worker"}),
              headline=("final_kl", "final_loss", "validation_perplexity", "perplexity"),

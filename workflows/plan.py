@@ -522,7 +522,7 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         from slimmoe.tasks.slimming.config import ModelSizes, gradual_cuts
 
         cuts = gradual_cuts(cfg, ModelSizes.of(config_in), cfg.cut_steps, dtype)
-        trained = [model_shape(slimmed_config(config_in, c["targets"])) for c in cuts]
+        trained = [model_shape(slimmed_config(config_in, c.targets)) for c in cuts]
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.world(),
                     params_before=_params(shape_in), params_after=_params(shape_out),
                     settings={"strategy": cfg.resolved_strategy(), "dtype": dtype, "world": cfg.world()})
@@ -603,6 +603,20 @@ def _plan_evaluate(ctx: _Context, node) -> NodePlan:
     return plan
 
 
+def _driver_pass(ctx: _Context, node, shape_in: ModelShape, shape_out: ModelShape, device: str, dtype: str,
+                 batch_size: int, seq_len: int, batches: int, phase: str) -> tuple[NodePlan, Memory]:
+    """A node that runs calibration forwards over a whole model in the driver's process, on one device."""
+    on_gpu, elem = device.startswith("cuda"), dtype_bytes(dtype)
+    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape_in),
+                    params_after=_params(shape_out), settings={"device": device, "dtype": dtype})
+    mem = evaluate_memory(shape_in, batch_size, seq_len, on_gpu, elem)
+    plan.memory, plan.phases = mem, {phase: mem}
+    plan.capacity = ctx.capacity(on_gpu)
+    plan.tokens = batches * batch_size * seq_len
+    ctx.timing(plan, F.forward_flops(shape_in.active, plan.tokens), 1)
+    return plan, mem
+
+
 def _plan_trim(ctx: _Context, node) -> NodePlan:
     tc = node.task_config
     config_in = _input_config(ctx, node)
@@ -610,24 +624,17 @@ def _plan_trim(ctx: _Context, node) -> NodePlan:
         return None
     config_out = _trimmed_config(config_in, tc)
     ctx.configs[node.name] = config_out
-    on_gpu = tc.run_device(ctx.loaded.config.resources.use_gpu).startswith("cuda")
-    elem = dtype_bytes(tc.dtype)
-    shape_in, shape_out = model_shape(config_in), model_shape(config_out)
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape_in),
-                    params_after=_params(shape_out))
-    mem = evaluate_memory(shape_in, tc.batch_size, tc.seq_len, on_gpu, elem)
-    mem.weights += 0 if tc.scores_only else shape_out.total * elem  # the trimmed copy beside the whole model
+    device = tc.run_device(ctx.loaded.config.resources.use_gpu)
+    plan, mem = _driver_pass(ctx, node, model_shape(config_in), model_shape(config_out), device, tc.dtype,
+                             tc.batch_size, tc.seq_len, tc.calibration_batches, "trim")
+    mem.weights += 0 if tc.scores_only else model_shape(config_out).total * dtype_bytes(tc.dtype)  # the trimmed copy
     mem.notes.append("scoring forward, then the trimmed model built beside the whole one")
-    plan.memory, plan.phases = mem, {"trim": mem}
-    plan.capacity = ctx.capacity(on_gpu)
-    plan.tokens = tc.calibration_batches * tc.batch_size * tc.seq_len
-    ctx.timing(plan, F.forward_flops(shape_in.active, plan.tokens), 1)
     plan.notes.append("runs in the driver's process")
     ctx.judge(plan)
     if plan.fits is False:
         plan.problem_loc = node.section
-        plan.fix = (f"trimming holds {_gb(mem.total)} GB on one {'GPU' if on_gpu else 'process'}: "
-                    + ("set device: cpu (the driver host's RAM)" if on_gpu else "set dtype: bfloat16"))
+        plan.fix = (f"trimming holds {_gb(mem.total)} GB on one {'GPU' if plan.device == 'gpu' else 'process'}: "
+                    + ("set device: cpu (the driver host's RAM)" if plan.device == "gpu" else "set dtype: bfloat16"))
     return plan
 
 
@@ -637,17 +644,11 @@ def _plan_quantize(ctx: _Context, node) -> NodePlan:
     if config_in is None:
         return None
     ctx.configs[node.name] = config_in  # the same architecture, packed (evaluated at 16 bits: an upper bound)
-    on_gpu = qc.run_device(ctx.loaded.config.resources.use_gpu).startswith("cuda")
-    elem = dtype_bytes(qc.compute_dtype)
     shape = model_shape(config_in)
-    plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", 1, params_before=_params(shape),
-                    params_after=_params(shape))
-    mem = evaluate_memory(shape, qc.batch_size, qc.seq_len, on_gpu, elem)
+    device = qc.run_device(ctx.loaded.config.resources.use_gpu)
+    plan, mem = _driver_pass(ctx, node, shape, shape, device, qc.compute_dtype, qc.batch_size, qc.seq_len,
+                             qc.calibration_batches, "calibrate")
     mem.notes.append("calibration forward; GPTQ's per-layer Hessians not counted")
-    plan.memory, plan.phases = mem, {"calibrate": mem}
-    plan.capacity = ctx.capacity(on_gpu)
-    plan.tokens = qc.calibration_batches * qc.batch_size * qc.seq_len
-    ctx.timing(plan, F.forward_flops(shape.active, plan.tokens), 1)
     plan.notes.append("runs in the driver's process; GPTQ's own work not counted in FLOPs")
     ctx.judge(plan)
     if plan.fits is False:

@@ -28,10 +28,10 @@ from slimmoe.tasks.core.runtime import ensure_ray
 from slimmoe.tasks.data.formats import STAGE_METRICS, LogitCacheError, read_stage_metrics
 from slimmoe.tasks.data.readers import open_logit_cache, parent_manifest, split_dir
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
-from slimmoe.tasks.slimming.config import (ModelSizes, StageConfig, check_score_loss, gradual_cuts, stage_steps,
+from slimmoe.tasks.slimming.config import (Cut, ModelSizes, StageConfig, check_score_loss, gradual_cuts, stage_steps,
                                            validate_targets)
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
-from slimmoe.tasks.slimming.stage_run import Cut, StageRun
+from slimmoe.tasks.slimming.stage_run import StageRun
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
@@ -78,7 +78,7 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
     steps = stage_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.world()), inherited_tokens=inherited)
     cuts = (Cut(0, cfg.targets),) if cfg.distill_only else tuple(
-        Cut(c["step"], c["targets"]) for c in gradual_cuts(cfg, ModelSizes.of(config), steps.total_steps, cfg.train_dtype()))
+        gradual_cuts(cfg, ModelSizes.of(config), steps.total_steps, cfg.train_dtype()))
     heldout_dir = None
     if cfg.early_stop_min_improvement is not None:
         heldout_dir = split_dir(logits_dir, HELDOUT_SPLIT, "logit_cache", missing_ok=True)

@@ -369,13 +369,21 @@ def stage_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int, inherite
                       configured_token_budget=cfg.token_budget - inherited_tokens, inherited_tokens=inherited_tokens)
 
 
-def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: str = "float32") -> list[dict]:
-    """The cuts of a stage: [{"step", "targets"}], one at step 0 when `cut_steps` is 1, else `cut_steps`
+@dataclass(frozen=True)
+class Cut:
+    """One cut of a stage: the targets reached at an optimizer step."""
+
+    step: int
+    targets: SlimTargets
+
+
+def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: str = "float32") -> list[Cut]:
+    """The cuts of a stage, one at step 0 when `cut_steps` is 1, else `cut_steps`
     cuts spread evenly over the steps, each taking an equal share of the way from the input's sizes to
     the targets (expert sizes kept on the fused kernel's row alignment, KV groups rounded up)."""
     k = cfg.cut_steps
     if k == 1:
-        return [{"step": 0, "targets": cfg.targets}]
+        return [Cut(0, cfg.targets)]
     if total_steps < k:
         raise ValueError(f"cut_steps={k} needs at least {k} optimizer steps; this stage plans {total_steps}: "
                          "lower cut_steps or raise token_budget")
@@ -397,4 +405,4 @@ def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: s
     kv = widths(sizes.num_key_value_heads, cfg.num_key_value_heads, "num_key_value_heads", 1)
     shared = widths(sizes.shared_expert_intermediate_size, cfg.shared_expert_intermediate_size,
                     "shared_expert_intermediate_size", align)
-    return [{"step": round(j * total_steps / k), "targets": SlimTargets(experts[j], kv[j], shared[j])} for j in range(k)]
+    return [Cut(round(j * total_steps / k), SlimTargets(experts[j], kv[j], shared[j])) for j in range(k)]

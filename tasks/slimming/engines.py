@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from slimmoe.tasks.core.runtime import lr_lambda, rank_and_world
+from slimmoe.tasks.slimming.config import Cut
 from slimmoe.tasks.slimming import student as students
-from slimmoe.tasks.slimming.stage_run import Cut, StageRun
+from slimmoe.tasks.slimming.stage_run import StageRun
 
 
 def adamw(params, cfg, total_steps: int, start_step: int = 0, warmup: bool = True):

@@ -13,13 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from slimmoe.tasks.core.storage import write_json_atomic
-from slimmoe.tasks.slimming.config import SlimTargets, StageConfig, StageSteps
-
-
-@dataclass(frozen=True)
-class Cut:
-    step: int
-    targets: SlimTargets
+from slimmoe.tasks.slimming.config import Cut, StageConfig, StageSteps
 
 
 @dataclass(frozen=True)
