@@ -71,8 +71,9 @@ def committed_checkpoint_step(work: Path):
     """The step of the latest checkpoint Ray Train's controller has registered (None before the first).
 
     A report returning on the worker is not enough: the controller collects reports when it polls
-    the workers (every 2 s by default), so a worker killed right after reporting can lose that
-    checkpoint. The controller writes this snapshot after it registered one."""
+    the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by default, 0.5 s in the tests), so a
+    worker killed right after reporting can lose that checkpoint. The controller writes this snapshot
+    after it registered one."""
     snapshot = work / "ray_train" / "distill" / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")

@@ -28,15 +28,15 @@ def test_distillation_halves_the_kl_of_the_slimmed_student(pipeline, ddp_stage):
 
 def test_killed_worker_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = stage_cfg(token_budget=60 * 8 * SEQ * 2, checkpoint_interval=15, log_interval=10, max_failures=2)
+    cfg = stage_cfg(token_budget=36 * 8 * SEQ * 2, checkpoint_interval=9, log_interval=6, max_failures=2)
     killed, committed = run_stage_killing_rank1(cfg, pipeline, out, work)
     assert killed is not None, "the stage finished before a checkpoint could be observed"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["steps_done"] == 60
+    assert m["steps_done"] == 36
     assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= committed, (committed, m["resumed_from_step"])
-    assert m["resumed_from_step"] % 15 == 0
+    assert m["resumed_from_step"] % 9 == 0
     steps = [r["step"] for r in m["history"]]
-    assert steps == list(range(10, 61, 10)), "reported steps must continue from the checkpoint, not restart"
+    assert steps == list(range(6, 37, 6)), "reported steps must continue from the checkpoint, not restart"
     assert int((work / "pids" / "rank1.pid").read_text()) != killed
 
 

@@ -132,8 +132,9 @@ def test_scores_roundtrip_through_safetensors(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
-    """A tiny PhiMoE trained a few hundred steps on standard-library source, so that its neurons
-    differ in importance, plus held-out batches."""
+    """A tiny PhiMoE trained 100 steps on standard-library source, so that its neurons differ in
+    importance, plus held-out batches (at 100 steps Taylor-pruning beats every random cut by about twice
+    the spread of the random cuts' losses, as at 250)."""
     texts = stdlib_texts(max_files=60, max_chars=6000)
     tok = train_tokenizer(tmp_path_factory.mktemp("tok"), texts, vocab_size=320)
     ids = []
@@ -146,7 +147,7 @@ def trained_tiny(tmp_path_factory):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(250):
+    for step in range(100):
         batch = train[torch.randint(0, len(train), (16,), generator=g)]
         loss = next_token_loss(model(input_ids=batch).logits, batch)
         opt.zero_grad()
