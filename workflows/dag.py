@@ -248,6 +248,23 @@ def _data_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
         problems.append(loaded.problem(("data", "source"), str(err)))
 
 
+def _lm_eval_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
+    """lm-eval tasks need lm-eval (an extra) where evaluate runs, the driver's process: refused now
+    rather than recorded as unavailable after the stages trained."""
+    import importlib.util
+
+    evaluate = loaded.config.evaluate
+    if evaluate is None or not evaluate.lm_eval_tasks:
+        return
+    missing = [m for m in ("lm_eval", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        from slimmoe.tasks.evaluation.config import LM_EVAL_INSTALL_HINT
+
+        problems.append(loaded.problem(("evaluate", "lm_eval_tasks"),
+                                       f"lm-eval tasks need {' and '.join(missing)}, which this environment lacks: "
+                                       f"{LM_EVAL_INSTALL_HINT}, or remove evaluate.lm_eval_tasks"))
+
+
 def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem]) -> Optional[ModelSizes]:
     """The sizes the first stage cuts from: the external teacher's config.json, or the demo teacher's config."""
     if teacher.is_external:
@@ -338,6 +355,7 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
     data_problems: list[Problem] = []
     if check_env:
         _data_checks(loaded, data_problems)
+        _lm_eval_checks(loaded, problems)
 
     refused = []
     if check_plan and not problems:  # the plan needs a config that is otherwise valid

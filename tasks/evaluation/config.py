@@ -9,6 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from slimmoe.tasks.core.dtypes import resolve_dtype
 from slimmoe.tasks.core.settings import OnOneDevice, TaskConfig
 
+# lm-eval is an optional dependency (the `eval` extra); its hf model also imports accelerate.
+LM_EVAL_INSTALL_HINT = ("pip install 'lm-eval>=0.4.2' accelerate (or the project's extra: "
+                        "pip install 'slimmoe[eval]')")
+
 
 class EvaluateConfig(OnOneDevice, TaskConfig):
 

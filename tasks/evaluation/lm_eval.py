@@ -15,10 +15,8 @@ from typing import Optional
 
 import torch
 
-from slimmoe.tasks.evaluation.config import EvaluateConfig
+from slimmoe.tasks.evaluation.config import LM_EVAL_INSTALL_HINT, EvaluateConfig
 
-LM_EVAL_INSTALL_HINT = ("pip install 'lm-eval>=0.4.2' accelerate (or the project's extra: "
-                        "pip install 'slimmoe[eval]')")
 
 
 @functools.lru_cache(maxsize=4)

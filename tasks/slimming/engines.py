@@ -209,7 +209,7 @@ class DeepSpeedEngine(_WholeStudent):
             "gradient_accumulation_steps": cfg.grad_accum,
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": device.type == "cuda"},
+            "bf16": {"enabled": cfg.train_dtype() == "bfloat16"},
             "steps_per_print": 10**9,
         }
         optimizer, scheduler = adamw(model.parameters(), cfg, total_steps, start_step, warmup)
