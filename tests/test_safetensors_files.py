@@ -13,15 +13,7 @@ from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.core.safetensors_files import (SAFETENSORS_INDEX, BrokenCheckpointError, CheckpointTensors,
                                                   TensorSpec, check_safetensors, checkpoint_dtype, read_header,
                                                   spec_of, write_sharded)
-from tiny import tiny_model
-
-
-def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+from tiny import checkpoint_tensors, tiny_model
 
 
 # -- the header -------------------------------------------------------------------------------------
@@ -129,7 +121,7 @@ def test_one_file_is_model_safetensors_with_no_index(tmp_path):
     tensors = _some_tensors()
     written = write_sharded(tmp_path, _specs(tensors), lambda s: iter([tensors[s.name]]))
     assert written.files == ["model.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == written.files
-    got = _tensors(tmp_path)
+    got = checkpoint_tensors(tmp_path)
     assert sorted(got) == sorted(tensors) and all(torch.equal(got[n], t) and got[n].dtype == t.dtype
                                                   for n, t in tensors.items())
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as h:
@@ -152,7 +144,7 @@ def test_more_files_are_numbered_with_an_index_and_a_large_tensor_gets_its_own(t
     assert index["metadata"] == {"total_size": written.bytes}
     assert index["weight_map"] == {"embed": written.files[0], "big": written.files[1], "norm": written.files[2],
                                    "steps": written.files[2], "flag": written.files[2], "scalar": written.files[2]}
-    got = _tensors(tmp_path)
+    got = checkpoint_tensors(tmp_path)
     assert all(torch.equal(got[n], t) for n, t in tensors.items())
     assert written.peak_piece_bytes == 7 * 10 * 4
     assert check_safetensors(tmp_path) == [tmp_path / f for f in written.files]

@@ -18,17 +18,9 @@ from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
 from slimmoe.tasks.slimming.streaming import CheckpointLayoutError, stream_slim, streaming_magnitude_scores
 from slimmoe.tasks.slimming.surgery import KeepPlan, keep_plan, slim_model
 from slimmoe.workflows.cli import app
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, checkpoint_tensors, tiny_model
 
 runner = CliRunner()
-
-
-def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def _random_scores(model, seed: int = 0) -> Scores:
@@ -91,13 +83,13 @@ def test_streamed_cut_equals_the_in_memory_cut(family, layout, tmp_path):
     save_fused(model, src) if layout == "fused" else model.save_pretrained(src)
     slim = slim_model(model, scores, targets).eval()
     report = stream_slim(src, tmp_path / "out", keep_plan(model.config, scores, targets))
-    got = _tensors(tmp_path / "out")
+    got = checkpoint_tensors(tmp_path / "out")
     if layout == "fused":
         want = slim.state_dict()
     else:
         slim.save_pretrained(tmp_path / "want")
-        want = _tensors(tmp_path / "want")
-    assert sorted(got) == sorted(want) == sorted(_tensors(src))  # no tensor added, none dropped, none renamed
+        want = checkpoint_tensors(tmp_path / "want")
+    assert sorted(got) == sorted(want) == sorted(checkpoint_tensors(src))  # no tensor added, none dropped, none renamed
     for name, t in want.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
     assert report["tensors"] == len(want) and report["cut"] > 0
@@ -120,12 +112,12 @@ def test_a_hub_per_expert_checkpoint_gives_what_the_fused_one_gives(family, tmp_
     plan = keep_plan(model.config, scores, targets)
     hub = save_per_expert_by_hand(model, tmp_path / "hub")
     model.save_pretrained(tmp_path / "saved")  # the by-hand layout is the one transformers writes
-    assert sorted(_tensors(hub)) == sorted(_tensors(tmp_path / "saved"))
+    assert sorted(checkpoint_tensors(hub)) == sorted(checkpoint_tensors(tmp_path / "saved"))
     fused = save_fused(model, tmp_path / "fused")
     stream_slim(hub, tmp_path / "hub_out", plan)
     stream_slim(fused, tmp_path / "fused_out", plan)
-    hub_out, fused_out = _tensors(tmp_path / "hub_out"), _tensors(tmp_path / "fused_out")
-    assert sorted(hub_out) == sorted(_tensors(hub))  # written back in the layout it came in
+    hub_out, fused_out = checkpoint_tensors(tmp_path / "hub_out"), checkpoint_tensors(tmp_path / "fused_out")
+    assert sorted(hub_out) == sorted(checkpoint_tensors(hub))  # written back in the layout it came in
     k = targets.expert_intermediate_size
     gate_up = fused_out["model.layers.1.mlp.experts.gate_up_proj"]
     assert gate_up.shape == (4, 2 * k, 32)
@@ -150,7 +142,7 @@ def test_small_shards_split_with_an_index_and_still_load(tmp_path):
     assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == files
-    got = _tensors(tmp_path / "out")
+    got = checkpoint_tensors(tmp_path / "out")
     assert sorted(index["weight_map"]) == sorted(got)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values()) == report["bytes"]
     for f in files:
@@ -205,8 +197,8 @@ def test_at_most_about_one_tensor_is_held_at_a_time(family, tmp_path):
     scores, targets = _random_scores(model), _targets(model)
     save_fused(model, tmp_path / "src")
     report = stream_slim(tmp_path / "src", tmp_path / "out", keep_plan(model.config, scores, targets))
-    src = {k: v.numel() * v.element_size() for k, v in _tensors(tmp_path / "src").items()}
-    out = {k: v.numel() * v.element_size() for k, v in _tensors(tmp_path / "out").items()}
+    src = {k: v.numel() * v.element_size() for k, v in checkpoint_tensors(tmp_path / "src").items()}
+    out = {k: v.numel() * v.element_size() for k, v in checkpoint_tensors(tmp_path / "out").items()}
     largest = max(src, key=src.get)
     assert largest.endswith("gate_up_proj") and report["largest_source_tensor_bytes"] == src[largest]
     assert 0 < report["peak_tensor_bytes"] <= src[largest] + out[largest]
@@ -237,9 +229,9 @@ def test_tied_embeddings_write_no_tensor_the_source_lacks(tmp_path):
     model = tiny_model("qwen3_moe", tie_word_embeddings=True)
     scores, targets = _random_scores(model), _targets(model)
     model.save_pretrained(tmp_path / "src")
-    assert "lm_head.weight" not in _tensors(tmp_path / "src")
+    assert "lm_head.weight" not in checkpoint_tensors(tmp_path / "src")
     stream_slim(tmp_path / "src", tmp_path / "out", keep_plan(model.config, scores, targets))
-    assert sorted(_tensors(tmp_path / "out")) == sorted(_tensors(tmp_path / "src"))
+    assert sorted(checkpoint_tensors(tmp_path / "out")) == sorted(checkpoint_tensors(tmp_path / "src"))
     slim = slim_model(model, scores, targets).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = torch.randint(3, 96, (1, 7))
@@ -251,7 +243,7 @@ def _with_changes(src: Path, out: Path, add: dict | None = None, drop: tuple = (
     import shutil
 
     shutil.copytree(src, out)
-    tensors = {k: v for k, v in _tensors(src).items() if k not in drop}
+    tensors = {k: v for k, v in checkpoint_tensors(src).items() if k not in drop}
     tensors.update(add or {})
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

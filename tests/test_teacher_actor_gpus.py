@@ -191,7 +191,6 @@ def test_the_next_forward_runs_while_a_batch_is_finished(four_layer_teacher):
     import asyncio
     import threading
 
-    import numpy as np
     import pyarrow as pa
 
     from slimmoe.tasks.nodes.teacher_logits import _TeacherActor, _norm

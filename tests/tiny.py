@@ -95,3 +95,14 @@ def save_tiny_model_dir(out_dir: Path, family: str = "phimoe", with_tokenizer: b
     model = tiny_model(family, seed=seed, **overrides)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's safetensors files, by stored name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out

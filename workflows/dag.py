@@ -153,7 +153,9 @@ def _stage_config(loaded: LoadedWorkflow, i: int, name: str, problems: list[Prob
     try:
         return stage.with_changes(keep_optimizer_state=True)
     except ValidationError as err:
-        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors(include_url=False))
+        # The rule's own fix ("remove keep_optimizer_state") names a field the user did not write.
+        why = "; ".join(e["msg"].removeprefix("Value error, ").removesuffix("; remove keep_optimizer_state")
+                        for e in err.errors(include_url=False))
         problems.append(loaded.problem(("stages", i + 1, "carry_optimizer"),
                                        f"carry_optimizer: true starts from the AdamW moments of {name}, which cannot "
                                        f"keep them: {why}; remove carry_optimizer here, or make {name} a ddp stage"))
