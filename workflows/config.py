@@ -38,6 +38,10 @@ RESERVED_NAMES = {"teacher", "tokenize", "teacher_logits"}
 WORKFLOW_FIELDS = frozenset({"name", "kind", "from_", "distill", "models"})
 
 
+def default_stage_name(index: int) -> str:
+    return f"stage_{index + 1}"
+
+
 class Problem:
     """One thing wrong with a config: where (field path and YAML line) and what."""
 
@@ -200,14 +204,14 @@ class WorkflowConfig(_Strict):
                 raw[key] = fill(raw.get(key, {}), model)
         if isinstance(raw.get("stages"), list):
             # A stage's node name (stage_<i> unless it names itself) is part of what the stage runs with.
-            raw["stages"] = [fill({"name": f"stage_{i + 1}", **s} if isinstance(s, dict) else s, StageConfig)
+            raw["stages"] = [fill({"name": default_stage_name(i), **s} if isinstance(s, dict) else s, StageConfig)
                              for i, s in enumerate(raw["stages"])]
         if isinstance(raw.get("baselines"), list):
             raw["baselines"] = [_fill_baseline(b, fill) for b in raw["baselines"]]
         return raw
 
     def stage_names(self) -> list[str]:
-        return [s.name or f"stage_{i + 1}" for i, s in enumerate(self.stages)]
+        return [s.name or default_stage_name(i) for i, s in enumerate(self.stages)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,12 +142,12 @@ def _distill_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> 
         return None
 
 
-def _stage_config(loaded: LoadedWorkflow, i: int, name: str, problems: list[Problem]) -> Optional[StageConfig]:
+def _stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
     """Stage i as the workflow runs it: named, and keeping its AdamW moments when the next stage
     carries them (validated like a written setting, so a stage that cannot keep them is refused here
     rather than after it trained)."""
     stages = loaded.config.stages
-    stage = stages[i]
+    stage, name = stages[i], stages[i].name
     if not (i + 1 < len(stages) and stages[i + 1].carry_optimizer) or stage.keep_optimizer_state:
         return stage
     try:
@@ -178,7 +178,7 @@ def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[
 
     prev, names = "teacher", cfg.stage_names()
     for i, (name, stage) in enumerate(zip(names, cfg.stages)):
-        add(name, "stage", ("stages", i), _stage_config(loaded, i, name, problems), {"model": prev, "logits": "teacher_logits"})
+        add(name, "stage", ("stages", i), _stage_config(loaded, i, problems), {"model": prev, "logits": "teacher_logits"})
         prev = name
 
     for i, b in enumerate(cfg.baselines):

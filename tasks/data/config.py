@@ -68,11 +68,15 @@ class TeacherLogitsConfig(TaskConfig):
 
     @model_validator(mode="after")
     def _gpus_need_a_gpu_pass(self):
-        cpu = self.device == "cpu" or (self.device == "auto" and self.use_gpu is False)
-        if cpu and self.gpus_per_actor not in (1, "auto"):
-            raise ValueError(cpu_pass_with_gpus(self.gpus_per_actor, "device: cpu" if self.device == "cpu"
-                                                else "resources.use_gpu: false"))
+        # At parse time only what the config itself says: a CPU pass on any cluster.
+        self._check_gpus_on(self.pass_device(cluster_has_gpus=True))
         return self
+
+    def _check_gpus_on(self, device: str) -> None:
+        if device == "cpu" and self.gpus_per_actor not in (1, "auto"):
+            why = ("device: cpu" if self.device == "cpu" else "resources.use_gpu: false" if self.use_gpu is False
+                   else "the Ray cluster has no GPUs and neither logits.device nor resources.use_gpu asks for them")
+            raise ValueError(cpu_pass_with_gpus(self.gpus_per_actor, why))
 
     def pass_device(self, cluster_has_gpus: bool) -> str:
         """"cuda" or "cpu". `auto` follows the workflow's resources.use_gpu when it is set (a cluster that
@@ -92,12 +96,8 @@ class TeacherLogitsConfig(TaskConfig):
         device = self.pass_device(facts.cluster_has_gpus)
         on_gpu = device == "cuda"
         dtype = resolve_dtype(self.dtype, on_gpu)
+        self._check_gpus_on(device)
         if not on_gpu:
-            if self.gpus_per_actor not in (1, "auto"):
-                raise ValueError(cpu_pass_with_gpus(self.gpus_per_actor, "device: cpu" if self.device == "cpu" else
-                                                    "resources.use_gpu: false" if self.use_gpu is False else
-                                                    "the Ray cluster has no GPUs and neither logits.device nor "
-                                                    "resources.use_gpu asks for them"))
             gpus = 0
         elif self.gpus_per_actor != "auto":
             gpus = int(self.gpus_per_actor)

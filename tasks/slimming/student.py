@@ -16,7 +16,8 @@ from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.storage import write_json_atomic
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE, load_moments, slice_moments
 from slimmoe.tasks.slimming.scores import all_reduce_scores, kd_score_loss, next_token_score_loss, score_model
-from slimmoe.tasks.slimming.stage_run import Cut, StageRun
+from slimmoe.tasks.slimming.config import Cut
+from slimmoe.tasks.slimming.stage_run import StageRun
 from slimmoe.tasks.slimming.surgery import apply_plan, keep_plan
 
 CALIBRATION_SEED_OFFSET = 7919  # calibration rows are drawn apart from the training order
