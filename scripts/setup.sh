@@ -10,7 +10,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        "$PY" -m pip install -q "torch>=2.4,<2.16"
+        "$PY" -m pip install -q "torch>=2.9,<2.16"
     else
         # CPU build. Elsewhere than the project's machines, set
         # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to get the CPU wheel.

@@ -1,4 +1,5 @@
-"""The fsdp strategy: sharded loading, sharded Taylor scores, the stage end to end, resume after SIGKILL."""
+"""The fsdp strategy: sharded loading, sharded Taylor scores, the gathered save in the Hub layout, the stage end
+to end, resume after SIGKILL."""
 
 import json
 from pathlib import Path
@@ -12,10 +13,11 @@ from slimmoe.tasks.nodes.stage import run_stage
 from slimmoe.tasks.slimming.scores import Scores, next_token_score_loss, taylor_scores
 from slimmoe.tasks.slimming.surgery import keep_plan
 from stage_helpers import SEQ, run_stage_killing_rank1, held_out_kl, stage_cfg
-from tiny import tiny_model
+from tiny import FAMILIES, checkpoint_tensors, tiny_model
 
 SCORE_FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
 WORLD = 2
+BF16_SAVE_FAMILY = "phimoe"  # renames modules on disk as well as splitting the experts
 
 
 def _calibration(seed: int = 0) -> list[torch.Tensor]:
@@ -23,21 +25,28 @@ def _calibration(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(3, 96, (2, 12), generator=g) for _ in range(3)]
 
 
-def _sharded_scores_worker(rank: int, root: str):
+def _sharded_worker(rank: int, root: str):
+    """Every family sharded over two gloo ranks: its Taylor scores (SCORE_FAMILIES) and its gathered save."""
     import torch.distributed as dist
 
     from slimmoe.tasks.slimming import fsdp
 
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
     try:
-        for family in SCORE_FAMILIES:
+        for family in FAMILIES:
             model = fsdp.sharded_model_from(Path(root) / family, torch.device("cpu"))
-            full = sum(p.numel() * p.element_size() for p in model.parameters())
-            with_heads = family != "deepseek_v3"
-            scores = fsdp.sharded_taylor_scores(model, _calibration(), next_token_score_loss, with_heads=with_heads)
-            scores.save(Path(root) / f"{family}.rank{rank}.safetensors")
-            (Path(root) / f"{family}.rank{rank}.json").write_text(
-                json.dumps({"local": fsdp.local_param_bytes(model), "full": full}))
+            if family in SCORE_FAMILIES:
+                full = sum(p.numel() * p.element_size() for p in model.parameters())
+                with_heads = family != "deepseek_v3"
+                scores = fsdp.sharded_taylor_scores(model, _calibration(), next_token_score_loss, with_heads=with_heads)
+                scores.save(Path(root) / f"{family}.rank{rank}.safetensors")
+                (Path(root) / f"{family}.rank{rank}.json").write_text(
+                    json.dumps({"local": fsdp.local_param_bytes(model), "full": full}))
+            written = fsdp.save_sharded_model(model, Path(root) / f"{family}.saved", config_from=Path(root) / family)
+            assert (written is None) == (rank != 0)
+            if family == BF16_SAVE_FAMILY:
+                fsdp.save_sharded_model(model, Path(root) / f"{family}.saved_bf16", config_from=Path(root) / family,
+                                        dtype=torch.bfloat16)
         # Recomputing activations in backward must run each layer twice and give the same gradients.
         result = {}
         for recompute in (False, True):
@@ -54,10 +63,18 @@ def _sharded_scores_worker(rank: int, root: str):
         dist.destroy_process_group()
 
 
-def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(tmp_path):
-    for family in SCORE_FAMILIES:
-        tiny_model(family).save_pretrained(tmp_path / family)  # as transformers 5 saves: experts one by one
-    mp.spawn(_sharded_scores_worker, args=(str(tmp_path),), nprocs=WORLD)
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    """One two-rank spawn for the tests below (each spawn costs seconds)."""
+    root = tmp_path_factory.mktemp("sharded")
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(root / family)  # as transformers 5 saves: experts one by one
+    mp.spawn(_sharded_worker, args=(str(root),), nprocs=WORLD)
+    return root
+
+
+def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(sharded_run):
+    tmp_path = sharded_run
     for family in SCORE_FAMILIES:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / family)
         want = taylor_scores(model, _calibration(), next_token_score_loss, with_heads=family != "deepseek_v3")
@@ -79,6 +96,24 @@ def test_sharded_hook_scores_equal_unsharded_full_gradient_scores(tmp_path):
                               rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sharded_save_writes_what_save_pretrained_writes(family, sharded_run, tmp_path):
+    """Two ranks: the Hub layout (per-expert tensors under the family's names), not the model's fused names."""
+    model = AutoModelForCausalLM.from_pretrained(sharded_run / family)
+    model.save_pretrained(tmp_path / "want")
+    outputs = [("saved", torch.float32, tmp_path / "want")]
+    if family == BF16_SAVE_FAMILY:
+        model.to(torch.bfloat16).save_pretrained(tmp_path / "want_bf16")
+        outputs.append(("saved_bf16", torch.bfloat16, tmp_path / "want_bf16"))
+    for out, dtype, want_dir in outputs:
+        want, got = checkpoint_tensors(want_dir), checkpoint_tensors(sharded_run / f"{family}.{out}")  # safe_open
+        assert sorted(got) == sorted(want), (family, out, sorted(set(got) ^ set(want)))
+        for name, t in want.items():
+            assert got[name].dtype == t.dtype and got[name].shape == t.shape, (family, out, name)
+            assert torch.equal(got[name], t), (family, out, name)
+        assert {t.dtype for t in got.values() if t.is_floating_point()} == {dtype}, (family, out)
+
+
 def test_the_gathered_save_writes_hugging_face_files_that_load_shards_reads_back(tmp_path):
     """World 1, no process group: the unsharded path of the same functions (the fsdp stage below covers 2 ranks)."""
     from slimmoe.tasks.slimming import fsdp
@@ -98,10 +133,18 @@ def test_the_gathered_save_writes_hugging_face_files_that_load_shards_reads_back
     files = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == sorted(want)  # the model's own (fused) names
+    assert sorted(index["weight_map"]) == sorted(checkpoint_tensors(tmp_path / "src"))  # save_pretrained's names
+    assert sorted(checkpoint_tensors(tmp_path / "one")) == sorted(index["weight_map"])
+    tokens = _calibration()[0]
+    with torch.no_grad():
+        logits = model(tokens).logits
     for out, dtype in (("one", torch.float32), ("many", torch.bfloat16)):
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=dtype).state_dict()
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=dtype)
+        got = loaded.state_dict()
         assert all(got[n].dtype == dtype and torch.equal(got[n], t.to(dtype)) for n, t in want.items()), out
+        if dtype == torch.float32:
+            with torch.no_grad():
+                assert torch.equal(loaded(tokens).logits, logits)
 
 
 def _kept(scores_file: Path, model_dir: Path, targets):

@@ -5,6 +5,7 @@ its fix before any node starts, and --allow-infeasible lets it through."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,7 @@ def test_the_plan_and_the_nodes_resolve_the_same_settings(phi_dir, monkeypatch, 
     """Every setting the plan reports is what the node derives from the same facts: the plan passes the
     workflow's resources, the node reads the cluster; both call the config's own methods."""
     import slimmoe.tasks.nodes.teacher_logits as teacher_node
+    from slimmoe.tasks.core.kernels import GPU_CAPABILITY
     from slimmoe.tasks.data.config import PassFacts
     from slimmoe.workflows.dag import build_dag
 
@@ -266,14 +268,16 @@ def test_the_plan_and_the_nodes_resolve_the_same_settings(phi_dir, monkeypatch, 
     dag = build_dag(CONFIGS / "phi-mini-moe.yaml", overrides={"teacher": {"path": str(phi_dir)}, **changes},
                     check_env=False, check_storage=False)
 
-    # The teacher pass as the node resolves it on a cluster with these facts.
-    facts = PassFacts(cluster_has_gpus=use_gpu, gpu_memory_bytes=80 * GB if use_gpu else None, gpus_per_node=8)
+    # The teacher pass as the node resolves it on a cluster with these facts (an actor adds its GPU's
+    # capability, which the plan takes from --gpu a100).
+    a100 = GPU_CAPABILITY["a100"] if use_gpu else None
+    facts = PassFacts(cluster_has_gpus=use_gpu, gpu_memory_bytes=80 * GB if use_gpu else None, gpus_per_node=8,
+                      gpu_capability=a100)
     monkeypatch.setattr(teacher_node, "pass_facts", lambda cfg: facts)
     monkeypatch.setattr(teacher_node, "_biggest_node_gpus", lambda: 8)
     node = teacher_node.resolve_teacher_pass(dag.nodes["teacher_logits"].task_config, phi_config(), 4096)
-    assert planned["teacher_logits"] == {"device": node.device, "dtype": node.dtype,
-                                         "gpus_per_actor": node.gpus_per_actor,
-                                         "pipeline_depth": node.pipeline_depth, "torch_threads": node.torch_threads}
+    assert planned["teacher_logits"] == asdict(node)
+    assert node.experts_kernel == ("eager" if use_gpu else "grouped_mm")  # sm80 has no native grouped GEMM
     assert node.device == ("cuda" if use_gpu else "cpu")
     assert node.gpus_per_actor == (0 if not use_gpu else 2 if gpus_per_actor == "auto" else 1)
 
@@ -281,7 +285,7 @@ def test_the_plan_and_the_nodes_resolve_the_same_settings(phi_dir, monkeypatch, 
         cfg = n.task_config
         if n.kind == "stage":
             assert planned[name] == {"strategy": cfg.resolved_strategy(), "dtype": cfg.train_dtype(),
-                                     "world": cfg.world()}
+                                     "world": cfg.world(), "experts_kernel": cfg.experts_kernel(use_gpu, a100)}
             assert planned[name]["dtype"] == ("bfloat16" if use_gpu else "float32")
         elif n.kind == "evaluate":  # the node: cfg.run_device(torch.cuda.is_available()) on its own process
             device = cfg.run_device(use_gpu)

@@ -1,5 +1,6 @@
-"""core/safetensors_files: the one header reader, the one reader by model name (both layouts), the one
-sharded writer (Hugging Face's one-file and many-file rules, written atomically), checkpoint_dtype."""
+"""core/safetensors_files: the one header reader, the one reader by model name (both layouts), the Hub
+layout both sides share, the one sharded writer (Hugging Face's one-file and many-file rules, written
+atomically), checkpoint_dtype."""
 
 import json
 from pathlib import Path
@@ -11,8 +12,8 @@ from safetensors.torch import save_file
 
 from slimmoe.tasks.core.adapters import get_adapter
 from slimmoe.tasks.core.safetensors_files import (SAFETENSORS_INDEX, BrokenCheckpointError, CheckpointTensors,
-                                                  TensorSpec, check_safetensors, checkpoint_dtype, read_header,
-                                                  spec_of, write_sharded)
+                                                  TensorSpec, check_safetensors, checkpoint_dtype, hub_tensors,
+                                                  read_header, spec_of, write_sharded)
 from tiny import checkpoint_tensors, tiny_model
 
 
@@ -91,6 +92,27 @@ def test_either_layout_reads_the_same_tensors_under_the_models_names(family, tmp
         assert not src.has("model.layers.0.mlp.experts.nothing")
         with pytest.raises(KeyError, match="stores no tensor for model.layers.0.mlp.experts.nothing"):
             src.rows("model.layers.0.mlp.experts.nothing", 0, 1)
+
+
+@pytest.mark.parametrize("family", ["phimoe", "qwen3_moe", "gpt_oss"])
+def test_the_hub_layout_is_what_save_pretrained_writes_and_what_the_reader_reads(family, tmp_path):
+    """phimoe renames modules and splits experts into w1/w3/w2, qwen3_moe splits them into
+    gate_proj/up_proj/down_proj, gpt_oss stores them fused under the model's names."""
+    model = tiny_model(family)
+    adapter, state = get_adapter(model), model.state_dict()
+    model.save_pretrained(tmp_path / "want")
+    want = checkpoint_tensors(tmp_path / "want")
+    hub = {h.name: (name, h) for name, t in state.items() for h in hub_tensors(name, t.shape, adapter)}
+    assert sorted(hub) == sorted(want)
+    for disk_name, (name, h) in hub.items():
+        assert h.shape == tuple(want[disk_name].shape) and torch.equal(h.cut(state[name]), want[disk_name]), disk_name
+    (tmp_path / "written").mkdir()
+    write_sharded(tmp_path / "written", [spec_of(n, h.shape, state[m].dtype) for n, (m, h) in hub.items()],
+                  lambda s: iter([hub[s.name][1].cut(state[hub[s.name][0]])]))
+    src = CheckpointTensors(tmp_path / "written", adapter)
+    assert all(torch.equal(src.full(name), t) for name, t in state.items())
+    with pytest.raises(ValueError, match="does not split into 2 equal parts"):
+        hub_tensors("model.layers.0.mlp.experts.gate_up_proj", (4, 7, 3), get_adapter(tiny_model("qwen3_moe")))
 
 
 def test_reads_by_disk_name_take_ranges_and_index_lists(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 from pydantic import ValidationError
 
 from slimmoe.tasks.core.dtypes import dtype_bytes
+from slimmoe.tasks.core.kernels import GPU_CAPABILITY
 from slimmoe.tasks.data.config import PassFacts
 from slimmoe.tasks.planning import flops as F
 from slimmoe.tasks.planning.cache import cache_bytes, cache_bytes_per_token
@@ -362,7 +363,7 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
     lc = node.task_config
     shape = model_shape(ctx.configs["teacher"])
     facts = PassFacts(cluster_has_gpus=ctx.loaded.config.resources.use_gpu, gpu_memory_bytes=ctx.gpu_bytes,
-                      gpus_per_node=GPUS_PER_NODE)
+                      gpus_per_node=GPUS_PER_NODE, gpu_capability=GPU_CAPABILITY.get(ctx.options.gpu or ""))
     loc = ("logits", "gpus_per_actor")
     plan = NodePlan(node.name, node.kind, "cpu", lc.actor_pool_size, params_before=_params(shape),
                     tokens=ctx.data_tokens)
@@ -525,7 +526,8 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         trained = [model_shape(slimmed_config(config_in, c.targets)) for c in cuts]
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.world(),
                     params_before=_params(shape_in), params_after=_params(shape_out),
-                    settings={"strategy": cfg.resolved_strategy(), "dtype": dtype, "world": cfg.world()})
+                    settings={"strategy": cfg.resolved_strategy(), "dtype": dtype, "world": cfg.world(),
+                              "experts_kernel": cfg.experts_kernel(on_gpu, GPU_CAPABILITY.get(ctx.options.gpu or ""))})
     # A gradual cut trains its first (largest) student first: that is the training peak.
     plan.phases = _stage_memory(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu)
     plan.memory = _peak(plan.phases)

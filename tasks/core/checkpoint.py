@@ -49,8 +49,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
         # Loaded straight to each module's device (never whole on one), with hooks that move the
         # activations between devices.
         return AutoModelForCausalLM.from_pretrained(Path(model_dir), device_map=device_map, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(Path(model_dir), **kwargs)
-    return model.to(device)
+    if torch.device(device).type != "cpu":
+        # Straight onto the device, tensor by tensor: through the host, eight teacher actors of a node
+        # would each hold a whole copy of the teacher in host memory at once.
+        return AutoModelForCausalLM.from_pretrained(Path(model_dir), device_map={"": torch.device(device)}, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(Path(model_dir), **kwargs)
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:

@@ -10,6 +10,10 @@ writes them.
   `save_pretrained` writes and the Hub holds), assembled into the fused tensor from just the experts
   asked for. Every read opens the file afresh: safetensors memory-maps it, and every page a read
   touches stays resident while the file is open, so a file kept open would end up wholly in RSS.
+- `hub_tensors` is the Hub layout itself: the tensors `save_pretrained` writes for one model tensor
+  (a fused expert tensor becomes one tensor per expert and projection, under the family's names)
+  and where each lies in the model tensor. `CheckpointTensors` reads by the same description
+  (`per_expert_patterns`): the layout the fsdp stage writes and the one it reads are defined once.
 - `write_sharded` writes tensors one piece at a time into shards whose headers are computed before
   any data is read, under Hugging Face's rule (`save_pretrained`'s): one file is `model.safetensors`
   with no index; more files are `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
@@ -140,6 +144,54 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return next((name for code, name in _NARROW_FLOATS.items() if code in stored), "float32")
 
 
+# -- the Hub layout ---------------------------------------------------------------------------------
+
+def per_expert_patterns(model_name: str, adapter) -> list[str] | None:
+    """The on-disk names (one `{e}` each) of the tensors a fused expert tensor is stored as, one set per
+    expert, in the order their rows make up that expert's slice along dim 1 (gate_up_proj [E, 2I, H]:
+    gate rows, then up rows; down_proj [E, H, I]: one tensor). None: the tensor is stored whole."""
+    names = adapter.checkpoint_expert_names if adapter is not None else None
+    if not names:
+        return None
+    for fused, parts in (("gate_up_proj", names[:2]), ("down_proj", names[2:])):
+        if model_name.endswith(".experts." + fused):
+            prefix = adapter.checkpoint_name(model_name[: -len(fused)])
+            return [prefix + "{e}." + p + ".weight" for p in parts]
+    return None
+
+
+@dataclass(frozen=True)
+class HubTensor:
+    """One tensor of the Hub layout, and where it lies in the model tensor it is cut from."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert: int | None = None  # None: the whole model tensor
+    rows: tuple[int, int] = (0, 0)  # [start, end) along dim 1 of the model tensor, within `expert` (if any)
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        """This tensor out of the whole model tensor: a view, contiguous when `full` is."""
+        if self.expert is None:
+            return full
+        return full[self.expert, self.rows[0]:self.rows[1]]
+
+
+def hub_tensors(model_name: str, shape: Sequence[int], adapter) -> list[HubTensor]:
+    """The tensors transformers 5 `save_pretrained` writes for the model tensor `model_name` of (global)
+    `shape`, experts in order: a fused expert tensor [E, R, ...] becomes E x n tensors of [R / n, ...]
+    under the family's n per-expert names; anything else is one tensor under its on-disk name."""
+    shape = tuple(shape)
+    patterns = per_expert_patterns(model_name, adapter)
+    if patterns is None:
+        return [HubTensor(adapter.checkpoint_name(model_name) if adapter is not None else model_name, shape)]
+    per, rest = divmod(shape[1], len(patterns))
+    if rest:
+        raise ValueError(f"{model_name} {shape}: dim 1 does not split into {len(patterns)} equal parts "
+                         f"({', '.join(p.format(e=0) for p in patterns)})")
+    return [HubTensor(p.format(e=e), (per, *shape[2:]), e, (i * per, (i + 1) * per))
+            for e in range(shape[0]) for i, p in enumerate(patterns)]
+
+
 # -- reading ----------------------------------------------------------------------------------------
 
 class CheckpointTensors:
@@ -178,20 +230,9 @@ class CheckpointTensors:
         names = (model_name,) if self.adapter is None else (model_name, self.adapter.checkpoint_name(model_name))
         return next((n for n in names if n in self.entries), None)
 
-    def _per_expert(self, model_name: str) -> list[str] | None:
-        """The on-disk name patterns (one `{e}` each) a fused tensor is split into, when the family splits it."""
-        names = self.adapter.checkpoint_expert_names if self.adapter is not None else None
-        if not names:
-            return None
-        for fused, parts in (("gate_up_proj", names[:2]), ("down_proj", names[2:])):
-            if model_name.endswith(".experts." + fused):
-                prefix = self.adapter.checkpoint_name(model_name[: -len(fused)])
-                return [prefix + "{e}." + p + ".weight" for p in parts]
-        return None
-
     def _stored_per_expert(self, model_name: str) -> list[str]:
         """The per-expert patterns of a fused tensor the checkpoint stores split, or KeyError."""
-        patterns = self._per_expert(model_name)
+        patterns = per_expert_patterns(model_name, self.adapter)
         if patterns is None or patterns[0].format(e=0) not in self.entries:
             renamed = self.adapter.checkpoint_name(model_name) if self.adapter is not None else model_name
             raise KeyError(f"{self.model_dir} stores no tensor for {model_name} (looked for {renamed} and "
@@ -201,7 +242,7 @@ class CheckpointTensors:
     def has(self, model_name: str) -> bool:
         if self.find(model_name) is not None:
             return True
-        patterns = self._per_expert(model_name)
+        patterns = per_expert_patterns(model_name, self.adapter)
         return patterns is not None and patterns[0].format(e=0) in self.entries
 
     def shape(self, model_name: str) -> tuple[int, ...]:
@@ -223,7 +264,7 @@ class CheckpointTensors:
         if name is not None:
             return self.read(name, (slice(start, end),))
         patterns = self._stored_per_expert(model_name)
-        # gate rows first, then up: the fused layout of gate_up_proj [E, 2I, H]
+        # the patterns come in the order of an expert's rows
         experts = [torch.cat([self.read(p.format(e=e)) for p in patterns], dim=0) for e in range(start, end)]
         return torch.stack(experts) if experts else torch.empty((0, *self.shape(model_name)[1:]))
 

@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from slimmoe.tasks.core.dtypes import dtype_bytes, resolve_dtype
+from slimmoe.tasks.core.kernels import experts_kernel
 from slimmoe.tasks.core.settings import TaskConfig
 
 GB = 1e9
@@ -42,7 +43,9 @@ class TeacherLogitsConfig(TaskConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     use_gpu: Optional[bool] = None
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] = "grouped_mm"
+    # auto: the device's kernel (`core.kernels.experts_kernel`: grouped_mm on CPU and on GPUs with native
+    # grouped GEMM over 16-bit weights, eager on the others).
+    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = "auto"
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1, description="default: the actor's CPU count")
     memory_per_actor_gb: Optional[float] = Field(None, gt=0)
@@ -116,7 +119,18 @@ class TeacherLogitsConfig(TaskConfig):
         threads = self.torch_threads_per_actor()
         # A finish that has to share the forward's cores slows both: pipeline only with a spare CPU or a GPU.
         depth = self.pipeline_depth or (2 if on_gpu or self.cpus_per_actor >= threads + 1 else 1)
-        return TeacherPass(device, dtype, gpus, depth, threads)
+        return TeacherPass(device, dtype, gpus, depth, threads, self.experts_kernel(on_gpu, facts.gpu_capability, dtype))
+
+    def experts_kernel(self, on_gpu: bool, capability: Optional[tuple[int, int]], dtype: str) -> str:
+        return self.kernel_for(self.experts_implementation, on_gpu, capability, dtype)
+
+    @staticmethod
+    def kernel_for(requested: str, on_gpu: bool, capability: Optional[tuple[int, int]], dtype: str) -> str:
+        """The kernel the teacher's experts run with; "auto" when it depends on a GPU not known yet (each
+        actor then calls this with its own GPU's capability)."""
+        if on_gpu and capability is None and requested == "auto":
+            return "auto"
+        return experts_kernel(requested, on_gpu, capability, weights_16bit=dtype != "float32")
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class PassFacts:
     cluster_has_gpus: bool
     gpu_memory_bytes: Optional[int] = None  # one GPU's memory; None: unknown
     gpus_per_node: int = 8  # the most GPUs one actor may span (an actor's GPUs are on one node)
+    gpu_capability: Optional[tuple[int, int]] = None  # the GPUs' compute capability; None: unknown
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,7 @@ class TeacherPass:
     gpus_per_actor: int  # 0 on CPU: the actors ask Ray for no GPU at all
     pipeline_depth: int
     torch_threads: int
+    experts_kernel: str  # "auto": each actor decides on its own GPU (`TeacherLogitsConfig.experts_kernel`)
 
 
 def cpu_pass_with_gpus(gpus_per_actor, why: str) -> str:

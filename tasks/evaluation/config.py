@@ -51,6 +51,14 @@ class EvaluateConfig(OnOneDevice, TaskConfig):
     def weights_dtype(self, device: str) -> str:
         return resolve_dtype(self.load_dtype, device.startswith("cuda"))
 
+    def experts_kernel_on(self, device) -> str:
+        """The kernel the evaluated model's experts run with on `device` (a torch device): the configured
+        one, else the device's for the weights' dtype (`core.kernels.experts_kernel`)."""
+        from slimmoe.tasks.core.kernels import device_capability, experts_kernel
+
+        return experts_kernel(self.experts_implementation, device.type == "cuda", device_capability(device),
+                              weights_16bit=self.weights_dtype(device.type) != "float32")
+
     @field_validator("lm_eval_tasks", mode="before")
     @classmethod
     def _split_tasks(cls, v):

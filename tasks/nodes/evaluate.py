@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from slimmoe.tasks.core.checkpoint import has_tokenizer, load_config, load_model
+from slimmoe.tasks.core.kernels import enable_gpu_numerics
 from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.runtime import DTYPES, resolve_device
@@ -97,6 +98,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
                 raise ValueError(f"the logit cache has seq_len {cache.seq_len} but the token split {tokens.seq_len}; "
                                  "pass the teacher-logits output made from this tokens_dir")
 
+    enable_gpu_numerics(device)
     memory = PeakMemory(device)
     memory.start()
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
         model = load_quantized(model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code).eval()
     else:
         model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                           experts_implementation=cfg.experts_implementation).eval()
+                           experts_implementation=cfg.experts_kernel_on(device)).eval()
     if cache is not None:
         vocab = model.get_output_embeddings().weight.shape[0]
         if cache.vocab_size != vocab:

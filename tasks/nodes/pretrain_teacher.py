@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from slimmoe.tasks.core.params import count_parameters
+from slimmoe.tasks.core.kernels import enable_gpu_numerics
 from slimmoe.tasks.core.runtime import resolve_device
 from slimmoe.tasks.core.storage import ensure_free_output, write_json_atomic
 from slimmoe.tasks.pretraining.config import PretrainTeacherConfig
@@ -73,7 +74,8 @@ def _run(cfg: PretrainTeacherConfig, out_dir: Path, corpus: dict, device: torch.
         f"({time.perf_counter() - t0:.1f}s)")
 
     torch.manual_seed(cfg.seed)  # model init does not depend on how much randomness tokenization used
-    model = build_model(cfg, vocab_size).to(device)
+    enable_gpu_numerics(device)
+    model = build_model(cfg, vocab_size, device).to(device)
     params = count_parameters(model)
     log(f"[pretrain_teacher] PhiMoE {params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active), "
         f"device {device}, threads {torch.get_num_threads()}, experts kernel {model.config._experts_implementation}")

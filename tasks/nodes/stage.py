@@ -31,7 +31,7 @@ from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerpr
 from slimmoe.tasks.slimming.config import (Cut, ModelSizes, StageConfig, check_score_loss, gradual_cuts, stage_steps,
                                            validate_targets)
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
-from slimmoe.tasks.slimming.stage_run import StageRun
+from slimmoe.tasks.slimming.stage_run import StageRun, StageWorkerError
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
@@ -112,15 +112,23 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     try:
         trainer.fit()
     except Exception as err:
-        damaged = _cache_error(err)
-        if damaged is None:
+        damaged = _worker_errors(err, LogitCacheError)
+        if damaged:
+            # Ray Train wraps the worker's error in its own report; the file and the fix are what matter.
+            raise LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: "
+                                  f"{damaged[0]}") from err
+        failed = sorted(_worker_errors(err, StageWorkerError), key=lambda e: e.rank)
+        if not failed:
             raise
-        # Ray Train wraps the worker's error in its own report; the file and the fix are what matter.
-        raise LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: {damaged}") from err
+        others = "".join(f"; rank {e.rank} also failed ({e.phase})" for e in failed[1:])
+        raise StageFailedError(f"{failed[0]}{others}. Every rank of the stage was stopped; running the stage again "
+                               f"resumes from its last checkpoint") from err
     if run.nonfinite_file.exists():
-        nonfinite = json.loads(run.nonfinite_file.read_text())["step"]
+        nonfinite = json.loads(run.nonfinite_file.read_text())
+        ranks = ", ".join(map(str, nonfinite.get("ranks", [])))
         raise FloatingPointError(
-            f"{name}: the distillation loss became NaN or inf at step {nonfinite}; nothing was saved as final. "
+            f"{name}: the distillation loss became NaN or inf at step {nonfinite['step']} on rank {ranks} of "
+            f"{nonfinite.get('world', 1)}; every rank stopped together and nothing was saved as final. "
             "Lower lr, raise warmup_fraction, or check the logit cache with `slimmoe logits inspect`."
         )
     if not (run.final_dir / "config.json").exists():
@@ -131,21 +139,25 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
     return _headline(metrics)
 
 
-def _cache_error(err: BaseException) -> LogitCacheError | None:
-    """The LogitCacheError a worker raised, found inside Ray Train's failure (worker_failures, causes)."""
-    todo, seen = [err], set()
+class StageFailedError(RuntimeError):
+    """A stage's worker failed; the message names the stage, the rank, the step and the error."""
+
+
+def _worker_errors(err: BaseException, kind: type) -> list:
+    """The errors of type `kind` workers raised, found inside Ray Train's failure (its worker_failures
+    by rank, the causes of Ray's task errors)."""
+    todo, seen, found = [err], set(), []
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)  # a RayTaskError's original exception
-        if isinstance(cause, LogitCacheError):
-            return cause
-        if isinstance(e, LogitCacheError):
-            return e
+        cause = getattr(e, "cause", None)  # a RayTaskError's original exception, before Ray's copy of it
+        if isinstance(cause, kind) or isinstance(e, kind):
+            found.append(cause if isinstance(cause, kind) else e)
+            continue
         todo += [cause, e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
-    return None
+    return found
 
 
 def _assemble_output(run: StageRun, out_dir: Path, metrics: dict) -> None:

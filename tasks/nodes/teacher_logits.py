@@ -69,6 +69,7 @@ from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerpr
 from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
 from slimmoe.tasks.core.dtypes import dtype_bytes
+from slimmoe.tasks.core.kernels import device_capability, enable_gpu_numerics
 from slimmoe.tasks.data.config import PassFacts, TeacherLogitsConfig, TeacherPass
 from slimmoe.tasks.data.formats import (LogitCacheError, LogitCacheManifest, TeacherLogitsManifest, ids_dtype,
                                         list_column_to_numpy, numpy_to_binary_column, read_manifest, write_parquet_file)
@@ -103,6 +104,11 @@ class _TeacherActor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if device == "cuda":
+            enable_gpu_numerics(torch.device("cuda"))
+            experts_implementation = TeacherLogitsConfig.kernel_for(
+                experts_implementation, True, device_capability(torch.device("cuda")), dtype)
+        self.experts_implementation = experts_implementation
         self.torch = torch
         self.device = device
         self.k = k
@@ -378,7 +384,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
     ds = ds.map_batches(
         _TeacherActor, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs=dict(teacher_dir=str(teacher_dir.resolve()), k=cfg.k, dtype=dtype, device=device,
-                                   gpus=gpus, experts_implementation=cfg.experts_implementation,
+                                   gpus=gpus, experts_implementation=resolved.experts_kernel,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads, vocab_size=vocab_size,
                                    split_of_path=split_of_path, pipeline_depth=depth,
                                    head_reserve_bytes=head_reserve),
@@ -422,7 +428,7 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
             compression=cfg.compression, files=files, disk_bytes=disk,
             bytes_per_token=disk / max(1, tokens), teacher_dir=str(teacher_dir.resolve()),
             tokenizer_path=tokenizer_path, tokens_dir=str(inputs[name].resolve()),
-            compute={"device": device, "dtype": dtype, "experts_implementation": cfg.experts_implementation,
+            compute={"device": device, "dtype": dtype, "experts_implementation": resolved.experts_kernel,
                      "actor_pool_size": cfg.actor_pool_size, "gpus_per_actor": gpus, "pipeline_depth": depth,
                      "batch_size": cfg.batch_size},
         ).write(split_dir)
@@ -442,5 +448,5 @@ def run_teacher_logits(cfg: TeacherLogitsConfig, teacher_dir: str | Path, tokens
         "storage_ratio": disk / max(1, tokens) / (2 * vocab_size), "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else None, "device": device, "dtype": dtype, "gpus_per_actor": gpus,
         "pipeline_depth": depth,
-        "experts_implementation": cfg.experts_implementation, "teacher_fingerprint": teacher_fp,
+        "experts_implementation": resolved.experts_kernel, "teacher_fingerprint": teacher_fp,
     }

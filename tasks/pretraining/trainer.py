@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from slimmoe.tasks.core.kernels import device_capability, experts_kernel
 from slimmoe.tasks.core.runtime import step_progress, warmup_cosine
 from slimmoe.tasks.evaluation.metrics import sequence_nll
 from slimmoe.tasks.pretraining.config import PretrainTeacherConfig
@@ -15,7 +16,7 @@ from slimmoe.tasks.pretraining.corpus import BOS_ID, EOS_ID, PAD_ID
 from slimmoe.tasks.slimming.losses import next_token_loss
 
 
-def build_model(cfg: PretrainTeacherConfig, vocab_size: int):
+def build_model(cfg: PretrainTeacherConfig, vocab_size: int, device):
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -28,9 +29,12 @@ def build_model(cfg: PretrainTeacherConfig, vocab_size: int):
     )
     model = AutoModelForCausalLM.from_config(config)
     # The kernel choice lives in the runtime config only (transformers drops it from config.json),
-    # so the saved checkpoint loads anywhere with the library default.
-    if cfg.experts_implementation and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(cfg.experts_implementation)
+    # so the saved checkpoint loads anywhere with the library default. On a GPU the weights stay float32
+    # under bf16 autocast, where grouped_mm would compute the experts one at a time in float32.
+    kernel = experts_kernel(cfg.experts_implementation, device.type == "cuda", device_capability(device),
+                            weights_16bit=False)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(kernel)
     return model
 
 

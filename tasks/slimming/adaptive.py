@@ -4,7 +4,7 @@ would have spent go to the next stage.
 The held-out rows are the last `early_stop_rows` rows of the validation logit cache (evaluation
 reads that split from its first row, so a validation split longer than both keeps them apart).
 Every rank scores its share of the rows and the sums are all-reduced, so every rank sees the same
-KL and stops at the same step.
+KL and stops at the same step, under every strategy (fsdp included: see `HeldOutKL`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from slimmoe.tasks.slimming.losses import per_token_kl
 
 
 class HeldOutKL:
-    """Mean per-token KL(teacher || student) on fixed held-out rows, identical on every rank."""
+    """Mean per-token KL(teacher || student) on fixed held-out rows, identical on every rank.
+
+    Every rank runs the same number of forwards on batches of the same shape, whether or not the rows
+    divide by the world size: under FSDP each forward is a sequence of all-gathers, and a rank with a
+    batch fewer would leave the others waiting in one. A rank short of rows fills its last batch with
+    copies of a held-out row that count zero."""
 
     def __init__(self, cache, rows: int, rank: int, world: int, batch_size: int):
         take = min(rows, cache.num_rows)
@@ -26,20 +31,27 @@ class HeldOutKL:
             raise ValueError(f"{cache.path} holds no rows to measure the held-out KL on")
         self.rows = take
         self.world = world
+        first = cache.num_rows - take
+        mine = list(range(first, cache.num_rows))[rank::world]
+        per_rank = math.ceil(take / world)
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        mine += [first] * (per_rank - len(mine))
         # A few dozen rows, read once: every check scores the same ones.
-        mine = list(range(cache.num_rows - take, cache.num_rows))[rank::world]
-        self.batches = [cache.read_rows(mine[s:s + batch_size]) for s in range(0, len(mine), batch_size)]
+        self.batches = [(cache.read_rows(mine[s:s + batch_size]), torch.tensor(weights[s:s + batch_size],
+                                                                               dtype=torch.float64))
+                        for s in range(0, per_rank, batch_size)]
 
     @torch.no_grad()
     def __call__(self, model, device) -> float:
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # KL sum, token count
-        for rows in self.batches:
+        for rows, weight in self.batches:
             b = {k: v.to(device) for k, v in rows.items()}
             logits = model(input_ids=b["input_ids"]).logits
-            kl = per_token_kl(logits.float(), b["topk_ids"], b["topk_logprobs"], b["rest_logprob"])
-            total += torch.stack([kl.double().sum(), torch.tensor(kl.numel(), dtype=torch.float64, device=device)])
+            kl = per_token_kl(logits.float(), b["topk_ids"], b["topk_logprobs"], b["rest_logprob"]).double()
+            weight = weight.to(device)
+            total += torch.stack([(kl.sum(dim=-1) * weight).sum(), weight.sum() * kl.shape[-1]])
         if self.world > 1:
             dist.all_reduce(total)
         model.train(was_training)

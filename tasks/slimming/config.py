@@ -224,9 +224,8 @@ class StageConfig(TaskConfig):
     log_interval: int = Field(default=10, gt=0)
     seed: int = 0
     # Execution.
-    # "auto": fsdp for a GPU stage with more than one worker (the only strategy that shards a model that
-    # does not fit one device), ddp otherwise (small models, CPU, the demo). Resolved at parse time, so the
-    # node's key and the workers see the concrete strategy.
+    # "auto": fsdp for a GPU stage (see `strategy_for`), ddp on CPU (small models, the demo). Resolved at
+    # parse time, so the node's key and the workers see the concrete strategy.
     strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
     zero_stage: Literal[1, 2] = 2
     # fsdp only: recompute each decoder layer's activations in backward instead of keeping them.
@@ -236,6 +235,7 @@ class StageConfig(TaskConfig):
     gpus_per_worker: float = Field(default=1, gt=0, description="with use_gpu; a fraction packs workers on one GPU")
     cpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=2, ge=0)
+    # None: the device's kernel (`experts_kernel_on`).
     experts_implementation: Optional[Literal["eager", "grouped_mm", "batched_mm"]] = None
     trust_remote_code: bool = False
 
@@ -262,16 +262,47 @@ class StageConfig(TaskConfig):
         return data
 
     @staticmethod
-    def strategy_for(strategy: str, use_gpu: bool, num_workers: int) -> str:
-        """The concrete strategy of `strategy` on `num_workers` workers with or without GPUs: `auto` is
-        fsdp for a GPU stage with more than one worker (the only strategy that shards a model that
-        does not fit one device), ddp otherwise (small models, CPU, the demo)."""
+    def strategy_for(strategy: str, use_gpu: bool, num_workers: int, ddp_only: bool = False) -> str:
+        """The concrete strategy of `strategy` on `num_workers` workers with or without GPUs. `auto` is fsdp
+        on GPUs: with several workers it is the only strategy that shards a model that does not fit one
+        device, and with one it still computes in bf16 over float32 master weights (FSDP2's mixed
+        precision), where ddp's autocast over float32 weights cannot use the grouped experts kernel. A
+        single GPU worker that asks for a ddp-only option (`ddp_only`) gets ddp. On CPU: ddp."""
         if strategy != "auto":
             return strategy
-        return "fsdp" if use_gpu and num_workers > 1 else "ddp"
+        if use_gpu and (num_workers > 1 or not ddp_only):
+            return "fsdp"
+        return "ddp"
+
+    def _ddp_only_options(self) -> list[str]:
+        """The options set here that rebuild or hand over the whole model and its optimizer on every rank."""
+        return [name for name, on in (("carry_optimizer", self.carry_optimizer),
+                                      ("keep_optimizer_state", self.keep_optimizer_state),
+                                      ("cut_steps", self.cut_steps > 1)) if on]
 
     def resolved_strategy(self) -> str:
-        return self.strategy_for(self.strategy, self.use_gpu, self.num_workers)
+        return self.strategy_for(self.strategy, self.use_gpu, self.num_workers, bool(self._ddp_only_options()))
+
+    def experts_weights_16bit(self) -> bool:
+        """Whether the expert weights are 16-bit while they compute: on GPU under fsdp (bf16 parameters) and
+        deepspeed (a bf16 module); not under ddp (autocast over float32 weights), nor on CPU."""
+        return self.use_gpu and self.resolved_strategy() in ("fsdp", "deepspeed")
+
+    def experts_kernel(self, on_gpu: bool, capability: Optional[tuple[int, int]]) -> str:
+        """The experts kernel the stage's models run with: the configured one, else the device's
+        (`core.kernels.experts_kernel`); "auto" for a GPU whose capability is not known yet (the plan
+        without --gpu: each worker decides on its own GPU)."""
+        from slimmoe.tasks.core.kernels import experts_kernel
+
+        if on_gpu and capability is None and self.experts_implementation is None:
+            return "auto"
+        return experts_kernel(self.experts_implementation, on_gpu, capability, self.experts_weights_16bit())
+
+    def experts_kernel_on(self, device) -> str:
+        """`experts_kernel` on a worker's torch device."""
+        from slimmoe.tasks.core.kernels import device_capability
+
+        return self.experts_kernel(device.type == "cuda", device_capability(device))
 
     def train_dtype(self) -> str:
         """The dtype the stage computes in and cuts for (expert rows must align in it)."""
@@ -298,11 +329,13 @@ class StageConfig(TaskConfig):
         strategy = self.resolved_strategy()
         if self.activation_checkpointing and strategy != "fsdp":
             raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {strategy})")
-        # These rebuild or hand over the whole model and its optimizer on every rank: ddp only.
-        for name, on in (("carry_optimizer", self.carry_optimizer), ("keep_optimizer_state", self.keep_optimizer_state),
-                         ("cut_steps", self.cut_steps > 1)):
-            if on and strategy != "ddp":
+        for name in self._ddp_only_options():
+            if strategy != "ddp":
                 raise ValueError(f"{name} needs strategy: ddp (this stage uses {strategy}); remove {name}")
+        if self.use_gpu and self.experts_implementation == "grouped_mm" and not self.experts_weights_16bit():
+            raise ValueError(f"experts_implementation: grouped_mm with strategy: {strategy} on GPU computes the experts "
+                             "one at a time in float32 (grouped_mm is not autocast-aware and ddp keeps float32 "
+                             "weights); remove experts_implementation (eager is chosen), or use strategy: fsdp")
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ never asks which strategy it runs; `engine_class` is the one place that chooses.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -117,7 +118,7 @@ class _WholeStudent(Engine):
     def resume_student(cls, run, ckpt_dir, device):
         from slimmoe.tasks.core.checkpoint import load_model
 
-        return load_model(ckpt_dir / "model", device=device, experts_implementation=run.cfg.experts_implementation)
+        return load_model(ckpt_dir / "model", device=device, experts_implementation=run.cfg.experts_kernel_on(device))
 
     def save(self, ckpt_dir, rank):
         if rank == 0:
@@ -138,12 +139,14 @@ class DDPEngine(_WholeStudent):
     """Plain PyTorch DDP (gloo on CPU, NCCL on GPU); bf16 autocast on GPU."""
 
     def _wrap(self, model, device):
+        # bf16 compute over the float32 masters; the experts run eager there (`StageConfig.experts_kernel`).
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        if rank_and_world()[1] == 1:
+            return model.to(device)
         import ray.train.torch as rt
 
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         # Experts that receive no token in a batch get no gradient: DDP must be told.
-        return rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-            if rank_and_world()[1] > 1 else model.to(device)
+        return rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def forward(self, input_ids):
         if self.autocast is None:
@@ -195,6 +198,25 @@ class DDPEngine(_WholeStudent):
         return engine
 
 
+def _float32_buffers(model) -> dict[str, torch.Tensor]:
+    return {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.dtype == torch.float32}
+
+
+def restore_buffers(model, saved: dict[str, torch.Tensor]) -> list[str]:
+    """Put back the float32 buffers a cast narrowed, with their exact values. Older DeepSpeed releases
+    (the range we allow starts at 0.16) call `module.bfloat16()` in bf16 mode, which also casts RoPE's
+    `inv_freq`: positions near 4k are then off by radians in training, while inference recomputes
+    float32 frequencies. Newer ones (0.19.8 here) cast parameters only. Returns the names restored."""
+    restored = []
+    for name, buf in model.named_buffers():
+        if name in saved and buf.dtype != torch.float32:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._buffers[attr] = saved[name].to(buf.device)
+            restored.append(name)
+    return restored
+
+
 class DeepSpeedEngine(_WholeStudent):
     """DeepSpeed ZeRO-1/2 (on CPU: DeepSpeed's CPU accelerator over gloo). ZeRO-3 is refused by the
     config: the student here is whole on every rank before DeepSpeed sees it, so use the fsdp
@@ -213,8 +235,16 @@ class DeepSpeedEngine(_WholeStudent):
             "steps_per_print": 10**9,
         }
         optimizer, scheduler = adamw(model.parameters(), cfg, total_steps, start_step, warmup)
+        float_buffers = _float32_buffers(model)
+        # DeepSpeed picks its GPU from LOCAL_RANK, which need not be the GPU Ray Train gave this worker
+        # (fractional gpus_per_worker, or workers that do not share CUDA_VISIBLE_DEVICES); name it.
+        args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+        if device.type == "cuda" and self.model.device != device:
+            raise RuntimeError(f"DeepSpeed placed the model on {self.model.device}, but this worker's device is {device}")
+        restore_buffers(model, float_buffers)
 
     def backward(self, loss, last_micro: bool):
         # DeepSpeed scales by gradient_accumulation_steps itself and steps only at the boundary.
@@ -247,7 +277,7 @@ class FSDPEngine(Engine):
         from slimmoe.tasks.slimming.fsdp import build_sharded
 
         # The weights come from the distributed checkpoint (`load`); the shape from the pruned model.
-        return build_sharded(load_config(run.pruned_dir), device, run.cfg.experts_implementation,
+        return build_sharded(load_config(run.pruned_dir), device, run.cfg.experts_kernel_on(device),
                              run.cfg.activation_checkpointing)
 
     def save(self, ckpt_dir, rank):

@@ -20,7 +20,10 @@ gradient is exactly that batch's gradient. Scoring therefore costs `num_workers`
 calibration compute of a ddp stage; it is a few thousand forward-backward passes against billions
 of training tokens.
 
-The final model is gathered one tensor at a time into safetensors that plain `from_pretrained` loads.
+The final model is gathered one tensor at a time and written in the layout transformers 5
+`save_pretrained` writes (the ddp stage's), the Hub's: routed experts one tensor per expert and
+projection under the family's names, which `from_pretrained`, vLLM, SGLang and llama.cpp's converter
+read.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from torch import nn
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
 from slimmoe.tasks.core.runtime import rank_and_world
-from slimmoe.tasks.core.safetensors_files import MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, spec_of, write_sharded
+from slimmoe.tasks.core.safetensors_files import (MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, hub_tensors,
+                                                  spec_of, write_sharded)
 from slimmoe.tasks.core.storage import atomic_output_dir
 from slimmoe.tasks.slimming.scores import Scores
 
@@ -283,10 +287,11 @@ def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: in
 def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str | Path, dtype: torch.dtype | None = None,
                        tokenizer_from: str | Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> Path | None:
-    """Gather the FSDP2 model one tensor at a time and write, on rank 0, a Hugging Face directory:
-    the config files of `config_from` and the weights under the model's own names as
-    `core.safetensors_files.write_sharded` writes them. Every rank must call it (the gathers are
-    collective, in state-dict order); rank 0 holds one gathered tensor at a time."""
+    """Gather the FSDP2 model one tensor at a time and write, on rank 0, a Hugging Face directory: the
+    config files of `config_from` and the weights under the names, shapes and values transformers 5
+    `save_pretrained` writes (`core.safetensors_files.hub_tensors`; tied weights left out), as
+    `write_sharded` writes them. Every rank must call it (the gathers are collective, one per tensor
+    in state-dict order); rank 0 holds one gathered tensor at a time."""
     rank, _ = rank_and_world()
     out_dir = Path(out_dir)
     tied = _tied_names(model)
@@ -294,25 +299,41 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
     buffers = dict(model.named_buffers())
     tensors = {n: params[n] if n in params else buffers[n] for n in model.state_dict().keys() if n not in tied}
 
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    if rank != 0:
+        for t in tensors.values():
+            full(t)  # only rank 0 writes: the others take part in the collective and drop its result
+        return None
+
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
-    def gathered(name: str) -> torch.Tensor:
-        t = tensors[name]
-        full = t.full_tensor() if hasattr(t, "full_tensor") else t
-        return full.detach().to("cpu", out_dtype(full))
-
-    if rank != 0:
-        for name in tensors:
-            gathered(name)
-        return None
+    adapter = get_adapter(model)
+    specs: list[TensorSpec] = []
+    cut_from = {}  # on-disk name -> (model name, where it lies in that tensor)
+    for name, t in tensors.items():
+        for hub in hub_tensors(name, t.shape, adapter):  # a DTensor's shape is global
+            specs.append(spec_of(hub.name, hub.shape, out_dtype(t)))
+            cut_from[hub.name] = (name, hub)
+    # Lazy, in state-dict order: rank 0 issues the same gathers as the other ranks, in step with the
+    # writer, which asks for the tensors of one model tensor one after another.
+    gathers = ((name, full(t).detach().to("cpu", out_dtype(t))) for name, t in tensors.items())
+    current: list = [None, None]  # [model name, its gathered tensor]
 
     def pieces(spec: TensorSpec) -> Iterable[torch.Tensor]:
-        yield gathered(spec.name)  # bound to no name here, so the writer frees it after writing
+        name, hub = cut_from[spec.name]
+        while current[0] != name:  # a model tensor with no on-disk tensor is gathered and dropped
+            current[:] = [None, None]  # the previous tensor is freed before the next is gathered
+            current[:] = next(gathers)
+        yield hub.cut(current[1])
 
-    specs = [spec_of(name, t.shape, out_dtype(t)) for name, t in tensors.items()]  # a DTensor's shape is global
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_sharded(tmp, specs, pieces, max_shard_bytes)
+        current[:] = [None, None]
+        for _ in gathers:  # the trailing tensors that have no on-disk tensor: the others gather them too
+            pass
         for name in CONFIG_FILES:
             src = Path(config_from) / name
             if src.exists():

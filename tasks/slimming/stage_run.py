@@ -57,6 +57,11 @@ class StageRun:
         return self.work_dir / "progress.json"
 
     @property
+    def pruned_ready_file(self) -> Path:
+        """Written by rank 0 once `pruned/` is complete, with the token of the attempt that wrote it."""
+        return self.work_dir / "pruned.ready"
+
+    @property
     def scores_file(self) -> Path:
         return self.work_dir / "scores.safetensors"
 
@@ -72,3 +77,21 @@ class StageRun:
 
     def memory_records(self) -> list[dict]:
         return [json.loads(f.read_text()) for f in sorted((self.work_dir / "memory").glob("rank*.json"))]
+
+
+class StageWorkerError(RuntimeError):
+    """A stage's worker failed: the message names the stage, the rank, the step and what the rank was
+    doing, then the original error. Pickled back to the driver inside Ray Train's report, so it keeps
+    its facts in `args` (what pickling restores)."""
+
+    def __init__(self, message: str, stage: str, rank: int, step: int, phase: str):
+        super().__init__(message, stage, rank, step, phase)
+        self.stage, self.rank, self.step, self.phase = stage, rank, step, phase
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    @classmethod
+    def of(cls, stage: str, rank: int, world: int, step: int, phase: str, err: BaseException) -> "StageWorkerError":
+        return cls(f"{stage}: rank {rank} of {world} failed at step {step} ({phase}): {type(err).__name__}: {err}",
+                   stage, rank, step, phase)

@@ -7,6 +7,9 @@ result, and what a resumed sharded stage rebuilds its student's shape from) and 
 from __future__ import annotations
 
 import gc
+import json
+import time
+import uuid
 from dataclasses import asdict
 
 import torch.distributed as dist
@@ -46,7 +49,7 @@ def cut_whole(run: StageRun, cache, device, rank: int, world: int):
     same cut (else None)."""
     cfg = run.cfg
     model = load_model(run.model_dir, device=device, trust_remote_code=cfg.trust_remote_code,
-                       experts_implementation=cfg.experts_implementation)
+                       experts_implementation=cfg.experts_kernel_on(device))
     moments = load_moments(run.model_dir / MOMENTS_FILE) if cfg.carry_optimizer else None
     params_before = count_parameters(model)
     if cfg.distill_only:
@@ -87,6 +90,29 @@ def cut_record(cut: Cut, step: int, student) -> dict:
     return {"step": step, **asdict(cut.targets), "params_after": count_parameters(student)["total"]}
 
 
+def _agreed_token(rank: int, world: int) -> str:
+    """A token rank 0 draws and every rank receives: it tells this attempt's files from an earlier one's."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _wait_for_ready(marker, attempt: str, poll_s: float = 0.5) -> None:
+    """Wait, outside any collective, until rank 0 has marked its work done for this attempt.
+
+    Rank 0's streaming surgery reads most of the teacher and writes the student (at Phi-3.5-MoE scale
+    20 minutes or more on a network filesystem): a barrier there would outlast the process group's
+    timeout. If rank 0 fails instead, Ray Train ends every worker of the group, this one included."""
+    while True:
+        try:
+            if json.loads(marker.read_text()).get("attempt") == attempt:
+                return
+        except (OSError, ValueError):  # not written yet (it is renamed into place whole)
+            pass
+        time.sleep(poll_s)
+
+
 def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
     """The fsdp path of `cut_whole`: score the sharded model, write the pruned checkpoint by streaming
     surgery (rank 0, one tensor at a time), and load the student from it, sharded. Records the
@@ -96,7 +122,8 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
 
     cfg = run.cfg
     memory = {}
-    model = fsdp.sharded_model_from(run.model_dir, device, cfg.experts_implementation,
+    attempt = _agreed_token(rank, world)
+    model = fsdp.sharded_model_from(run.model_dir, device, cfg.experts_kernel_on(device),
                                     trust_remote_code=cfg.trust_remote_code)
     memory["input_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     memory["input_local_param_bytes"] = fsdp.local_param_bytes(model)
@@ -105,6 +132,7 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
         prepare = {"score_loss": None, "calibration_batches": 0, "params_before": params_before}
         if rank == 0:
             copy_model_dir(run.model_dir, run.pruned_dir, overwrite=True)
+            write_json_atomic(run.pruned_ready_file, {"attempt": attempt})
     else:
         loss_name, loss_fn = scoring_loss(cfg, run.cuts_the_teacher)
         batches = fsdp.every_rank_batches(cache, cfg.micro_batch, world, cfg.calibration_batches,
@@ -116,10 +144,13 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
             scores.save(run.scores_file)
             stream_slim(run.model_dir, run.pruned_dir, keep_plan(model.config, scores, run.cuts[0].targets),
                         tokenizer_from=run.model_dir, overwrite=True, trust_remote_code=cfg.trust_remote_code)
+            write_json_atomic(run.pruned_ready_file, {"attempt": attempt})
     del model
     gc.collect()
-    dist.barrier()  # the pruned checkpoint is complete before any rank reads it
-    student = fsdp.sharded_model_from(run.pruned_dir, device, cfg.experts_implementation, cfg.activation_checkpointing)
+    if rank != 0:
+        _wait_for_ready(run.pruned_ready_file, attempt)
+    student = fsdp.sharded_model_from(run.pruned_dir, device, cfg.experts_kernel_on(device),
+                                      cfg.activation_checkpointing)
     memory["student_param_bytes"] = sum(p.numel() * p.element_size() for p in student.parameters())
     memory["student_local_param_bytes"] = fsdp.local_param_bytes(student)
     run.record_memory(rank, **memory)

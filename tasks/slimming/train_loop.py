@@ -19,24 +19,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from slimmoe.tasks.core.kernels import enable_gpu_numerics
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.runtime import progress_line, rank_and_world
 from slimmoe.tasks.core.storage import write_json_atomic
 from slimmoe.tasks.data.formats import StageMetrics
-from slimmoe.tasks.data.readers import open_logit_cache
+from slimmoe.tasks.data.readers import LogitCacheError, open_logit_cache
 from slimmoe.tasks.slimming.adaptive import EarlyStop, HeldOutKL
 from slimmoe.tasks.slimming.engines import engine_class
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
-from slimmoe.tasks.slimming.stage_run import StageRun
+from slimmoe.tasks.slimming.stage_run import StageRun, StageWorkerError
 from slimmoe.tasks.slimming.student import cut_record
 
 
-def _all_true(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+def nonfinite_ranks(loss: torch.Tensor, rank: int, world: int) -> list[int]:
+    """The ranks whose `loss` is NaN or inf, the same list on every rank.
+
+    A collective every rank issues for every micro-batch, before any backward: a rank that skipped its
+    backward alone would leave the others inside FSDP's reduce-scatter (or DDP's all-reduce) until the
+    process-group timeout."""
+    flags = torch.zeros(world, dtype=torch.float32, device=loss.device)
+    flags[rank] = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+    if world > 1:
+        dist.all_reduce(flags)
+    return [r for r, bad in enumerate(flags.tolist()) if bad]
 
 
 def _peak_rss_bytes() -> int:
@@ -73,29 +80,39 @@ def train_loop(run: StageRun) -> None:
     import ray.train.torch as rt
 
     loop = _StageLoop(run, rt.get_device())
-    loop.setup()
-    total = run.steps.total_steps
-    while loop.state["step"] < total:
-        loop.make_due_cuts()
-        if loop.stops_early():
-            break
-        parts, finite = loop.train_step()
-        if not _all_true(finite, loop.device):
-            loop.stop_nonfinite()  # every rank together; nothing is saved as final
-            return
-        loop.engine.step()
-        loop.state["step"] += 1
-        loop.state["tokens"] += run.steps.tokens_per_step
-        loop.log(parts)
-        if loop.state["step"] % run.cfg.checkpoint_interval == 0 and loop.state["step"] < total:
-            loop.checkpoint()
-    loop.finish()
+    try:
+        loop.phase = "cutting the student"
+        loop.setup()
+        total = run.steps.total_steps
+        while loop.state["step"] < total:
+            loop.phase = "training"
+            loop.make_due_cuts()
+            if loop.stops_early():
+                break
+            parts, bad_ranks = loop.train_step()
+            if bad_ranks:
+                loop.stop_nonfinite(bad_ranks)  # every rank together; nothing is saved as final
+                return
+            loop.engine.step()
+            loop.state["step"] += 1
+            loop.state["tokens"] += run.steps.tokens_per_step
+            loop.log(parts)
+            if loop.state["step"] % run.cfg.checkpoint_interval == 0 and loop.state["step"] < total:
+                loop.phase = "saving a checkpoint"
+                loop.checkpoint()
+        loop.phase = "saving the final model"
+        loop.finish()
+    except LogitCacheError:
+        raise  # the driver names the damaged file from it
+    except Exception as err:
+        raise StageWorkerError.of(run.name, loop.rank, loop.world, loop.state["step"], loop.phase, err) from err
 
 
 class _StageLoop:
     def __init__(self, run: StageRun, device):
         self.run, self.cfg, self.device = run, run.cfg, device
         self.rank, self.world = rank_and_world()
+        self.phase = "starting"  # what a failure names
         self.engine_cls = engine_class(run.cfg.resolved_strategy())
         self.state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None, "cuts_done": 1, "cuts": [],
                       "heldout": [], "stopped_early_at": None, "carried_optimizer": None}
@@ -107,6 +124,7 @@ class _StageLoop:
         run.pid_file(self.rank).parent.mkdir(parents=True, exist_ok=True)
         run.pid_file(self.rank).write_text(str(os.getpid()))
         torch.manual_seed(self.cfg.seed + self.rank)
+        enable_gpu_numerics(self.device)
         self.cache = open_logit_cache(run.cache_dir, expect_teacher_fingerprint=run.teacher_fingerprint,
                                       expect_tokenizer_fingerprint=run.tokenizer_fingerprint)
         checkpoint = ray.train.get_checkpoint()
@@ -196,15 +214,17 @@ class _StageLoop:
                   f"{self.run.steps.total_steps}")
         return True
 
-    def train_step(self) -> tuple[dict, bool]:
-        """Forward and backward over one step's micro-batches: (the mean loss parts, whether all were finite)."""
+    def train_step(self) -> tuple[dict, list[int]]:
+        """Forward and backward over one step's micro-batches: (the mean loss parts, the ranks whose loss
+        was not finite; empty when every micro-batch of every rank was)."""
         cfg = self.cfg
         parts_acc: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
             logits, loss, parts = self._loss_step(batch)
-            if not bool(torch.isfinite(loss)):
-                return parts_acc, False
+            bad_ranks = nonfinite_ranks(loss, self.rank, self.world)
+            if bad_ranks:
+                return parts_acc, bad_ranks
             self.engine.backward(loss, last_micro=micro == cfg.grad_accum - 1)
             parts["loss"] = float(loss.detach())
             if cfg.temperature != 1.0:
@@ -215,7 +235,7 @@ class _StageLoop:
                 parts["kl"] = parts["kd"]
             for k, v in parts.items():
                 parts_acc[k] = parts_acc.get(k, 0.0) + v / cfg.grad_accum
-        return parts_acc, True
+        return parts_acc, []
 
     def _loss_step(self, batch: dict):
         cfg = self.cfg
@@ -225,12 +245,13 @@ class _StageLoop:
                                         batch["rest_logprob"], cfg.temperature, cfg.next_token_weight, mask)
         return logits, loss, parts
 
-    def stop_nonfinite(self) -> None:
+    def stop_nonfinite(self, bad_ranks: list[int]) -> None:
         import ray.train
 
-        # The driver raises with the step.
+        # The driver raises with the step and the ranks.
         if self.rank == 0:
-            write_json_atomic(self.run.nonfinite_file, {"step": self.state["step"] + 1})
+            write_json_atomic(self.run.nonfinite_file, {"step": self.state["step"] + 1, "ranks": bad_ranks,
+                                                        "world": self.world})
         ray.train.report({"nonfinite_step": self.state["step"] + 1, "stage": self.run.name})
 
     def log(self, parts: dict) -> None:
