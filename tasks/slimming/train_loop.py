@@ -81,7 +81,6 @@ def train_loop(run: StageRun) -> None:
 
     loop = _StageLoop(run, rt.get_device())
     try:
-        loop.phase = "cutting the student"
         loop.setup()
         total = run.steps.total_steps
         while loop.state["step"] < total:
@@ -112,7 +111,7 @@ class _StageLoop:
     def __init__(self, run: StageRun, device):
         self.run, self.cfg, self.device = run, run.cfg, device
         self.rank, self.world = rank_and_world()
-        self.phase = "starting"  # what a failure names
+        self.phase = "setting up"  # what a failure names
         self.engine_cls = engine_class(run.cfg.resolved_strategy())
         self.state = {"step": 0, "tokens": 0, "history": [], "resumed_from_step": None, "cuts_done": 1, "cuts": [],
                       "heldout": [], "stopped_early_at": None, "carried_optimizer": None}
@@ -128,6 +127,7 @@ class _StageLoop:
         self.cache = open_logit_cache(run.cache_dir, expect_teacher_fingerprint=run.teacher_fingerprint,
                                       expect_tokenizer_fingerprint=run.tokenizer_fingerprint)
         checkpoint = ray.train.get_checkpoint()
+        self.phase = "cutting the student" if checkpoint is None else "resuming from its checkpoint"
         if checkpoint is None:
             student, moments = self._setup_model(None)
             self._setup_optimizer(student, moments, None)
