@@ -1,5 +1,11 @@
-"""`slimmoe plan`: what every node of a workflow needs (memory per device, FLOPs, time, GPU-hours,
-the logit cache on disk) and whether it fits, from the workflow and the teacher's config.json only.
+"""`slimmoe plan`: what every node of a workflow needs (memory per device, FLOPs, communication, time,
+GPU-hours, the logit cache on disk) and whether it fits, from the workflow and the teacher's
+config.json only.
+
+Time is compute at a kernel efficiency (`--mfu`: the share of the peak the kernels reach) plus the
+communication the compute does not hide (`tasks/planning/comm.py`); the effective MFU is what is left
+of the peak after both. A node whose exposed communication exceeds its compute is named as bound by
+communication, with the setting that helps.
 
 The arithmetic is `slimmoe.tasks.planning`; this module walks a DAG's nodes, derives each model's
 config from the one before it (the slimmed config of a stage, the trimmed config of a trim), picks
@@ -22,6 +28,7 @@ from pydantic import ValidationError
 from slimmoe.tasks.core.dtypes import dtype_bytes
 from slimmoe.tasks.core.kernels import GPU_CAPABILITY
 from slimmoe.tasks.data.config import PassFacts
+from slimmoe.tasks.planning import comm as C
 from slimmoe.tasks.planning import flops as F
 from slimmoe.tasks.planning.cache import cache_bytes, cache_bytes_per_token
 from slimmoe.tasks.planning.memory import (GB, Memory, ModelShape, as_model_config, evaluate_memory, model_shape,
@@ -48,7 +55,9 @@ class PlanOptions:
     gpu_memory_gb: Optional[float] = None  # overrides resources.gpu_memory_gb
     gpu: Optional[str] = None  # a100 | h100 | h200, for the peak
     peak_tflops: Optional[float] = None
-    mfu: float = F.DEFAULT_MFU
+    mfu: float = F.DEFAULT_MFU  # the kernels' share of the peak; communication comes on top
+    intra_node_gb_per_s: Optional[float] = None  # NCCL bus bandwidth per GPU inside a node (default: --gpu's)
+    inter_node_gb_per_s: Optional[float] = None  # one node's network adapters together (default: --gpu's)
     cpu_memory_gb: Optional[float] = None  # default: this machine's RAM, for CPU workflows
     data_tokens: Optional[int] = None  # tokens the data holds; default: what the largest budget needs
     require_gpu_memory: bool = True  # `slimmoe plan` needs it; run / submit check what they can
@@ -77,8 +86,48 @@ class NodePlan:
     # The settings the node derives from its config and the device (the same config methods decide
     # them in the node): device, dtype, strategy, GPUs per actor, ...
     settings: dict = field(default_factory=dict)
+    # phase -> comm.PhaseTime: the units each rank runs, their compute, bytes and exposed communication
+    comm: dict = field(default_factory=dict)
+    peak_tflops: Optional[float] = None  # of its devices, for the effective MFU (GPU nodes with a time)
+    comm_fix: Optional[str] = None  # the setting that helps a node bound by communication
+
+    @property
+    def effective_mfu(self) -> Optional[float]:
+        """The FLOPs over what the devices the node holds could do at their peak in its time."""
+        if not self.peak_tflops or not self.device_hours:
+            return None
+        return self.flops / (self.device_hours * 3600 * self.peak_tflops * 1e12)
+
+    def _phase_sum(self, attr: str) -> Optional[float]:
+        if not self.comm or self.seconds is None:
+            return None
+        return sum(p.units * getattr(p, attr) for p in self.comm.values())
+
+    @property
+    def comm_seconds(self) -> Optional[float]:
+        """Seconds the links are busy over the node (hidden or not)."""
+        return self._phase_sum("comm_s")
+
+    @property
+    def exposed_comm_seconds(self) -> Optional[float]:
+        return self._phase_sum("exposed_s")
+
+    @property
+    def compute_seconds(self) -> Optional[float]:
+        return self._phase_sum("compute_s")
+
+    @property
+    def bound_by_communication(self) -> bool:
+        exposed, compute = self.exposed_comm_seconds, self.compute_seconds
+        return exposed is not None and exposed > compute
+
+    def headline_comm(self):
+        """The phase whose bytes stand for the node: a stage's training (per optimizer step), a teacher
+        pass's forward (per actor and batch)."""
+        return self.comm.get("train") or self.comm.get("forward") or next(iter(self.comm.values()), None)
 
     def as_dict(self) -> dict:
+        head = self.headline_comm()
         return {"name": self.name, "kind": self.kind, "device": self.device, "devices": self.devices,
                 "settings": dict(self.settings),
                 "params_before": self.params_before, "params_after": self.params_after,
@@ -86,7 +135,14 @@ class NodePlan:
                 "phases": {k: v.as_dict() for k, v in self.phases.items()},
                 "capacity_bytes": self.capacity, "fits": self.fits, "tokens": self.tokens, "flops": self.flops,
                 "seconds": self.seconds, "device_hours": self.device_hours, "cache_bytes": self.cache_bytes,
-                "fix": self.fix, "notes": list(self.notes)}
+                "fix": self.fix, "notes": list(self.notes),
+                "comm_bytes_intra": head.intra_bytes if head else None,
+                "comm_bytes_inter": head.inter_bytes if head else None,
+                "comm_bytes_per": f"rank and {head.unit}" if head else None,
+                "comm_seconds": self.comm_seconds, "exposed_comm_seconds": self.exposed_comm_seconds,
+                "compute_seconds": self.compute_seconds, "effective_mfu": self.effective_mfu,
+                "bound_by_communication": self.bound_by_communication, "comm_fix": self.comm_fix,
+                "comm": {k: v.as_dict() for k, v in self.comm.items()}}
 
 
 @dataclass
@@ -103,6 +159,7 @@ class Plan:
     nodes: list
     problems: list = field(default_factory=list)  # (loc, message) of what does not fit
     notes: list = field(default_factory=list)
+    links: Optional[C.Links] = None
 
     @property
     def feasible(self) -> bool:
@@ -110,10 +167,17 @@ class Plan:
 
     def totals(self) -> dict:
         timed = [n.seconds for n in self.nodes if n.seconds is not None]
-        hours = [n.device_hours for n in self.nodes if n.device_hours is not None and n.device == "gpu"]
+        gpu = [n for n in self.nodes if n.device_hours is not None and n.device == "gpu"]
+        hours = sum(n.device_hours for n in gpu)
+        exposed = [n.exposed_comm_seconds for n in self.nodes if n.exposed_comm_seconds is not None]
         return {"flops": sum(n.flops for n in self.nodes),
                 "seconds": sum(timed) if timed else None,
-                "gpu_hours": sum(hours) if hours else None,
+                "gpu_hours": hours if gpu else None,
+                # The GPU nodes' FLOPs over what their GPU-hours could do at the peak.
+                "effective_mfu": (sum(n.flops for n in gpu) / (hours * 3600 * self.peak_tflops * 1e12)
+                                  if gpu and hours and self.peak_tflops else None),
+                "exposed_comm_seconds": sum(exposed) if exposed else None,
+                "nodes_bound_by_communication": [n.name for n in self.nodes if n.bound_by_communication],
                 "cache_bytes": sum(n.cache_bytes or 0 for n in self.nodes),
                 "peak_bytes_per_gpu": max((n.memory.total for n in self.nodes if n.memory and n.device == "gpu"),
                                           default=None),
@@ -123,6 +187,8 @@ class Plan:
     def as_dict(self) -> dict:
         return {"workflow": self.workflow, "use_gpu": self.use_gpu, "gpu_memory_bytes": self.gpu_memory_bytes,
                 "cpu_memory_bytes": self.cpu_memory_bytes, "peak_tflops": self.peak_tflops, "mfu": self.mfu,
+                "links": ({"intra_node_gb_per_s": self.links.intra_gb_s, "inter_node_gb_per_s": self.links.inter_gb_s}
+                          if self.links else None),
                 "cluster_gpus": self.cluster_gpus, "data_tokens": self.data_tokens,
                 "data_tokens_basis": self.data_tokens_basis, "feasible": self.feasible,
                 "verdict": self.verdict(), "totals": self.totals(), "nodes": [n.as_dict() for n in self.nodes],
@@ -236,6 +302,7 @@ class _Context:
     data_tokens: int
     configs: dict = field(default_factory=dict)  # node name -> the model config it outputs
     problems: list = field(default_factory=list)
+    links: Optional[C.Links] = None
 
     def capacity(self, on_gpu: bool, share: float = 1.0) -> Optional[int]:
         total = self.gpu_bytes if on_gpu else self.cpu_bytes
@@ -262,8 +329,28 @@ class _Context:
         if self.peak is None or plan.device != "gpu":
             return
         seconds = F.seconds_for(flops, parallel_devices or devices, self.peak, self.options.mfu)
+        self._add_time(plan, seconds, devices)
+
+    def _add_time(self, plan: NodePlan, seconds: float, devices: float) -> None:
+        plan.peak_tflops = self.peak
         plan.seconds = (plan.seconds or 0.0) + seconds
         plan.device_hours = (plan.device_hours or 0.0) + F.device_hours(seconds, devices)
+
+    @property
+    def timed(self) -> bool:
+        return self.peak is not None
+
+    def compute_seconds(self, flops: float) -> float:
+        """One device's seconds for `flops` at the kernels' efficiency (0 when no peak is known)."""
+        return F.seconds_for(flops, 1, self.peak, self.options.mfu) if self.peak else 0.0
+
+    def phase_timing(self, plan: NodePlan, flops: float, phase: C.PhaseTime, devices: float) -> None:
+        """A phase whose time (compute and exposed communication) `phase` holds, on `devices` devices."""
+        plan.flops += flops
+        plan.comm[phase.phase] = phase
+        if self.peak is None or plan.device != "gpu":
+            return
+        self._add_time(plan, phase.seconds, devices)
 
 
 def _gb(n: float) -> str:
@@ -296,6 +383,10 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
     peak = F.peak_tflops(options.gpu, options.peak_tflops)
     if use_gpu and peak is None:
         notes.append("no GPU type given (--gpu a100|h100|h200 or --peak-tflops): times and GPU-hours not estimated")
+    links = C.links_for(options.gpu, options.intra_node_gb_per_s, options.inter_node_gb_per_s) if use_gpu else None
+    if use_gpu and peak is not None and links is None:
+        notes.append("link bandwidths unknown (--gpu a100|h100|h200, or --intra-node-gb-per-s and "
+                     "--inter-node-gb-per-s): communication counted in bytes, not in the times")
 
     seq_len = cfg.data.seq_len
     teacher_config = teacher_model_config(loaded)
@@ -311,7 +402,7 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
         basis = ("the largest token budget of a stage, plus the validation split (no stage wraps around the "
                  "cache); pass --data-tokens for the data's real size")
     ctx = _Context(loaded, options, gpu_bytes, cpu_bytes, peak, res.num_workers * res.gpus_per_worker if use_gpu else 0,
-                   seq_len, cfg.logits.k, data_tokens)
+                   seq_len, cfg.logits.k, data_tokens, links=links)
     ctx.configs["teacher"] = teacher_config
 
     planned: list[NodePlan] = []
@@ -330,7 +421,7 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
             ctx.problems.append((plan.problem_loc or node.section, f"{name}: {plan.fix}"))
         planned.append(plan)
     return Plan(cfg.name, use_gpu, gpu_bytes, cpu_bytes, peak, options.mfu, ctx.cluster_gpus, data_tokens, basis,
-                planned, ctx.problems, notes)
+                planned, ctx.problems, notes, links)
 
 
 def _input_config(ctx: _Context, node) -> Any:
@@ -394,8 +485,14 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
     plan.notes.append(f"cache: {cache_bytes_per_token(lc.k, shape.vocab, ctx.seq_len):.1f} bytes/token (top-{lc.k} "
                       "ids and float16 log-probs, float32 rest, int32 token id; Parquet/zstd not counted)")
     # A teacher split over several GPUs runs its layers on one of them at a time: the pass computes at
-    # the rate of one GPU per actor, and holds all of them.
-    ctx.timing(plan, F.forward_flops(shape.active, ctx.data_tokens), plan.devices, parallel_devices=lc.actor_pool_size)
+    # the rate of one GPU per actor, holds all of them, and hands each batch's hidden states from GPU to
+    # GPU in between.
+    batch_tokens = lc.batch_size * ctx.seq_len
+    batch_flops = F.forward_flops(shape.active, batch_tokens)
+    handover = C.split_teacher_batch(batch_tokens, shape.hidden, int(gpus) if on_gpu else 1, elem)
+    phase = C.teacher_batch_time(ctx.data_tokens / batch_tokens / lc.actor_pool_size, ctx.compute_seconds(batch_flops),
+                                 handover, ctx.links, int(gpus) if on_gpu else 1, ctx.options.mfu)
+    ctx.phase_timing(plan, F.forward_flops(shape.active, ctx.data_tokens), phase, plan.devices or 1)
     if on_gpu and int(gpus) > 1:
         plan.notes.append(f"{gpus} GPUs per actor compute one at a time (layers split in sequence): time at "
                           f"{lc.actor_pool_size} GPUs' rate, GPU-hours on {plan.devices:g}")
@@ -439,15 +536,25 @@ def _plan_teacher_logits(ctx: _Context, node) -> NodePlan:
     return plan
 
 
-def _stage_memory(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool) -> dict:
+def workers_per_node(cfg) -> int:
+    """A stage's workers on one node: the GPUs of a node over the GPUs each takes (on CPU: all of them,
+    one machine)."""
+    if not cfg.use_gpu:
+        return cfg.world()
+    return max(1, int(GPUS_PER_NODE // min(cfg.gpus_per_worker, GPUS_PER_NODE)))
+
+
+def _stage_memory(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool,
+                  per_node: int = GPUS_PER_NODE) -> dict:
     phases = {}
     mapped = shape_in.checkpoint_bytes  # a CPU worker's loaded checkpoint stays mapped (the student shares it)
+    group = cfg.shard_group(per_node if on_gpu else cfg.world())
     if not cfg.distill_only:
         phases["score"] = stage_score_memory(shape_in, cfg.resolved_strategy(), cfg.world(), cfg.micro_batch, seq_len,
-                                             on_gpu, shape_after=shape_out, mapped_bytes=mapped)
+                                             on_gpu, shape_after=shape_out, mapped_bytes=mapped, shard_group=group)
     phases["train"] = stage_train_memory(shape_out, cfg.resolved_strategy(), cfg.world(), cfg.micro_batch, seq_len, on_gpu,
                                          cfg.activation_checkpointing, k, grad_accum=cfg.grad_accum,
-                                         mapped_bytes=mapped)
+                                         mapped_bytes=mapped, shard_group=group)
     return phases
 
 
@@ -455,19 +562,39 @@ def _peak(phases: dict) -> Memory:
     return max(phases.values(), key=lambda m: m.total)
 
 
-def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, capacity: int) -> Optional[str]:
+def _wider_groups(cfg, per_node: int) -> list[int]:
+    """Shard groups of whole nodes larger than the stage's, dividing its world (fsdp only)."""
+    if cfg.resolved_strategy() != "fsdp":
+        return []
+    now = cfg.shard_group(per_node)
+    return [g for g in range(per_node, cfg.world() + 1, per_node) if g > now and cfg.world() % g == 0]
+
+
+def _group_words(group: int, per_node: int, world: int) -> str:
+    if group >= world:
+        return "full sharding"
+    if group == per_node:
+        return "HSDP within each node"
+    if group < per_node:
+        return f"HSDP, {per_node // group} copies per node"
+    return f"HSDP, each copy over {group // per_node} nodes"
+
+
+def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, capacity: int,
+               per_node: int = GPUS_PER_NODE) -> Optional[str]:
     """The smallest change that makes the stage fit: fsdp, activation checkpointing, a smaller micro-batch
-    (grad_accum raised to keep the tokens per step), or a combination. Only changes the stage's rules
-    accept are proposed (fsdp is no fix for a stage that hands its optimizer moments on)."""
+    (grad_accum raised to keep the tokens per step), a copy sharded over more nodes, or a combination.
+    Only changes the stage's rules accept are proposed (fsdp is no fix for a stage that hands its
+    optimizer moments on)."""
     def fits(**changes) -> bool:
         try:
             trial = cfg.with_changes(**changes)
         except ValidationError:
             return False
-        return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu)).total <= capacity
+        return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu, per_node)).total <= capacity
 
     # Cheapest first: fsdp costs nothing, a smaller micro-batch a little efficiency, activation
-    # checkpointing a third more compute.
+    # checkpointing a third more compute, a copy sharded across nodes the network every micro-batch.
     options: list[tuple[str, dict]] = []
     # Where `auto` would shard (a GPU stage of several workers), fsdp is a fix to try.
     shardable = cfg.strategy_for("auto", on_gpu, cfg.world()) == "fsdp"
@@ -482,6 +609,10 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
     if (cfg.strategy == "fsdp" or shardable) and not cfg.activation_checkpointing:
         options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
                         {"activation_checkpointing": True, "strategy": "fsdp"}))
+    if on_gpu:
+        for group in _wider_groups(cfg, per_node):
+            options.append((f"shard_group_size: {group} ({_group_words(group, per_node, cfg.world())}: more "
+                            "communication between nodes)", {"shard_group_size": group}))
     for text, changes in options:
         if fits(**changes):
             return text
@@ -490,12 +621,114 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
         combined.update(strategy="fsdp", activation_checkpointing=True)
     if fits(**combined):
         return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}" for key, v in combined.items())
+    if shardable and on_gpu and cfg.shard_group_size is None:
+        for group in _wider_groups(cfg.with_changes(strategy="fsdp"), per_node):
+            if fits(**combined, shard_group_size=group):
+                return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}"
+                                 for key, v in {**combined, "shard_group_size": group}.items())
     if cfg.strategy == "fsdp" or shardable:
         for workers in (2, 4, 8, 16, 32, 64, 128, 256, 512):
-            if workers > cfg.num_workers and fits(**combined, num_workers=workers):
+            if workers > cfg.num_workers and fits(**combined, num_workers=workers, shard_group_size=None):
                 return (f"not with {cfg.num_workers} workers: with fsdp, activation checkpointing and micro_batch 1 "
                         f"it needs num_workers >= {workers}")
     return None
+
+
+def _stage_phases(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_steps: int) -> dict:
+    """The stage's phases on the clock (`comm.PhaseTime`): scoring (every rank's calibration batches of
+    its shard group, one at a time) and training (its optimizer steps), each with its communication.
+    Also returns each phase's FLOPs (over every rank) as `{name: (phase, flops)}`."""
+    on_gpu = bool(cfg.use_gpu)
+    strategy, world = cfg.resolved_strategy(), cfg.world()
+    per_node = workers_per_node(cfg)
+    group = cfg.shard_group(per_node)
+    links = ctx.links if on_gpu else None
+    eff = ctx.options.mfu
+    out = {}
+    if not cfg.distill_only:
+        # Under fsdp every rank runs every calibration batch of its shard group (the scores stay exact).
+        batches = cfg.calibration_batches * (group if strategy == "fsdp" else 1)
+        batch_tokens = cfg.micro_batch * ctx.seq_len
+        batch_flops = F.train_flops(shape_in.active, batch_tokens)
+        traffic = C.StepTraffic(each=C.score_batch_traffic(strategy, shape_in.total, group, per_node, on_gpu))
+        phase = C.step_time("score", "calibration batch", batches, 1, ctx.compute_seconds(batch_flops), traffic,
+                            links, per_node, eff)
+        out["score"] = (phase, batch_flops * batches * world)
+    # Equal shares of the steps go to each student a gradual cut trains.
+    recompute = 8 / 6 if cfg.activation_checkpointing else 1.0  # each layer's forward runs again in backward
+    for j, student in enumerate(trained):
+        name = "train" if len(trained) == 1 else f"train (cut {j + 1} of {len(trained)})"
+        micro_flops = F.train_flops(student.active, cfg.micro_batch * ctx.seq_len) * recompute
+        traffic = C.stage_step_traffic(strategy, student.total, world, group, per_node, on_gpu, cfg.zero_stage)
+        steps = total_steps / len(trained)
+        phase = C.step_time(name, "optimizer step", steps, cfg.grad_accum, ctx.compute_seconds(micro_flops), traffic,
+                            links, per_node, eff)
+        out[name] = (phase, micro_flops * cfg.grad_accum * world * steps)
+    return out
+
+
+def _stage_seconds(phases: dict) -> float:
+    return sum(p.seconds for p, _ in phases.values())
+
+
+def _bound(phases: dict) -> bool:
+    return sum(p.units * p.exposed_s for p, _ in phases.values()) > sum(p.units * p.compute_s for p, _ in phases.values())
+
+
+def _comm_fix(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_steps: int, capacity: Optional[int],
+              seq_len: int) -> str:
+    """For a stage bound by communication: the first change (that its rules accept and its memory
+    holds) after which it is not, else the one that saves the most time."""
+    on_gpu, per_node = bool(cfg.use_gpu), workers_per_node(cfg)
+    options: list[tuple[str, dict]] = []
+    if cfg.resolved_strategy() == "fsdp":
+        group = cfg.shard_group(per_node)
+        if C.nodes_spanned(group, per_node) > 1:
+            for g in range(per_node, group, per_node):
+                if cfg.world() % g == 0:
+                    options.append((f"shard_group_size: {g} ({_group_words(g, per_node, cfg.world())})",
+                                    {"shard_group_size": g}))
+    # Per micro-batch communication is fixed by the model; compute grows with the micro-batch.
+    for factor in (2, 4):
+        mb = cfg.micro_batch * factor
+        changes = {"micro_batch": mb}
+        words = f"micro_batch: {mb}"
+        if cfg.grad_accum % factor == 0:
+            changes["grad_accum"] = cfg.grad_accum // factor
+            words += f" and grad_accum: {cfg.grad_accum // factor} (the same tokens per step)"
+        if not cfg.distill_only and cfg.calibration_batches % factor == 0:
+            changes["calibration_batches"] = cfg.calibration_batches // factor
+            words += f", calibration_batches: {cfg.calibration_batches // factor} (the same calibration tokens)"
+        options.append((words, changes))
+        if cfg.resolved_strategy() == "fsdp" and not cfg.activation_checkpointing:
+            options.append((words + " with activation_checkpointing: true (to hold the bigger micro-batch)",
+                            {**changes, "activation_checkpointing": True}))
+    # A step's own collectives (HSDP's and ddp's all-reduce) are paid once per optimizer step.
+    for factor in (2, 4):
+        ga = cfg.grad_accum * factor
+        options.append((f"grad_accum: {ga} ({factor}x the tokens per optimizer step: fewer steps, and fewer "
+                        "all-reduces between nodes)", {"grad_accum": ga}))
+    now = _stage_seconds(_stage_phases(ctx, cfg, shape_in, trained, total_steps))
+    best: Optional[tuple[float, str]] = None
+    for words, changes in options:
+        try:
+            trial = cfg.with_changes(**changes)
+        except ValidationError:
+            continue
+        if capacity is not None:
+            memory = _peak(_stage_memory(shape_in, trained[0], trial, seq_len, ctx.k, on_gpu, per_node))
+            if memory.total > capacity:
+                continue
+        steps = max(1, math.ceil(trial.token_budget / trial.tokens_per_step(seq_len)))
+        phases = _stage_phases(ctx, trial, shape_in, trained, steps)
+        if not _bound(phases):
+            return f"set {words}"
+        seconds = _stage_seconds(phases)
+        if seconds < now and (best is None or seconds < best[0]):
+            best = (seconds, words)
+    if best is not None:
+        return f"set {best[1]} (still bound by communication, {_duration(now)} -> {_duration(best[0])})"
+    return "no setting of the stage helps: faster links between nodes do (measure them: --inter-node-gb-per-s)"
 
 
 def _plan_stage(ctx: _Context, node) -> NodePlan:
@@ -524,12 +757,15 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
 
         cuts = gradual_cuts(cfg, ModelSizes.of(config_in), cfg.cut_steps, dtype)
         trained = [model_shape(slimmed_config(config_in, c.targets)) for c in cuts]
+    per_node = workers_per_node(cfg)
+    group, replicas = cfg.shard_group(per_node), cfg.replica_groups(per_node)
     plan = NodePlan(node.name, node.kind, "gpu" if on_gpu else "cpu", cfg.world(),
                     params_before=_params(shape_in), params_after=_params(shape_out),
                     settings={"strategy": cfg.resolved_strategy(), "dtype": dtype, "world": cfg.world(),
+                              "shard_group": group,
                               "experts_kernel": cfg.experts_kernel(on_gpu, GPU_CAPABILITY.get(ctx.options.gpu or ""))})
     # A gradual cut trains its first (largest) student first: that is the training peak.
-    plan.phases = _stage_memory(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu)
+    plan.phases = _stage_memory(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, per_node)
     plan.memory = _peak(plan.phases)
     if on_gpu:
         plan.devices = cfg.num_workers * cfg.gpus_per_worker
@@ -538,24 +774,24 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         plan.capacity = ctx.capacity(False, 1 / cfg.num_workers)
     steps = stage_steps(cfg, ctx.seq_len, batches_per_epoch=2**62)
     plan.tokens = steps.planned_tokens
-    if not cfg.distill_only:
-        # Under fsdp every rank runs every rank's calibration batches (the scores stay exact).
-        per_rank = cfg.calibration_batches * cfg.micro_batch * ctx.seq_len * (
-            cfg.world() if cfg.resolved_strategy() == "fsdp" else 1)
-        ctx.timing(plan, F.train_flops(shape_in.active, per_rank * cfg.world()), plan.devices or 1,
-                   parallel_devices=None)
+    phases = _stage_phases(ctx, cfg, shape_in, trained, steps.total_steps)
+    for phase, flops in phases.values():
+        ctx.phase_timing(plan, flops, phase, plan.devices or 1)
+    if "score" in phases:
+        per_rank = int(phases["score"][0].units) * cfg.micro_batch * ctx.seq_len
         plan.notes.append(f"scoring: {per_rank:,} calibration tokens per worker")
-    # Equal shares of the tokens go to each student a gradual cut trains.
-    train = sum(F.train_flops(t.active, plan.tokens / len(trained)) for t in trained)
-    if cfg.activation_checkpointing:
-        train *= 8 / 6  # each layer's forward runs again in backward
-    ctx.timing(plan, train, plan.devices or 1)
-    plan.notes.append(f"{steps.total_steps:,} steps of {steps.tokens_per_step:,} tokens ({cfg.resolved_strategy()})")
+    layout = cfg.resolved_strategy()
+    if layout == "fsdp" and cfg.world() > 1:
+        layout += (f", sharded over all {cfg.world()} ranks" if replicas == 1 else
+                   f", {_group_words(group, per_node, cfg.world())}: {replicas} copies of {group} ranks")
+    plan.notes.append(f"{steps.total_steps:,} steps of {steps.tokens_per_step:,} tokens ({layout})")
     ctx.judge(plan)
+    if plan.bound_by_communication:
+        plan.comm_fix = _comm_fix(ctx, cfg, shape_in, trained, steps.total_steps, plan.capacity, ctx.seq_len)
     if plan.fits is False:
         plan.problem_loc = node.section
         what = plan.memory
-        fix = _stage_fix(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity)
+        fix = _stage_fix(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity, per_node)
         plan.fix = (f"the {what.phase} phase needs {_gb(what.total)} GB per {'GPU' if on_gpu else 'worker'} "
                     f"(weights {_gb(what.weights)}, gradients {_gb(what.gradients)}, optimizer {_gb(what.optimizer)}, "
                     f"activations {_gb(what.activations)}, logits {_gb(what.logits)}), "

@@ -49,6 +49,12 @@ def ensure_ray(address: Optional[str] = None) -> None:
     ray.init(address=address, ignore_reinit_error=True)
 
 
+def workers_per_node() -> int:
+    """The ranks on this process's node: Ray Train's (and torchrun's) LOCAL_WORLD_SIZE, else the world."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local and local.isdigit() else rank_and_world()[1]
+
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks; (0, 1) outside a process group."""
     import torch.distributed as dist

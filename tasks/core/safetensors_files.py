@@ -268,6 +268,27 @@ class CheckpointTensors:
         experts = [torch.cat([self.read(p.format(e=e)) for p in patterns], dim=0) for e in range(start, end)]
         return torch.stack(experts) if experts else torch.empty((0, *self.shape(model_name)[1:]))
 
+    def block(self, model_name: str, dim: int, start: int, end: int) -> torch.Tensor:
+        """The slab [start, end) along `dim` (0 or 1) of the tensor, in the model's layout. Along dim 1 of
+        a fused expert tensor stored one expert at a time, each expert's slab is read from just the
+        per-expert tensors (and rows of them) it overlaps."""
+        import torch
+
+        if dim == 0:
+            return self.rows(model_name, start, end)
+        if dim != 1:
+            raise ValueError(f"{model_name}: reads along dim {dim} are not supported (0 or 1)")
+        name = self.find(model_name)
+        if name is not None:
+            return self.read(name, (slice(None), slice(start, end)))
+        shape = self.shape(model_name)
+        parts: list[list[torch.Tensor]] = [[] for _ in range(shape[0])]
+        for hub in hub_tensors(model_name, shape, self.adapter):
+            lo, hi = max(start, hub.rows[0]), min(end, hub.rows[1])
+            if lo < hi:
+                parts[hub.expert].append(self.read(hub.name, (slice(lo - hub.rows[0], hi - hub.rows[0]),)))
+        return torch.stack([torch.cat(p, dim=0) for p in parts])
+
     def full(self, model_name: str) -> torch.Tensor:
         name = self.find(model_name)
         if name is not None:

@@ -13,14 +13,18 @@ the config's shapes, written to follow what the code does:
 - deepspeed (ZeRO-1/2): the whole model on every rank (bf16 on GPU, float32 on CPU), the float32
   master copy, the gradients and the AdamW moments partitioned over the ranks.
 - fsdp (FSDP2, one `fully_shard` per decoder layer and the root): float32 parameters, gradients and
-  moments all sharded (16 bytes per parameter / N), plus the unsharded parameters of about two
+  moments all sharded over the shard group (16 bytes per parameter / N, N the group: the world under
+  full sharding, fewer ranks under HSDP, whose groups each hold a whole copy; the fused expert
+  tensors are sharded along their non-expert dimension, so N may exceed the experts with no
+  padding), plus the unsharded parameters of about two
   decoder layers (the one computing and the one prefetched) and their unsharded gradients before
   the reduce-scatter, plus the root group (embeddings, head, final norm) while it computes; the
   gathered copies are bf16 on GPU, float32 on CPU.
 - scoring (a stage's first phase, Taylor |w * dL/dw| on calibration batches of `micro_batch`
   rows): under ddp/deepspeed the float32 model and its full float32 gradients on every worker, no
   autocast; under fsdp the float32 shard plus one gathered layer's parameters and gradients (the
-  gradient is folded into per-neuron scores as it arrives and freed). Slimming then holds the
+  gradient is folded into per-neuron scores as it arrives and freed), sharded over the group too.
+  Slimming then holds the
   model before and after the cut at once.
 
 Activations are an estimate of what autograd keeps per token and decoder layer (attention
@@ -269,12 +273,23 @@ def _backward_peak(static: Memory, full_grads: int, head_grads: int, activations
     return _larger(_settle(start, on_gpu, runtime, mapped), _settle(end, on_gpu, runtime, mapped))
 
 
+def _group(shard_group: int | None, workers: int) -> int:
+    return max(1, min(shard_group, workers)) if shard_group else workers
+
+
+def _shard_words(group: int, workers: int) -> str:
+    workers = max(1, workers)
+    return f"{group} workers" if group >= workers else f"a group of {group} workers (HSDP, {workers // group} replicas)"
+
+
 def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro_batch: int, seq_len: int,
                        on_gpu: bool, activation_checkpointing: bool = False, k: int = 0,
-                       overhead: int | None = None, grad_accum: int = 1, mapped_bytes: int = 0) -> Memory:
+                       overhead: int | None = None, grad_accum: int = 1, mapped_bytes: int = 0,
+                       shard_group: int | None = None) -> Memory:
     """One worker's peak while distilling a model of `shape` (the stage's student). `overhead` replaces
     the runtime term (e.g. by a measured one); `mapped_bytes` is the checkpoint file a CPU worker
-    loaded the model from (it stays mapped)."""
+    loaded the model from (it stays mapped); `shard_group` the ranks fsdp shards one copy over
+    (default: all `num_workers`)."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
     wide = _dtype_bytes(compute_dtype(on_gpu))
     checkpointing = activation_checkpointing and strategy == "fsdp"
@@ -296,13 +311,14 @@ def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro
         note = (f"deepspeed ZeRO-2: {'bf16' if on_gpu else 'float32'} model on every rank, float32 master "
                 f"copy, gradients and moments over {n} ranks")
     elif strategy == "fsdp":
+        n = _group(shard_group, n)
         gathered = FSDP_GATHERED_LAYERS * shape.layer * wide + shape.root * wide
         # On GPU the unsharded bf16 gradient of the layer being reduced is cast to float32 for the
         # reduce-scatter (reduce_dtype float32): one more layer's worth at 4 bytes.
         reducing = shape.layer * 4 if on_gpu else 0
         mem = Memory(**_ints(weights=4 * p / n + gathered, gradients=4 * p / n + gathered + reducing,
                              optimizer=8 * p / n))
-        note = (f"fsdp: 16 B/param over {n} workers + {FSDP_GATHERED_LAYERS} gathered layers and the root "
+        note = (f"fsdp: 16 B/param over {_shard_words(n, num_workers)} + {FSDP_GATHERED_LAYERS} gathered layers and the root "
                 f"({'bf16' if on_gpu else 'float32'}) with their unsharded gradients")
         mapped_bytes = 0  # each rank reads its own rows; nothing stays mapped whole
     else:
@@ -317,17 +333,20 @@ def stage_train_memory(shape: ModelShape, strategy: str, num_workers: int, micro
 
 def stage_score_memory(shape: ModelShape, strategy: str, num_workers: int, micro_batch: int, seq_len: int,
                        on_gpu: bool, shape_after: ModelShape | None = None, overhead: int | None = None,
-                       mapped_bytes: int = 0) -> Memory:
-    """One worker's peak while scoring (and then slimming) the model a stage cuts."""
+                       mapped_bytes: int = 0, shard_group: int | None = None) -> Memory:
+    """One worker's peak while scoring (and then slimming) the model a stage cuts; `shard_group` as in
+    `stage_train_memory` (HSDP scores on a model sharded over the group alone)."""
     p, n, tokens = shape.total, max(1, num_workers), micro_batch * seq_len
     if strategy == "fsdp":
+        n = _group(shard_group, n)
         wide = _dtype_bytes(compute_dtype(on_gpu))
         gathered = shape.layer * wide + shape.root * wide
         mem = Memory(**_ints(weights=4 * p / n + gathered, gradients=shape.layer * (wide + (4 if on_gpu else 0))))
         mem.activations = train_activation_bytes(shape, tokens, wide, wide, checkpointing=False)
         mem.logits = train_logit_bytes(shape, tokens, wide) - tokens * shape.vocab * 4 * SCORE_LOGIT_FEWER
         mem.phase = "score"
-        mem.notes = [f"fsdp scoring: float32 shard over {n} workers + one gathered layer's parameters and gradients"]
+        mem.notes = [f"fsdp scoring: float32 shard over {_shard_words(n, num_workers)} + one gathered layer's "
+                     "parameters and gradients"]
         return _settle(mem, on_gpu, overhead)
     # No autocast in scoring: a float32 forward and backward whose gradients all exist by its end (and
     # are cleared after each batch); the slim step then holds the cut model beside the whole one.

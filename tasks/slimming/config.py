@@ -230,6 +230,10 @@ class StageConfig(TaskConfig):
     zero_stage: Literal[1, 2] = 2
     # fsdp only: recompute each decoder layer's activations in backward instead of keeping them.
     activation_checkpointing: bool = False
+    # fsdp only: the ranks one copy of the model is sharded over; the groups replicate each other
+    # (HSDP). None: the GPUs of one node on GPUs (reduce-scatter over NVLink every micro-batch, one
+    # all-reduce between nodes per step), every rank on CPU. Equal to num_workers: full sharding.
+    shard_group_size: Optional[int] = Field(default=None, gt=0)
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     gpus_per_worker: float = Field(default=1, gt=0, description="with use_gpu; a fraction packs workers on one GPU")
@@ -283,6 +287,21 @@ class StageConfig(TaskConfig):
     def resolved_strategy(self) -> str:
         return self.strategy_for(self.strategy, self.use_gpu, self.num_workers, bool(self._ddp_only_options()))
 
+    def shard_group(self, workers_per_node: int) -> int:
+        """The ranks one copy of the model is sharded over (1 outside fsdp, where nothing is sharded).
+        `workers_per_node`: the plan's GPUs per node, or the workers Ray Train put on the worker's node."""
+        if self.resolved_strategy() != "fsdp":
+            return 1
+        if self.shard_group_size is not None:
+            return self.shard_group_size
+        if not self.use_gpu:
+            return self.world()
+        return math.gcd(self.world(), max(1, workers_per_node))  # whole nodes, dividing the world
+
+    def replica_groups(self, workers_per_node: int) -> int:
+        """The copies of the model the world holds (HSDP's replicate dimension); 1 under full sharding."""
+        return self.world() // max(1, self.shard_group(workers_per_node)) if self.resolved_strategy() == "fsdp" else 1
+
     def experts_weights_16bit(self) -> bool:
         """Whether the expert weights are 16-bit while they compute: on GPU under fsdp (bf16 parameters) and
         deepspeed (a bf16 module); not under ddp (autocast over float32 weights), nor on CPU."""
@@ -329,6 +348,15 @@ class StageConfig(TaskConfig):
         strategy = self.resolved_strategy()
         if self.activation_checkpointing and strategy != "fsdp":
             raise ValueError(f"activation_checkpointing: true needs strategy: fsdp (this stage uses {strategy})")
+        if self.shard_group_size is not None:
+            if strategy != "fsdp":
+                raise ValueError(f"shard_group_size needs strategy: fsdp (this stage uses {strategy}); remove "
+                                 "shard_group_size")
+            if self.num_workers % self.shard_group_size:
+                divisors = [d for d in range(1, self.num_workers + 1) if self.num_workers % d == 0]
+                raise ValueError(f"shard_group_size: {self.shard_group_size} does not divide num_workers: "
+                                 f"{self.num_workers} (the groups replicate each other, so they must be equal); use "
+                                 f"one of {divisors}")
         for name in self._ddp_only_options():
             if strategy != "ddp":
                 raise ValueError(f"{name} needs strategy: ddp (this stage uses {strategy}); remove {name}")

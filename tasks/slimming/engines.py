@@ -278,7 +278,15 @@ class FSDPEngine(Engine):
 
         # The weights come from the distributed checkpoint (`load`); the shape from the pruned model.
         return build_sharded(load_config(run.pruned_dir), device, run.cfg.experts_kernel_on(device),
-                             run.cfg.activation_checkpointing)
+                             run.cfg.activation_checkpointing, mesh=students.stage_mesh(run.cfg, device)[0])
+
+    def backward(self, loss, last_micro: bool):
+        # Under HSDP the gradients are reduce-scattered inside each group every micro-batch but
+        # all-reduced between the groups (between nodes) only with the step's last one; FSDP2 keeps
+        # the earlier micro-batches' partial sums and adds them in. Without a replicate group this
+        # flag changes nothing.
+        self.model.set_requires_all_reduce(last_micro)
+        super().backward(loss, last_micro)
 
     def save(self, ckpt_dir, rank):
         import torch.distributed.checkpoint as dcp

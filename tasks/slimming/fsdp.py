@@ -53,15 +53,69 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_rows(global_rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The dim-0 rows [start, end) FSDP2 gives `rank`: torch.chunk pieces of ceil(n / world) rows."""
+    """The rows [start, end) along the sharded dim FSDP2 gives shard `rank` of `world`: torch.chunk
+    pieces of ceil(n / world) rows."""
     per = math.ceil(global_rows / world) if global_rows else 0
     start = min(rank * per, global_rows)
     return start, min(start + per, global_rows)
 
 
+def shard_span(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, start, end): where this rank's piece of a sharded parameter lies in the whole one, by the
+    parameter's own mesh and placements (under HSDP a rank's place in its shard group, not its global
+    rank); None for a tensor that is not sharded."""
+    placements = getattr(param, "placements", None)
+    if placements is None:
+        return None
+    mesh = param.device_mesh
+    coordinate = mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard():
+            dim = placement.dim
+            start, end = shard_rows(param.shape[dim], coordinate[mesh_dim], mesh.size(mesh_dim))
+            return dim, start, end
+    return None
+
+
 def local_param_bytes(model: nn.Module) -> int:
-    """Bytes of parameter storage this rank holds (its shards), not the model's."""
+    """Bytes of parameter data this rank holds (its shards, without FSDP's padding)."""
     return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+
+
+def allocated_param_bytes(model: nn.Module) -> int:
+    """Bytes FSDP2 allocates for this rank's shards: every rank holds ceil(n / group) rows along the
+    sharded dim, padding included, so a rank whose rows run out past the end still allocates them."""
+    total = 0
+    for p in model.parameters():
+        span = shard_span(p)
+        if span is None:
+            total += local_tensor(p).numel() * p.element_size()
+            continue
+        dim = span[0]
+        group = p.device_mesh.size(next(i for i, pl in enumerate(p.placements) if pl.is_shard()))
+        rows = math.ceil(p.shape[dim] / group) if p.shape[dim] else 0
+        total += rows * (p.numel() // max(1, p.shape[dim])) * p.element_size()
+    return total
+
+
+_MESHES: dict = {}
+
+
+def stage_meshes(device: torch.device, shard_group: int):
+    """(training mesh, scoring mesh) for shard groups of `shard_group` consecutive ranks: both None under
+    full sharding (FSDP2's default: the world); under HSDP the (replicate, shard) mesh, and the shard
+    group alone, over which each group scores its own calibration batches. Made once per process
+    (making a mesh creates process groups, a collective)."""
+    _, world = rank_and_world()
+    if shard_group >= world:
+        return None, None
+    key = (device.type, shard_group)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
+        _MESHES[key] = (mesh, mesh["shard"])
+    return _MESHES[key]
 
 
 # -- building and filling a sharded model ---------------------------------------------------------
@@ -77,10 +131,17 @@ def _params_on_meta():
 
 
 def build_sharded(config, device: torch.device, experts_implementation: str | None = None,
-                  activation_checkpointing: bool = False) -> nn.Module:
+                  activation_checkpointing: bool = False, mesh=None) -> nn.Module:
     """An FSDP2-sharded, uninitialised model of `config` on `device`: weights are filled by
-    `load_shards` or a distributed checkpoint."""
+    `load_shards` or a distributed checkpoint. `mesh`: None shards over every rank; a 2-D
+    (replicate, shard) mesh is HSDP.
+
+    The fused expert tensors are sharded along dim 1 (2I or H rows), not their expert axis: FSDP2
+    pads every rank to the first chunk's size, so with more ranks than experts a dim-0 shard would
+    give each rank a whole expert (16 experts on 64 ranks: 4x the bytes of an even share) and 48
+    ranks nothing but padding."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32}
@@ -94,9 +155,14 @@ def build_sharded(config, device: torch.device, experts_implementation: str | No
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device.type == "cuda" else MixedPrecisionPolicy())
     adapter = get_adapter(model)
+    experts = {id(p) for _, block in adapter.moe_blocks(model) for p in block.experts.parameters() if p.dim() >= 2}
+
+    def placement(param: nn.Parameter):
+        return Shard(1) if id(param) in experts else None  # None: FSDP2's Shard(0)
+
     for layer in adapter.decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, mp_policy=mp, shard_placement_fn=placement)
     model.to_empty(device=device)
     with torch.no_grad():  # to_empty wiped the buffers too
         for name, buf in model.named_buffers():
@@ -115,7 +181,7 @@ def load_shards(model: nn.Module, model_dir: str | Path) -> int:
     reading only its own rows. Returns the largest number of bytes read at once."""
     model_dir = Path(model_dir)
     source = CheckpointTensors(model_dir, get_adapter(model))
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     state_names = set(model.state_dict().keys()) - _tied_names(model)
     missing = sorted(n for n in state_names if not source.has(n))
     if missing:
@@ -127,13 +193,15 @@ def load_shards(model: nn.Module, model_dir: str | Path) -> int:
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = local_tensor(param)
-            if hasattr(param, "to_local"):
-                start, end = shard_rows(param.shape[0], rank, world)
-                if end - start != local.shape[0]:
-                    raise RuntimeError(f"{name}: FSDP holds {local.shape[0]} rows on rank {rank}, expected {end - start}")
+            span = shard_span(param)
+            if span is not None:
+                dim, start, end = span
+                if end - start != local.shape[dim]:
+                    raise RuntimeError(f"{name}: FSDP holds {local.shape[dim]} rows along dim {dim} on rank {rank}, "
+                                       f"expected {end - start}")
                 if end == start:
                     continue
-                piece = source.rows(name, start, end)
+                piece = source.block(name, dim, start, end)
             else:
                 piece = source.full(name)
             if tuple(piece.shape) != tuple(local.shape):
@@ -167,6 +235,30 @@ def _expert_fold(adapter: MoEAdapter, role: str) -> Callable[[torch.Tensor], tor
     return bias
 
 
+def _expert_rule(target: torch.Tensor, adapter: MoEAdapter, role: str):
+    """How a shard of one fused expert tensor adds to the [E, I] neuron scores, whichever dim is sharded:
+    the expert axis (whole neurons of some experts), the neuron axis (some neurons of every expert:
+    gate and up rows of one neuron may sit on different ranks) or another axis (a partial sum of every
+    neuron)."""
+    fold = _expert_fold(adapter, role)
+    neuron_axis = {"gate_up_proj": adapter.gate_up_axis(), "down_proj": adapter.down_axis(), "gate_up_proj_bias": 1}[role]
+    fused = role != "down_proj"
+    inter = target.shape[1]
+
+    def apply(values: torch.Tensor, dim: int, start: int) -> None:
+        if dim == 0:
+            target[start:start + values.shape[0]] += fold(values)
+        elif dim != neuron_axis:
+            target.add_(fold(values))
+        else:
+            rest = [d for d in range(1, values.dim()) if d != dim]
+            sums = values.sum(dim=rest) if rest else values  # [E, rows]
+            rows = torch.arange(start, start + values.shape[dim], device=values.device)
+            neurons = (rows // 2 if adapter.interleaved_gate_up else rows % inter) if fused else rows
+            target.index_add_(1, neurons, sums)
+    return apply
+
+
 class _Folder:
     """Where each sharded parameter's |w*g| goes: which score vector, and how its rows map onto it."""
 
@@ -174,7 +266,8 @@ class _Folder:
         self.adapter = adapter = get_adapter(model)
         cfg = model.config
         self.scores = Scores(method="taylor")
-        self.rules: dict[str, Callable[[torch.Tensor, int], None]] = {}
+        # name -> apply(|w*g| of the local shard, its sharded dim, where it starts along that dim)
+        self.rules: dict[str, Callable[[torch.Tensor, int, int], None]] = {}
         names = {id(m): n + "." if n else "" for n, m in model.named_modules()}
         device = next(model.parameters()).device
         for idx, block in adapter.moe_blocks(model):
@@ -183,8 +276,7 @@ class _Folder:
             self.scores.experts[idx] = torch.zeros(adapter.num_experts(cfg), inter, dtype=torch.float32, device=device)
             for role in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
                 if getattr(experts, role, None) is not None:
-                    self.rules[names[id(experts)] + role] = self._rows_rule(self.scores.experts[idx],
-                                                                            _expert_fold(adapter, role))
+                    self.rules[names[id(experts)] + role] = _expert_rule(self.scores.experts[idx], adapter, role)
             shared = adapter.shared_expert(block)
             if shared is not None:
                 size = shared.gate_proj.weight.shape[0]
@@ -209,31 +301,34 @@ class _Folder:
 
     @staticmethod
     def _rows_rule(target: torch.Tensor, fold):
-        """dim 0 of the parameter is dim 0 of the score (experts, or shared-expert neurons)."""
-        def apply(values: torch.Tensor, start: int) -> None:
+        """dim 0 of the parameter (the sharded one) is dim 0 of the score (shared-expert neurons)."""
+        def apply(values: torch.Tensor, dim: int, start: int) -> None:
             target[start:start + values.shape[0]] += fold(values)
         return apply
 
     @staticmethod
     def _columns_rule(target: torch.Tensor, fold):
         """dim 0 is the hidden size; the scored structures run along dim 1, all present in every shard."""
-        def apply(values: torch.Tensor, start: int) -> None:
+        def apply(values: torch.Tensor, dim: int, start: int) -> None:
             target.add_(fold(values.sum(0)))
         return apply
 
     @staticmethod
     def _group_rule(target: torch.Tensor, rows_per_group: int, fold):
         """dim 0 runs over heads x head_dim; row j belongs to KV group j // rows_per_group."""
-        def apply(values: torch.Tensor, start: int) -> None:
+        def apply(values: torch.Tensor, dim: int, start: int) -> None:
             rows = torch.arange(start, start + values.shape[0], device=values.device)
             target.index_add_(0, rows // rows_per_group, fold(values))
         return apply
 
 
-def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_heads: bool = True) -> Scores:
-    """Taylor scores of an FSDP2 model, identical to `scores.taylor_scores` on the unsharded model
-    over the same batches. Every rank must pass the same batches in the same order."""
-    rank, world = rank_and_world()
+def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_heads: bool = True,
+                          replicas: int = 1) -> Scores:
+    """Taylor scores of an FSDP2 model, identical to `scores.taylor_scores` on the unsharded model over
+    the batches of every rank. Every rank of a shard group must pass the same batches in the same order;
+    with `replicas` groups (HSDP scoring: the model sharded over its group alone), each group passes
+    its own ranks' batches and the sums of all groups are added."""
+    _, world = rank_and_world()
     folder = _Folder(model, with_heads)
     handles = []
 
@@ -243,10 +338,10 @@ def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_hea
         def hook(param: torch.Tensor) -> None:
             if rule is not None and param.grad is not None:
                 w, g = local_tensor(param.detach()), local_tensor(param.grad)
-                start = shard_rows(param.shape[0], rank, world)[0] if hasattr(param, "to_local") else 0
+                dim, start, _ = shard_span(param) or (0, 0, 0)
                 if w.numel():
                     with torch.no_grad():
-                        rule((w.float() * g.float()).abs(), start)
+                        rule((w.float() * g.float()).abs(), dim, start)
             param.grad = None  # the gradient is folded: never let a full set of them accumulate
         return hook
 
@@ -269,16 +364,21 @@ def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_hea
     if folder.scores.batches == 0:
         raise ValueError("calibration data is empty: taylor scores need at least one batch")
     scores = folder.scores
-    if world > 1:  # each rank holds the sums of its own slices; every rank needs all of them
+    # Each rank holds the sums of its own slices over its group's batches; the world's sum adds the
+    # slices and, under HSDP, the groups' batches. Every rank needs all of them.
+    if world > 1:
         flat = scores.flat().double()
         dist.all_reduce(flat)
         scores.load_flat(flat.float())
+    scores.batches *= replicas
     return scores
 
 
-def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: int) -> Iterable:
-    """The calibration batches of all ranks, rank 0's first: what a ddp stage scores across its ranks."""
-    for r in range(world):
+def every_rank_batches(cache, micro_batch: int, world: int, count: int, seed: int,
+                       ranks: Iterable[int] | None = None) -> Iterable:
+    """The calibration batches of `ranks` (default: all ranks), in rank order: what a ddp stage of
+    `world` ranks scores across those ranks."""
+    for r in (range(world) if ranks is None else ranks):
         batches = cache.iter_batches(micro_batch, rank=r, world_size=world, shuffle=True, seed=seed)
         for _, b in zip(range(count), batches):
             yield b
@@ -343,9 +443,10 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
 
 
 def sharded_model_from(model_dir: str | Path, device: torch.device, experts_implementation: str | None = None,
-                       activation_checkpointing: bool = False, trust_remote_code: bool = False) -> nn.Module:
+                       activation_checkpointing: bool = False, trust_remote_code: bool = False,
+                       mesh=None) -> nn.Module:
     """Build, shard and fill a model from a Hugging Face directory: no rank holds more than its shard."""
     config = load_config(model_dir, trust_remote_code)
-    model = build_sharded(config, device, experts_implementation, activation_checkpointing)
+    model = build_sharded(config, device, experts_implementation, activation_checkpointing, mesh=mesh)
     load_shards(model, model_dir)
     return model

@@ -86,10 +86,21 @@ def per_token_kl(
     topk_logprobs: torch.Tensor,
     rest_logprob: torch.Tensor,
     temperature: float = 1.0,
+    chunk_tokens: int | str | None = None,
 ) -> torch.Tensor:
-    """KL(teacher || student) per position over the k+1 buckets, [...], float32, not T^2-scaled."""
+    """KL(teacher || student) per position over the k+1 buckets, [...], float32, not T^2-scaled.
+
+    `chunk_tokens` (an int, or "auto" for `auto_chunk_tokens`) computes it that many positions at a
+    time: under no_grad only one chunk's float32 copies of the logits exist at once. With a graph
+    recorded every chunk's copies are kept for backward, so it saves nothing there."""
+    if chunk_tokens is not None:
+        return _chunked_per_token_kl(student_logits, topk_ids, topk_logprobs, rest_logprob, temperature, chunk_tokens)
     t = _tempered(teacher_buckets(topk_logprobs, rest_logprob), temperature)
     s = _tempered(bucket_logprobs(student_logits, topk_ids.long()), temperature)
+    return _bucket_kl(t, s)
+
+
+def _bucket_kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     # exp(t) * (t - s) with 0 * log 0 := 0 for buckets the teacher gives no mass (-inf).
     p = t.exp()
     return torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
@@ -144,15 +155,168 @@ def distillation_loss(
     temperature: float = 1.0,
     next_token_weight: float = 0.0,
     mask: torch.Tensor | None = None,
+    chunk_tokens: int | str | None = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The stage's training objective: T^2 * KL over top-k + rest, plus `next_token_weight` * CE.
 
-    Returns the loss and its parts (KL at T=1 is the number users compare across runs)."""
-    kd = kd_loss(student_logits, topk_ids, topk_logprobs, rest_logprob, temperature, mask)
+    Returns the loss and its parts (KL at T=1 is the number users compare across runs).
+
+    `chunk_tokens` positions (over the flattened [B*T]) are computed at a time, and the backward
+    recomputes each chunk instead of keeping its float32 work: what stays alive for backward is the
+    logits themselves and [B, T, k]-sized teacher tensors. "auto" picks `auto_chunk_tokens(vocab)`;
+    None computes it in one piece, keeping every float32 [B, T, V] intermediate for backward."""
+    if chunk_tokens is None:
+        kd = kd_loss(student_logits, topk_ids, topk_logprobs, rest_logprob, temperature, mask)
+        loss = kd
+        parts = {"kd": float(kd.detach())}
+        if next_token_weight:
+            ce = next_token_loss(student_logits, input_ids, mask)
+            loss = loss + next_token_weight * ce
+            parts["ce"] = float(ce.detach())
+        return loss, parts
+
+    b, t, vocab = student_logits.shape
+    n = b * t
+    with torch.no_grad():
+        teacher = _tempered(teacher_buckets(topk_logprobs, rest_logprob), temperature).reshape(n, -1)
+        # The unchunked loss is a masked mean times T^2; as per-position weights the chunks need no
+        # second pass over the positions once they know the denominator.
+        if mask is None:
+            kd_weight = torch.full((n,), temperature**2 / n, dtype=torch.float32, device=student_logits.device)
+        else:
+            m = mask.to(torch.float32)
+            kd_weight = (m * (temperature**2 / m.sum().clamp_min(1.0))).reshape(n)
+        targets = ce_weight = None
+        if next_token_weight:
+            # Position t of a row predicts token t+1; a row's last position predicts nothing.
+            targets = torch.full((b, t), _NO_TARGET, dtype=torch.long, device=input_ids.device)
+            targets[:, :-1] = input_ids[:, 1:]
+            ce_weight = torch.zeros((b, t), dtype=torch.float32, device=student_logits.device)
+            if mask is None:
+                ce_weight[:, :-1] = 1.0 / max(b * (t - 1), 1)
+            else:
+                m = mask[:, :-1].to(torch.float32)
+                ce_weight[:, :-1] = m / m.sum().clamp_min(1.0)
+            targets, ce_weight = targets.reshape(n), ce_weight.reshape(n)
+    chunk = _chunk_size(chunk_tokens, vocab)
+    kd, ce = _ChunkedDistillation.apply(student_logits, topk_ids.reshape(n, -1).long(), teacher, kd_weight, targets,
+                                        ce_weight, float(temperature), chunk)
     loss = kd
     parts = {"kd": float(kd.detach())}
     if next_token_weight:
-        ce = next_token_loss(student_logits, input_ids, mask)
         loss = loss + next_token_weight * ce
         parts["ce"] = float(ce.detach())
     return loss, parts
+
+
+# Elements of one chunk's [tokens, vocab] float32 copy: 128 MiB, so the few copies a chunk's forward
+# or backward holds at once stay within ~0.5 GiB at any vocabulary (1046 tokens at Phi's 32064,
+# 220 at Qwen3's 151936).
+CHUNK_ELEMENTS = 2**25
+_NO_TARGET = -100  # F.cross_entropy's ignore_index
+
+
+def auto_chunk_tokens(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _chunk_size(chunk_tokens: int | str, vocab: int) -> int:
+    if chunk_tokens == "auto":
+        return auto_chunk_tokens(vocab)
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, 'auto' or None, not {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def _chunked_per_token_kl(student_logits, topk_ids, topk_logprobs, rest_logprob, temperature, chunk_tokens):
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    chunk = _chunk_size(chunk_tokens, vocab)
+    logits = student_logits.reshape(-1, vocab)
+    ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+    lp = topk_logprobs.reshape(-1, topk_logprobs.shape[-1])
+    rest = rest_logprob.reshape(-1)
+    kl = [per_token_kl(logits[s:s + chunk], ids[s:s + chunk], lp[s:s + chunk], rest[s:s + chunk], temperature)
+          for s in range(0, logits.shape[0], chunk)]
+    return torch.cat(kl).reshape(lead)
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """(T^2-weighted KD, next-token CE) over the flattened positions, chunk by chunk.
+
+    Only the inputs are saved: backward recomputes a chunk's student buckets and writes that chunk's
+    closed-form gradient straight into one tensor of the logits' dtype. torch.utils.checkpoint per
+    chunk would save as little, but autograd then materialises a zero-filled full-size gradient for
+    every chunk's slice and sums them (measured: a higher peak and far slower on CPU).
+
+    topk_ids [N, k] int64; teacher [N, k+1] tempered teacher log-buckets; kd_weight [N] (mask / count * T^2);
+    targets [N] next-token ids (_NO_TARGET where none) and ce_weight [N], or both None for no CE."""
+
+    @staticmethod
+    def forward(ctx, logits, topk_ids, teacher, kd_weight, targets, ce_weight, temperature, chunk):
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        kd = torch.zeros((), dtype=torch.float32, device=logits.device)
+        ce = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, flat.shape[0], chunk):
+            e = s + chunk
+            x = flat[s:e].float()
+            kl = _bucket_kl(teacher[s:e], _tempered(bucket_logprobs(x, topk_ids[s:e]), temperature))
+            kd += (kl * kd_weight[s:e]).sum()
+            if targets is not None:
+                nll = F.cross_entropy(x, targets[s:e], ignore_index=_NO_TARGET, reduction="none")
+                ce += (nll * ce_weight[s:e]).sum()
+            del x
+        ctx.save_for_backward(logits, topk_ids, teacher, kd_weight, targets, ce_weight)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        if targets is None:
+            ctx.mark_non_differentiable(ce)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        logits, topk_ids, teacher, kd_weight, targets, ce_weight = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        grad = torch.empty_like(flat, memory_format=torch.contiguous_format)
+        with_ce = targets is not None and grad_ce is not None
+        for s in range(0, flat.shape[0], chunk):
+            e = s + chunk
+            grad[s:e].copy_(_chunk_grad(flat[s:e].float(), topk_ids[s:e], teacher[s:e], kd_weight[s:e] * grad_kd,
+                                        targets[s:e] if with_ce else None,
+                                        ce_weight[s:e] * grad_ce if with_ce else None, temperature))
+        return grad.view(logits.shape), None, None, None, None, None, None, None
+
+
+def _chunk_grad(x, ids, teacher, kd_scale, targets, ce_scale, temperature):
+    """d(sum kd_scale * KL + sum ce_scale * NLL) / dx for one chunk, float32 [C, V].
+
+    The same operations' derivatives as autograd takes through `bucket_logprobs`, `_tempered`,
+    `_bucket_kl` and cross-entropy, with the [C, V] terms built in place in one buffer:
+      s_i = x[id_i] - log Z, s_rest = logsumexp(x off the top-k) - log Z, s' = log_softmax(s / T)
+      dKL/ds' = -p_teacher, dKL/ds = (dKL/ds' - softmax(s / T) * sum(dKL/ds')) / T
+      dx = scatter(dKL/ds_i) + dKL/ds_rest * softmax(x off the top-k) - softmax(x) * sum(dKL/ds)
+    and NLL's softmax(x) - onehot(target). The rest bucket's softmax is taken over the complement
+    itself, not as softmax(x) / p_rest, so its gradient survives when p_rest underflows."""
+    log_z = torch.logsumexp(x, dim=-1, keepdim=True)
+    off_topk = x.scatter(-1, ids, float("-inf"))
+    log_rest = torch.logsumexp(off_topk, dim=-1, keepdim=True)
+    s = torch.cat([x.gather(-1, ids) - log_z, log_rest - log_z], dim=-1)
+    scaled = s if temperature == 1.0 else s / temperature
+    q = torch.softmax(scaled, dim=-1)
+    g = -teacher.exp()
+    g = (g - q * g.sum(-1, keepdim=True)) * kd_scale.unsqueeze(-1)
+    if temperature != 1.0:
+        g = g / temperature
+    coef = -g.sum(-1, keepdim=True)
+    if ce_scale is not None:
+        coef = coef + ce_scale.unsqueeze(-1)
+    buf = off_topk.sub_(log_rest).exp_().mul_(g[:, -1:])  # the rest bucket's term, 0 on the top-k
+    buf.addcmul_(torch.sub(x, log_z).exp_(), coef)
+    buf.scatter_add_(-1, ids, g[:, :-1])
+    if targets is not None:
+        has = targets != _NO_TARGET
+        buf.scatter_add_(-1, torch.where(has, targets, 0).unsqueeze(-1),
+                         torch.where(has, -ce_scale, 0.0).unsqueeze(-1))
+    return buf

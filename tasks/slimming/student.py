@@ -113,6 +113,15 @@ def _wait_for_ready(marker, attempt: str, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def stage_mesh(cfg, device):
+    """(training mesh, scoring mesh) of a sharded stage on this worker (`fsdp.stage_meshes`), for the
+    shard group its config derives from the workers on this node."""
+    from slimmoe.tasks.core.runtime import workers_per_node
+    from slimmoe.tasks.slimming.fsdp import stage_meshes
+
+    return stage_meshes(device, cfg.shard_group(workers_per_node()))
+
+
 def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
     """The fsdp path of `cut_whole`: score the sharded model, write the pruned checkpoint by streaming
     surgery (rank 0, one tensor at a time), and load the student from it, sharded. Records the
@@ -123,10 +132,15 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
     cfg = run.cfg
     memory = {}
     attempt = _agreed_token(rank, world)
+    train_mesh, score_mesh = stage_mesh(cfg, device)
+    group = score_mesh.size() if score_mesh is not None else world
+    # Under HSDP each shard group scores its own ranks' calibration batches on a model sharded over the
+    # group alone (no gradient crosses groups); the groups' sums are added at the end.
     model = fsdp.sharded_model_from(run.model_dir, device, cfg.experts_kernel_on(device),
-                                    trust_remote_code=cfg.trust_remote_code)
+                                    trust_remote_code=cfg.trust_remote_code, mesh=score_mesh)
     memory["input_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     memory["input_local_param_bytes"] = fsdp.local_param_bytes(model)
+    memory["input_allocated_param_bytes"] = fsdp.allocated_param_bytes(model)
     params_before = count_parameters(model)
     if cfg.distill_only:
         prepare = {"score_loss": None, "calibration_batches": 0, "params_before": params_before}
@@ -135,9 +149,11 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
             write_json_atomic(run.pruned_ready_file, {"attempt": attempt})
     else:
         loss_name, loss_fn = scoring_loss(cfg, run.cuts_the_teacher)
+        first = rank // group * group
         batches = fsdp.every_rank_batches(cache, cfg.micro_batch, world, cfg.calibration_batches,
-                                          cfg.seed + CALIBRATION_SEED_OFFSET)
-        scores = fsdp.sharded_taylor_scores(model, batches, loss_fn, with_heads=cfg.num_key_value_heads is not None)
+                                          cfg.seed + CALIBRATION_SEED_OFFSET, ranks=range(first, first + group))
+        scores = fsdp.sharded_taylor_scores(model, batches, loss_fn, with_heads=cfg.num_key_value_heads is not None,
+                                            replicas=world // group)
         # The unsharded definition counts one batch per rank; so does this, for the same batches.
         prepare = {"score_loss": loss_name, "calibration_batches": scores.batches, "params_before": params_before}
         if rank == 0:
@@ -150,9 +166,11 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
     if rank != 0:
         _wait_for_ready(run.pruned_ready_file, attempt)
     student = fsdp.sharded_model_from(run.pruned_dir, device, cfg.experts_kernel_on(device),
-                                      cfg.activation_checkpointing)
+                                      cfg.activation_checkpointing, mesh=train_mesh)
     memory["student_param_bytes"] = sum(p.numel() * p.element_size() for p in student.parameters())
     memory["student_local_param_bytes"] = fsdp.local_param_bytes(student)
+    memory["student_allocated_param_bytes"] = fsdp.allocated_param_bytes(student)
+    memory["shard_group"] = group
     run.record_memory(rank, **memory)
     if rank == 0:
         write_json_atomic(run.prepare_file, prepare)
