@@ -15,6 +15,11 @@ per-expert Hub layout transformers 5 writes) is cut to half its expert width thr
 against the baselines of processes that only import: torch; torch and the transformers PhiMoE model
 code (what the in-memory arm runs); the slimmoe CLI and that model code (what the streaming arms run,
 their meta-device model included). Target: streaming peak RSS < 0.3x the checkpoint's size.
+
+loss (only when named in --sections): the distillation loss's forward and backward on one micro-batch
+of float32 logits at Phi's and Qwen3's vocabularies, in one piece (chunk_tokens=None) and chunked (the
+default), each arm in a fresh process: its peak RSS minus its RSS once the inputs exist, and the bytes
+autograd kept for backward.
 """
 
 from __future__ import annotations
@@ -266,6 +271,91 @@ def section_stage(workdir: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+# -- loss ------------------------------------------------------------------------------------------------
+
+_LOSS = """
+import json, resource, sys, time, torch
+from slimmoe.tasks.slimming.losses import auto_chunk_tokens, distillation_loss
+vocab, seq, k, arm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+chunk = None if arm == "unchunked" else "auto"
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def loss_of(logits, ids, topk_ids, lp):
+    return distillation_loss(logits, ids, topk_ids, lp[..., :-1].half(), lp[..., -1], 1.0, 0.5,
+                             torch.ones(ids.shape), chunk_tokens=chunk)[0]
+g = torch.Generator().manual_seed(0)
+# made in place, so that no transient copy sets the peak before the loss runs
+logits = torch.randn(1, seq, vocab, generator=g).requires_grad_(True)
+ids = torch.randint(3, vocab, (1, seq), generator=g)
+topk_ids = torch.randint(0, vocab, (1, seq, k), generator=g)
+lp = torch.log_softmax(torch.randn(1, seq, k + 1, generator=g), -1)
+small = torch.randn(1, 4, vocab).requires_grad_(True)  # every kernel and allocator path touched once
+loss_of(small, ids[:, :4], topk_ids[:, :4], lp[:, :4]).backward()
+del small
+before = rss()
+saved = {}
+def pack(t):
+    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+start = time.perf_counter()
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss = loss_of(logits, ids, topk_ids, lp)
+loss.backward()
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+logits_bytes = logits.numel() * logits.element_size()
+print("RESULT" + json.dumps({
+    "peak_over_inputs_mb": round((peak - before) / 2**20, 1),
+    "saved_for_backward_mb": round(sum(saved.values()) / 2**20, 1),
+    "saved_beyond_logits_mb": round((sum(saved.values()) - saved.get(logits.untyped_storage().data_ptr(), 0))
+                                    / 2**20, 1),
+    "seconds": round(seconds, 1), "loss": float(loss.detach()),
+    "chunk_tokens": None if chunk is None else auto_chunk_tokens(vocab)}))
+"""
+
+# The one-piece loss at 32k x 4096 peaked at ~5 float32 copies of the logits over its inputs.
+_UNCHUNKED_COPIES = 6
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def section_loss(workdir: Path, args: argparse.Namespace) -> dict:
+    """Peak memory of distillation_loss's forward + backward (with next-token CE and a mask), one piece
+    against chunked, at micro_batch 1. A vocabulary whose one-piece arm would not fit in this machine's
+    available memory (with 4 GB to spare for everything else running) is measured at half the sequence."""
+    result = {"dtype": "float32", "micro_batch": 1, "k": 8, "next_token_weight": 0.5, "vocabularies": {}}
+    for vocab in (32064, 151936):
+        def need(seq: int) -> int:
+            return (_UNCHUNKED_COPIES + 1) * seq * vocab * 4 + 4 * 2**30
+
+        seq, available = args.loss_seq, _mem_available()
+        while need(seq) > available and seq > 256:
+            seq //= 2
+        entry = {"seq": seq, "logits_mb": round(seq * vocab * 4 / 2**20, 1), "arms": {}}
+        if seq != args.loss_seq:
+            entry["note"] = (f"seq {seq} instead of {args.loss_seq}: the one-piece arm would need ~"
+                             f"{need(args.loss_seq) / 2**30:.1f} GB there, {available / 2**30:.1f} GB available")
+        for arm in ("unchunked", "chunked"):
+            text = subprocess.run(_python(_LOSS) + [str(vocab), str(seq), "8", arm], cwd=REPO, capture_output=True,
+                                  text=True)
+            if text.returncode != 0:
+                raise RuntimeError(f"loss {arm} at vocab {vocab} failed:\n{(text.stdout + text.stderr)[-3000:]}")
+            entry["arms"][arm] = json.loads(text.stdout.split("RESULT", 1)[1].splitlines()[0])
+            # the logits' gradient is the loss's output, the same size in both arms: the rest is its work
+            entry["arms"][arm]["peak_beyond_gradient_mb"] = round(
+                entry["arms"][arm]["peak_over_inputs_mb"] - entry["logits_mb"], 1)
+        one, chunked = entry["arms"]["unchunked"], entry["arms"]["chunked"]
+        entry["chunked_over_unchunked_peak"] = round(chunked["peak_over_inputs_mb"] / one["peak_over_inputs_mb"], 3)
+        entry["loss_relative_difference"] = abs(chunked["loss"] - one["loss"]) / abs(one["loss"])
+        result["vocabularies"][str(vocab)] = entry
+    return result
+
+
 def _teacher(workdir: Path, layers: int) -> Path:
     src = workdir / "teacher"
     if not (src / "config.json").exists():
@@ -276,16 +366,19 @@ def _teacher(workdir: Path, layers: int) -> Path:
     return src
 
 
-SECTIONS = {"slim": section_slim, "scoring": section_scoring, "stage": section_stage}
+SECTIONS = {"slim": section_slim, "scoring": section_scoring, "stage": section_stage, "loss": section_loss}
+DEFAULT_SECTIONS = ("slim", "scoring", "stage")  # loss is run only when named
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated, of: {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--workdir", type=Path, default=None, help="kept between runs (the teacher is reused)")
     parser.add_argument("--layers", type=int, default=5,
                         help="slim, scoring: decoder layers of the teacher (~0.43 GB each)")
     parser.add_argument("--stage-layers", type=int, default=3, help="stage: decoder layers of the teacher")
+    parser.add_argument("--loss-seq", type=int, default=4096, help="loss: tokens of the one micro-batch")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]

@@ -221,6 +221,19 @@ def test_plan_cli_json_parses_and_a_gpu_workflow_needs_its_gpu_memory(tmp_path, 
     assert doc["feasible"] is True and doc["peak_tflops"] == 989.0 and doc["mfu"] == 0.5
     assert {n["name"] for n in doc["nodes"]} >= {"teacher_logits", "stage_1", "stage_2", "stage_3"}
     assert doc["totals"]["gpu_hours"] > 0
+    assert doc["links"] == {"intra_node_gb_per_s": 450.0, "inter_node_gb_per_s": 400.0}  # p5
+    stage = {n["name"]: n for n in doc["nodes"]}["stage_3"]
+    assert stage["comm_bytes_per"] == "rank and optimizer step" and stage["comm_bytes_inter"] > 0
+    assert 0 < stage["effective_mfu"] <= 0.5 and set(stage["comm"]) == {"score", "train"}  # p5 hides it all
+
+    # The links are overridable: a slower network leaves the bytes as they are and costs time.
+    slow = CliRunner().invoke(app, ["plan", str(path), "--json", "--gpu", "h100", "--mfu", "0.5",
+                                    "--inter-node-gb-per-s", "12.5"])
+    assert slow.exit_code == 0, slow.output
+    slow_stage = {n["name"]: n for n in json.loads(slow.stdout)["nodes"]}["stage_3"]
+    assert slow_stage["comm_bytes_inter"] == stage["comm_bytes_inter"]
+    assert slow_stage["exposed_comm_seconds"] > stage["exposed_comm_seconds"]
+    assert slow_stage["effective_mfu"] < stage["effective_mfu"]
 
     del raw["resources"]["gpu_memory_gb"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -285,7 +298,8 @@ def test_the_plan_and_the_nodes_resolve_the_same_settings(phi_dir, monkeypatch, 
         cfg = n.task_config
         if n.kind == "stage":
             assert planned[name] == {"strategy": cfg.resolved_strategy(), "dtype": cfg.train_dtype(),
-                                     "world": cfg.world(), "experts_kernel": cfg.experts_kernel(use_gpu, a100)}
+                                     "world": cfg.world(), "shard_group": cfg.shard_group(8),
+                                     "experts_kernel": cfg.experts_kernel(use_gpu, a100)}
             assert planned[name]["dtype"] == ("bfloat16" if use_gpu else "float32")
         elif n.kind == "evaluate":  # the node: cfg.run_device(torch.cuda.is_available()) on its own process
             device = cfg.run_device(use_gpu)
@@ -309,5 +323,126 @@ def test_a_fix_is_proposed_only_when_the_stage_accepts_it(phi_dir):
         cfg = StageConfig(expert_intermediate_size=3200, token_budget=10, use_gpu=True, num_workers=64,
                           strategy="ddp", micro_batch=1, keep_optimizer_state=keep)
         fixes[keep] = _stage_fix(shape_in, shape_out, cfg, 4096, 8, True, 80 * GB)
+    # fsdp shards over the 8 GPUs of a node by default (HSDP): 1/8 of the 21.7B student per GPU fits
+    # beside the chunked loss's logits.
     assert fixes[False] == "strategy: fsdp"
     assert fixes[True] is None or "fsdp" not in fixes[True]
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication
+
+
+def _phi_with_stages(tmp_path: Path, teacher: Path, **stage_changes) -> Path:
+    """phi-mini-moe with the teacher here and `stage_changes` applied to every stage."""
+    raw = yaml.safe_load((CONFIGS / "phi-mini-moe.yaml").read_text())
+    raw["teacher"]["path"] = str(teacher)
+    for stage in raw["stages"]:
+        stage.update(stage_changes)
+    path = tmp_path / "phi.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_the_phi_mini_plan_reports_communication_per_stage(phi_dir):
+    plan = plan_of("phi-mini-moe", phi_dir)
+    assert plan.feasible and plan.links is not None and (plan.links.intra_gb_s, plan.links.inter_gb_s) == (300, 50)
+    nodes = {n.name: n for n in plan.nodes}
+    for name in ("stage_1", "stage_2", "stage_3"):
+        node = nodes[name]
+        assert node.settings["shard_group"] == 8  # the default: HSDP within each node of 8 GPUs
+        score, train = node.comm["score"], node.comm["train"]
+        # Scoring stays inside the shard group (NVLink only); training adds one all-reduce between nodes per step.
+        assert score.intra_bytes > 0 and score.inter_bytes == 0 and score.unit == "calibration batch"
+        assert train.intra_bytes > 0 and train.inter_bytes > 0 and train.unit == "optimizer step"
+        assert train.node_inter_bytes == 8 * train.inter_bytes
+        assert not node.bound_by_communication and node.comm_fix is None
+        assert 0 < node.effective_mfu < plan.mfu
+        as_json = node.as_dict()
+        assert as_json["comm_bytes_intra"] == train.intra_bytes and as_json["comm_bytes_inter"] == train.inter_bytes
+        assert as_json["comm_seconds"] > 0 and as_json["effective_mfu"] == node.effective_mfu
+    # stage_1 trains its 21.74B student at 8 x 2 bytes of gathers and 4 of reduce-scatter per parameter
+    # and micro-batch, 16 micro-batches a step, inside a node of 8.
+    student = nodes["stage_1"].params_after["total"]
+    train = nodes["stage_1"].comm["train"]
+    assert train.intra_bytes == pytest.approx(16 * 8 * student * 7 / 8)
+    assert train.inter_bytes == pytest.approx(2 * 4 * student / 8 * 7 / 8)  # the all-reduce of 1/8, 8 replicas
+    text = plan.format()
+    assert "communication: bytes per rank and unit" in text and "effective MFU" in text
+    assert "bound by communication (" not in text
+    totals = plan.totals()
+    assert totals["effective_mfu"] < plan.mfu and not totals["nodes_bound_by_communication"]
+
+
+def test_full_sharding_over_eight_nodes_is_bound_by_communication_and_hsdp_is_the_fix(tmp_path, phi_dir):
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    full = plan_workflow(_phi_with_stages(tmp_path, phi_dir, shard_group_size=64), PlanOptions(gpu="a100"))
+    default = plan_of("phi-mini-moe", phi_dir)
+    f, d = ({n.name: n for n in p.nodes}["stage_1"] for p in (full, default))
+    assert f.settings["shard_group"] == 64 and d.settings["shard_group"] == 8
+    assert f.bound_by_communication and f.exposed_comm_seconds > f.compute_seconds
+    assert f.comm_fix.startswith("set shard_group_size: 8 (HSDP within each node): ")
+    assert "stage_1" in full.totals()["nodes_bound_by_communication"]
+    text = full.format()
+    assert "bound by communication (exposed communication exceeds compute):" in text
+    assert "stage_1: " in text.split("bound by communication (")[1] and "shard_group_size: 8" in text
+    assert d.effective_mfu > f.effective_mfu and d.seconds < f.seconds
+    assert d.comm["train"].inter_bytes < f.comm["train"].inter_bytes / 10
+    assert default.totals()["gpu_hours"] < full.totals()["gpu_hours"]
+    # Memory under fsdp is per shard group: 1/8 of the student per GPU, not 1/64.
+    gap = d.phases["train"].optimizer - f.phases["train"].optimizer
+    assert gap == pytest.approx(8 * f.params_after["total"] * (1 / 8 - 1 / 64), rel=1e-6)
+
+
+def test_the_byte_formulas_on_a_hand_computed_case():
+    from slimmoe.tasks.planning import comm as C
+
+    p = 1e9
+    # fsdp over 4 ranks of one node, per micro-batch: bf16 all-gather twice, float32 reduce-scatter,
+    # each rank sending 3/4 of the tensor.
+    assert C.fsdp_micro_batch(p, 4, 8) == C.Traffic(intra=(2 * 2 + 4) * p * 3 / 4, inter=0)
+    assert C.fsdp_micro_batch(p, 4, 8).intra == 6e9
+    # The same over 8 ranks on 2 nodes of 4: 7/8 of 8 bytes per parameter; a quarter of it leaves the
+    # node from each rank, so each node's adapters carry it once.
+    full = C.fsdp_micro_batch(p, 8, 4)
+    assert full.intra + full.inter == pytest.approx(7e9) and full.inter == pytest.approx(7e9 / 4)
+    links = C.Links(intra_gb_s=300, inter_gb_s=50)
+    assert links.seconds(full, 4) == pytest.approx(7e9 / 50e9)  # the network, not NVLink, sets the pace
+    # HSDP: groups of 4 in each of 2 nodes; per step every rank all-reduces its float32 quarter with
+    # its one replica: 2 x 4 x P/4 x 1/2 = 1 GB, all between nodes, 4 GB on each node's adapters.
+    assert C.hsdp_all_reduce(p, 4, 2, 4) == C.Traffic(intra=0, inter=1e9)
+    hsdp = C.stage_step_traffic("fsdp", p, 8, 4, 4, on_gpu=True)
+    assert hsdp.each == C.fsdp_micro_batch(p, 4, 4) and hsdp.last == C.Traffic(inter=1e9)
+    # ddp over 4 ranks: a float32 all-reduce, 2 x 4 x P x 3/4, once per step.
+    assert C.stage_step_traffic("ddp", p, 4, 1, 8, on_gpu=True).last == C.Traffic(intra=6e9)
+    # ZeRO-2 in bf16: a reduce-scatter after every backward, the parameters gathered after the step.
+    zero = C.stage_step_traffic("deepspeed", p, 4, 1, 8, on_gpu=True)
+    assert zero.each == C.Traffic(intra=2 * p * 3 / 4) and zero.after == C.Traffic(intra=2 * p * 3 / 4)
+    # Two micro-batches of 0.1 s compute: 0.14 s of network each, 0.04 s of it exposed each time.
+    phase = C.step_time("train", "optimizer step", 1, 2, 0.1, C.StepTraffic(each=full), links, 4, 0.4)
+    assert phase.comm_s == pytest.approx(0.28) and phase.exposed_s == pytest.approx(0.08)
+    assert phase.effective_mfu == pytest.approx(0.4 * 0.2 / 0.28) and phase.bound_by_communication is False
+    # A teacher on 2 GPUs hands one [8 x 4096, 4096] bf16 tensor over per batch.
+    assert C.split_teacher_batch(8 * 4096, 4096, 2) == C.Traffic(intra=8 * 4096 * 4096 * 2)
+    assert C.links_for("a100") == C.Links(300, 50) and C.links_for("h100", inter_gb_s=100) == C.Links(450, 100)
+    assert C.links_for(None) is None
+
+
+def test_the_communication_fix_is_one_that_fits(tmp_path, phi_dir):
+    """Sharded over 64 ranks stage_1 is bound by the network; the fix proposed for it (a shard group per
+    node, with whatever the memory then needs) is one under which the stage fits and is no longer bound."""
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    plan = plan_workflow(_phi_with_stages(tmp_path, phi_dir, shard_group_size=64, activation_checkpointing=False),
+                         PlanOptions(gpu="a100"))
+    stage = {n.name: n for n in plan.nodes}["stage_1"]
+    assert stage.fits and stage.bound_by_communication
+    assert stage.comm_fix.startswith("set shard_group_size: 8 (HSDP within each node)"), stage.comm_fix
+    checkpointing = "activation_checkpointing: true" in stage.comm_fix
+    fixed = plan_workflow(_phi_with_stages(tmp_path, phi_dir, shard_group_size=8,
+                                           activation_checkpointing=checkpointing), PlanOptions(gpu="a100"))
+    after = {n.name: n for n in fixed.nodes}["stage_1"]
+    assert after.fits and not after.bound_by_communication and after.effective_mfu > stage.effective_mfu

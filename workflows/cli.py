@@ -163,18 +163,26 @@ def plan(
                                                   "default resources.gpu_memory_gb, else this machine's GPU"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="a100 | h100 | h200: the peak bf16 TFLOP/s for times"),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="peak TFLOP/s of one GPU (instead of --gpu)"),
-    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation the times assume"),
+    mfu: float = typer.Option(0.4, "--mfu", help="share of the peak the kernels reach while computing; the "
+                              "communication they do not hide comes on top (the plan reports the effective MFU)"),
+    intra_node_gb_per_s: Optional[float] = typer.Option(
+        None, "--intra-node-gb-per-s", help="GB/s (gigabytes) per GPU between the GPUs of a node, as nccl-tests "
+        "reports bus bandwidth (default from --gpu: a100 300, h100/h200 450)"),
+    inter_node_gb_per_s: Optional[float] = typer.Option(
+        None, "--inter-node-gb-per-s", help="GB/s (gigabytes) one node sends to the others, all its network adapters "
+        "together (default from --gpu: a100 50 = 400 Gb/s, h100/h200 400 = 3.2 Tb/s)"),
     cpu_memory_gb: Optional[float] = typer.Option(None, "--cpu-memory-gb",
                                                   help="RAM of the machine CPU nodes run on (default: this one's)"),
     data_tokens: Optional[int] = typer.Option(None, "--data-tokens", help="tokens the data holds (default: what "
                                               "the largest stage budget needs)"),
 ):
-    """Memory per GPU, FLOPs, time, GPU-hours and cache size of every node, and whether each fits: from the
-    workflow and the teacher's config.json only (no weights, no cluster)."""
+    """Memory per GPU, FLOPs, communication, time, GPU-hours and cache size of every node, and whether each fits:
+    from the workflow and the teacher's config.json only (no weights, no cluster)."""
     from slimmoe.workflows.driver import plan_workflow
     from slimmoe.workflows.plan import PlanOptions
 
     options = PlanOptions(gpu_memory_gb=gpu_memory_gb, gpu=gpu, peak_tflops=peak_tflops, mfu=mfu,
+                          intra_node_gb_per_s=intra_node_gb_per_s, inter_node_gb_per_s=inter_node_gb_per_s,
                           cpu_memory_gb=cpu_memory_gb, data_tokens=data_tokens)
     result = _driver_call(lambda: plan_workflow(config, options))
     print(json.dumps(result.as_dict(), indent=2) if as_json else result.format())

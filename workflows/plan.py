@@ -76,7 +76,8 @@ class NodePlan:
     capacity: Optional[int] = None  # bytes per device it is checked against
     fits: Optional[bool] = None  # None: not checked (unknown capacity, or not modelled)
     tokens: int = 0
-    flops: float = 0.0
+    flops: float = 0.0  # what the devices compute, recomputation included
+    model_flops: float = 0.0  # the model's own (no activation recomputation): what MFU counts
     seconds: Optional[float] = None
     device_hours: Optional[float] = None
     cache_bytes: Optional[int] = None
@@ -93,10 +94,10 @@ class NodePlan:
 
     @property
     def effective_mfu(self) -> Optional[float]:
-        """The FLOPs over what the devices the node holds could do at their peak in its time."""
+        """The model's FLOPs over what the devices the node holds could do at their peak in its time."""
         if not self.peak_tflops or not self.device_hours:
             return None
-        return self.flops / (self.device_hours * 3600 * self.peak_tflops * 1e12)
+        return self.model_flops / (self.device_hours * 3600 * self.peak_tflops * 1e12)
 
     def _phase_sum(self, attr: str) -> Optional[float]:
         if not self.comm or self.seconds is None:
@@ -124,7 +125,10 @@ class NodePlan:
     def headline_comm(self):
         """The phase whose bytes stand for the node: a stage's training (per optimizer step), a teacher
         pass's forward (per actor and batch)."""
-        return self.comm.get("train") or self.comm.get("forward") or next(iter(self.comm.values()), None)
+        for name, phase in self.comm.items():
+            if name.startswith("train"):  # a gradual cut's first (largest) student
+                return phase
+        return self.comm.get("forward") or next(iter(self.comm.values()), None)
 
     def as_dict(self) -> dict:
         head = self.headline_comm()
@@ -134,7 +138,8 @@ class NodePlan:
                 "memory": self.memory.as_dict() if self.memory else None,
                 "phases": {k: v.as_dict() for k, v in self.phases.items()},
                 "capacity_bytes": self.capacity, "fits": self.fits, "tokens": self.tokens, "flops": self.flops,
-                "seconds": self.seconds, "device_hours": self.device_hours, "cache_bytes": self.cache_bytes,
+                "model_flops": self.model_flops, "seconds": self.seconds, "device_hours": self.device_hours,
+                "cache_bytes": self.cache_bytes,
                 "fix": self.fix, "notes": list(self.notes),
                 "comm_bytes_intra": head.intra_bytes if head else None,
                 "comm_bytes_inter": head.inter_bytes if head else None,
@@ -173,8 +178,8 @@ class Plan:
         return {"flops": sum(n.flops for n in self.nodes),
                 "seconds": sum(timed) if timed else None,
                 "gpu_hours": hours if gpu else None,
-                # The GPU nodes' FLOPs over what their GPU-hours could do at the peak.
-                "effective_mfu": (sum(n.flops for n in gpu) / (hours * 3600 * self.peak_tflops * 1e12)
+                # The GPU nodes' model FLOPs over what their GPU-hours could do at the peak.
+                "effective_mfu": (sum(n.model_flops for n in gpu) / (hours * 3600 * self.peak_tflops * 1e12)
                                   if gpu and hours and self.peak_tflops else None),
                 "exposed_comm_seconds": sum(exposed) if exposed else None,
                 "nodes_bound_by_communication": [n.name for n in self.nodes if n.bound_by_communication],
@@ -326,6 +331,7 @@ class _Context:
     def timing(self, plan: NodePlan, flops: float, devices: float, parallel_devices: Optional[float] = None) -> None:
         """Seconds on `parallel_devices` (default `devices`) working at once; device-hours on `devices`."""
         plan.flops += flops
+        plan.model_flops += flops
         if self.peak is None or plan.device != "gpu":
             return
         seconds = F.seconds_for(flops, parallel_devices or devices, self.peak, self.options.mfu)
@@ -347,6 +353,7 @@ class _Context:
     def phase_timing(self, plan: NodePlan, flops: float, phase: C.PhaseTime, devices: float) -> None:
         """A phase whose time (compute and exposed communication) `phase` holds, on `devices` devices."""
         plan.flops += flops
+        plan.model_flops += flops * phase.useful
         plan.comm[phase.phase] = phase
         if self.peak is None or plan.device != "gpu":
             return
@@ -563,10 +570,9 @@ def _peak(phases: dict) -> Memory:
 
 
 def _wider_groups(cfg, per_node: int) -> list[int]:
-    """Shard groups of whole nodes larger than the stage's, dividing its world (fsdp only)."""
-    if cfg.resolved_strategy() != "fsdp":
-        return []
-    now = cfg.shard_group(per_node)
+    """Shard groups of whole nodes larger than the stage's (its default's, if it is not fsdp yet),
+    dividing its world."""
+    now = cfg.shard_group(per_node) if cfg.resolved_strategy() == "fsdp" else math.gcd(cfg.world(), per_node)
     return [g for g in range(per_node, cfg.world() + 1, per_node) if g > now and cfg.world() % g == 0]
 
 
@@ -609,7 +615,7 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
     if (cfg.strategy == "fsdp" or shardable) and not cfg.activation_checkpointing:
         options.append(("activation_checkpointing: true" + ("" if cfg.strategy == "fsdp" else " with strategy: fsdp"),
                         {"activation_checkpointing": True, "strategy": "fsdp"}))
-    if on_gpu:
+    if on_gpu and cfg.resolved_strategy() == "fsdp":
         for group in _wider_groups(cfg, per_node):
             options.append((f"shard_group_size: {group} ({_group_words(group, per_node, cfg.world())}: more "
                             "communication between nodes)", {"shard_group_size": group}))
@@ -622,7 +628,7 @@ def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, cap
     if fits(**combined):
         return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}" for key, v in combined.items())
     if shardable and on_gpu and cfg.shard_group_size is None:
-        for group in _wider_groups(cfg.with_changes(strategy="fsdp"), per_node):
+        for group in _wider_groups(cfg, per_node):
             if fits(**combined, shard_group_size=group):
                 return ", ".join(f"{key}: {str(v).lower() if isinstance(v, bool) else v}"
                                  for key, v in {**combined, "shard_group_size": group}.items())
@@ -662,7 +668,7 @@ def _stage_phases(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total
         traffic = C.stage_step_traffic(strategy, student.total, world, group, per_node, on_gpu, cfg.zero_stage)
         steps = total_steps / len(trained)
         phase = C.step_time(name, "optimizer step", steps, cfg.grad_accum, ctx.compute_seconds(micro_flops), traffic,
-                            links, per_node, eff)
+                            links, per_node, eff, useful=1 / recompute)
         out[name] = (phase, micro_flops * cfg.grad_accum * world * steps)
     return out
 
@@ -677,17 +683,22 @@ def _bound(phases: dict) -> bool:
 
 def _comm_fix(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_steps: int, capacity: Optional[int],
               seq_len: int) -> str:
-    """For a stage bound by communication: the first change (that its rules accept and its memory
-    holds) after which it is not, else the one that saves the most time."""
+    """For a stage bound by communication: of the changes its rules accept and its memory holds, the
+    one after which the stage takes the least time (and whether it is still bound then)."""
     on_gpu, per_node = bool(cfg.use_gpu), workers_per_node(cfg)
+    fsdp = cfg.resolved_strategy() == "fsdp"
+    checkpointing = fsdp and not cfg.activation_checkpointing
     options: list[tuple[str, dict]] = []
-    if cfg.resolved_strategy() == "fsdp":
-        group = cfg.shard_group(per_node)
-        if C.nodes_spanned(group, per_node) > 1:
-            for g in range(per_node, group, per_node):
-                if cfg.world() % g == 0:
-                    options.append((f"shard_group_size: {g} ({_group_words(g, per_node, cfg.world())})",
-                                    {"shard_group_size": g}))
+
+    def add(words: str, changes: dict) -> None:
+        options.append((words, changes))
+        if checkpointing:  # to hold what the change adds (a whole shard per node, a bigger micro-batch)
+            options.append((words + " with activation_checkpointing: true", {**changes, "activation_checkpointing": True}))
+
+    if fsdp and C.nodes_spanned(cfg.shard_group(per_node), per_node) > 1:
+        for g in range(per_node, cfg.shard_group(per_node), per_node):
+            if cfg.world() % g == 0:
+                add(f"shard_group_size: {g} ({_group_words(g, per_node, cfg.world())})", {"shard_group_size": g})
     # Per micro-batch communication is fixed by the model; compute grows with the micro-batch.
     for factor in (2, 4):
         mb = cfg.micro_batch * factor
@@ -699,17 +710,13 @@ def _comm_fix(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_ste
         if not cfg.distill_only and cfg.calibration_batches % factor == 0:
             changes["calibration_batches"] = cfg.calibration_batches // factor
             words += f", calibration_batches: {cfg.calibration_batches // factor} (the same calibration tokens)"
-        options.append((words, changes))
-        if cfg.resolved_strategy() == "fsdp" and not cfg.activation_checkpointing:
-            options.append((words + " with activation_checkpointing: true (to hold the bigger micro-batch)",
-                            {**changes, "activation_checkpointing": True}))
+        add(words, changes)
     # A step's own collectives (HSDP's and ddp's all-reduce) are paid once per optimizer step.
     for factor in (2, 4):
-        ga = cfg.grad_accum * factor
-        options.append((f"grad_accum: {ga} ({factor}x the tokens per optimizer step: fewer steps, and fewer "
-                        "all-reduces between nodes)", {"grad_accum": ga}))
+        options.append((f"grad_accum: {cfg.grad_accum * factor} ({factor}x the tokens per optimizer step: fewer "
+                        "all-reduces between nodes)", {"grad_accum": cfg.grad_accum * factor}))
     now = _stage_seconds(_stage_phases(ctx, cfg, shape_in, trained, total_steps))
-    best: Optional[tuple[float, str]] = None
+    best: Optional[tuple[float, str, bool]] = None
     for words, changes in options:
         try:
             trial = cfg.with_changes(**changes)
@@ -721,14 +728,13 @@ def _comm_fix(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_ste
                 continue
         steps = max(1, math.ceil(trial.token_budget / trial.tokens_per_step(seq_len)))
         phases = _stage_phases(ctx, trial, shape_in, trained, steps)
-        if not _bound(phases):
-            return f"set {words}"
         seconds = _stage_seconds(phases)
         if seconds < now and (best is None or seconds < best[0]):
-            best = (seconds, words)
-    if best is not None:
-        return f"set {best[1]} (still bound by communication, {_duration(now)} -> {_duration(best[0])})"
-    return "no setting of the stage helps: faster links between nodes do (measure them: --inter-node-gb-per-s)"
+            best = (seconds, words, _bound(phases))
+    if best is None:
+        return "no setting of the stage helps: faster links between nodes do (measure them: --inter-node-gb-per-s)"
+    seconds, words, still = best
+    return f"set {words}: {_duration(now)} -> {_duration(seconds)}" + (" (still bound by communication)" if still else "")
 
 
 def _plan_stage(ctx: _Context, node) -> NodePlan:
@@ -972,8 +978,10 @@ def format_plan(plan: Plan) -> str:
     head = [f"plan for {plan.workflow}: " + (f"GPUs of {_bytes(plan.gpu_memory_bytes)}" if plan.use_gpu and plan.gpu_memory_bytes
                                              else "GPU memory unknown" if plan.use_gpu else
                                              f"CPU, {_bytes(plan.cpu_memory_bytes)} of RAM")
-            + (f", peak {plan.peak_tflops:g} TFLOP/s at MFU {plan.mfu:g}" if plan.peak_tflops else "")
-            + (f", {plan.cluster_gpus:g} GPUs" if plan.use_gpu else ""), ""]
+            + (f", peak {plan.peak_tflops:g} TFLOP/s, kernels at {plan.mfu:g} of it" if plan.peak_tflops else "")
+            + (f", {plan.cluster_gpus:g} GPUs" if plan.use_gpu else "")
+            + (f"; links {plan.links.intra_gb_s:g} GB/s per GPU in a node, {plan.links.inter_gb_s:g} GB/s per node "
+               "between nodes" if plan.links else ""), ""]
     rows = []
     for n in plan.nodes:
         params = ""
@@ -987,9 +995,10 @@ def format_plan(plan: Plan) -> str:
         rows.append([n.name, n.device + (f" x{n.devices:g}" if n.devices else ""), params, f"{mem} {cap}".strip(), fits,
                      _count(n.tokens) if n.tokens else "", _flops(n.flops), _duration(n.seconds),
                      f"{n.device_hours:,.0f}" if n.device_hours is not None else "",
+                     f"{n.effective_mfu:.2f}" if n.effective_mfu is not None and n.device == "gpu" else "",
                      _bytes(n.cache_bytes) if n.cache_bytes else ""])
     head += _table(["node", "devices", "params", f"peak per {unit}", "fits", "tokens", "FLOPs", "time",
-                    "GPU-h", "cache"], rows, {2, 3, 5, 6, 7, 8, 9})
+                    "GPU-h", "MFU", "cache"], rows, {2, 3, 5, 6, 7, 8, 9, 10})
     big = max((n.memory.total for n in plan.nodes if n.memory), default=0) >= 10 * GB
     scale, scale_name = (GB, "GB") if big else (1e6, "MB")
     head += ["", f"memory per {unit} at the peak phase ({scale_name})"]
@@ -1002,10 +1011,13 @@ def format_plan(plan: Plan) -> str:
                                                                           m.activations, m.logits, m.overhead, m.total)])
     head += _table(["node", "phase", "weights", "grads", "optimizer", "activations", "logits", "runtime+slack", "total"],
                    mrows, set(range(2, 9)))
+    head += _comm_table(plan)
     t = plan.totals()
     head += ["", "totals: " + ", ".join(filter(None, [
         f"{t['flops']:.2e} FLOPs",
-        f"{t['gpu_hours']:,.0f} GPU-hours at MFU {plan.mfu:g}" if t["gpu_hours"] is not None else "",
+        (f"{t['gpu_hours']:,.0f} GPU-hours at effective MFU {t['effective_mfu']:.2f} (kernels at {plan.mfu:g})"
+         if t["effective_mfu"] is not None else f"{t['gpu_hours']:,.0f} GPU-hours at MFU {plan.mfu:g}")
+        if t["gpu_hours"] is not None else "",
         f"{_duration(t['seconds'])} of wall-clock (nodes in sequence)" if t["seconds"] is not None else "",
         f"logit cache {_bytes(t['cache_bytes'])} for {_count(plan.data_tokens)} tokens" if t["cache_bytes"] else ""]))]
     head.append(f"  data tokens: {plan.data_tokens_basis}")
@@ -1021,7 +1033,47 @@ def format_plan(plan: Plan) -> str:
     for n in plan.nodes:
         if n.fits is False:
             head.append(f"  {n.name}: {n.fix}")
+    bound = [n for n in plan.nodes if n.bound_by_communication]
+    if bound:
+        head += ["", "bound by communication (exposed communication exceeds compute):"]
+        for n in bound:
+            head.append(f"  {n.name}: {_duration(n.exposed_comm_seconds)} of exposed communication against "
+                        f"{_duration(n.compute_seconds)} of compute" + (f": {n.comm_fix}" if n.comm_fix else ""))
     return "\n".join(head)
+
+
+def _seconds(s: float) -> str:
+    if s == 0:
+        return "0"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f}us"
+    if s < 1:
+        return f"{s * 1e3:.0f}ms"
+    return f"{s:.1f}s" if s < 120 else _duration(s)
+
+
+def _comm_table(plan: Plan) -> list[str]:
+    """Per phase: the bytes one rank moves per unit (NVLink, its share of the network, and what one
+    node's adapters carry), and per unit its compute, its communication and the part not hidden."""
+    rows = []
+    for n in plan.nodes:
+        for p in n.comm.values():
+            if not (p.intra_bytes or p.inter_bytes):
+                continue
+            timed = n.seconds is not None and plan.links is not None
+            rows.append([n.name, p.phase, f"{p.unit} x{p.units:,.0f}", _bytes(p.intra_bytes) if p.intra_bytes else "0",
+                         _bytes(p.inter_bytes) if p.inter_bytes else "0",
+                         _bytes(p.node_inter_bytes) if p.node_inter_bytes else "0",
+                         _seconds(p.compute_s) if timed else "", _seconds(p.comm_s) if timed else "",
+                         _seconds(p.exposed_s) if timed else "",
+                         (f"{p.effective_mfu:.2f}" + ("*" if p.bound_by_communication else " ")) if timed else ""])
+    if not rows:
+        return []
+    return ["", "communication: bytes per rank and unit inside its node, its share of what leaves the node, and what one "
+                "node's", "adapters carry; per unit the compute, the communication, the part compute does not hide, "
+                "and the effective MFU (* bound by communication)"] + \
+        _table(["node", "phase", "per", "in node", "between", "node NIC", "compute", "comm", "exposed", "MFU"], rows,
+               set(range(3, 10)))
 
 
 __all__ = ["NodePlan", "Plan", "PlanError", "PlanOptions", "format_plan", "plan_dag", "plan_problems", "problems_of",

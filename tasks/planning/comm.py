@@ -220,6 +220,9 @@ class PhaseTime:
     kernel_efficiency: float
     # Devices held per computing device (a teacher actor split over 2 GPUs computes on one at a time).
     held_per_computing: float = 1.0
+    # The share of the compute that is the model's FLOPs (6/8 when activation checkpointing runs each
+    # forward twice): recomputation is work, not progress.
+    useful: float = 1.0
 
     @property
     def seconds(self) -> float:
@@ -227,9 +230,10 @@ class PhaseTime:
 
     @property
     def effective_mfu(self) -> float:
-        """FLOPs over what the held devices could do at their peak in the same time."""
+        """The model's FLOPs over what the held devices could do at their peak in the same time."""
         busy = self.compute_s + self.exposed_s
-        return self.kernel_efficiency * self.compute_s / busy / self.held_per_computing if busy > 0 else 0.0
+        return (self.kernel_efficiency * self.useful * self.compute_s / busy / self.held_per_computing
+                if busy > 0 else 0.0)
 
     @property
     def bound_by_communication(self) -> bool:
@@ -244,7 +248,7 @@ class PhaseTime:
 
 
 def step_time(phase: str, unit: str, units: float, micro_batches: int, micro_seconds: float, traffic: StepTraffic,
-              links: Optional[Links], ranks_per_node: int, kernel_efficiency: float) -> PhaseTime:
+              links: Optional[Links], ranks_per_node: int, kernel_efficiency: float, useful: float = 1.0) -> PhaseTime:
     """A phase whose unit is `micro_batches` micro-batches of `micro_seconds` compute each, moving
     `traffic`; without links the communication is counted in bytes and takes no time."""
     total = traffic.total(micro_batches)
@@ -256,14 +260,14 @@ def step_time(phase: str, unit: str, units: float, micro_batches: int, micro_sec
         comm = each * (micro_batches - 1) + last + after
         exposed = ((micro_batches - 1) * max(0.0, each - micro_seconds) + max(0.0, last - micro_seconds) + after)
     return PhaseTime(phase, unit, units, micro_batches * micro_seconds, comm, exposed, total.intra, total.inter,
-                     total.inter * max(1, ranks_per_node), kernel_efficiency)
+                     total.inter * max(1, ranks_per_node), kernel_efficiency, useful=useful)
 
 
 def teacher_batch_time(units: float, compute_s: float, traffic: Traffic, links: Optional[Links], gpus: int,
                        kernel_efficiency: float) -> PhaseTime:
     """A split teacher's batches: the hand-overs go over NVLink one at a time, between its layers' compute."""
     comm = traffic.intra / (links.intra_gb_s * GB) if links is not None else 0.0
-    return PhaseTime("forward", "teacher batch per actor", units, compute_s, comm, comm, traffic.intra, 0.0, 0.0,
+    return PhaseTime("forward", "batch per actor", units, compute_s, comm, comm, traffic.intra, 0.0, 0.0,
                      kernel_efficiency, held_per_computing=max(1, gpus))
 
 

@@ -228,22 +228,32 @@ def train_activation_bytes(shape: ModelShape, tokens: int, elem: int, resid: int
     return tokens * (kept + 2 * elem * shape.hidden)  # + the embedding output and the final norm
 
 
-# float32 [tokens, vocab] tensors the distillation loss holds at the start of its backward beyond the
-# model's own logits: bucket_logprobs' logsumexp and scatter copy, the next-token loss's reshaped
-# copy and its log-softmax, the logits' gradient (about 5 measured on CPU; benchmarks/plan_accuracy.py
-# checks the total).
-TRAIN_LOGIT_FLOAT_COPIES = 5
-# Scoring's next-token loss alone has no bucket_logprobs: two of those copies fewer.
-SCORE_LOGIT_FEWER = 2
+# The training loss runs in chunks of positions (`slimming.losses.auto_chunk_tokens`: one float32
+# copy of a chunk is LOSS_CHUNK_BYTES) and recomputes each chunk in backward: beyond the model's logits
+# it holds their gradient in the logits' dtype and one chunk's float32 work (measured on CPU at vocab
+# 32k and 152k, seq 4096: under one chunk copy beyond the gradient; two are counted).
+LOSS_CHUNK_BYTES = 2**25 * 4
+LOSS_CHUNK_COPIES = 2
+# Scoring's loss (`slimming.scores`) is computed in one piece: float32 [tokens, vocab] tensors at the
+# start of its backward beyond the model's logits: the next-token loss's reshaped copy, its
+# log-softmax and the logits' gradient.
+SCORE_LOGIT_FLOAT_COPIES = 3
 # Evaluation: log-softmax for perplexity and KL, and one temporary.
 EVAL_LOGIT_FLOAT_COPIES = 2
 
 
 def train_logit_bytes(shape: ModelShape, tokens: int, out_elem: int, k: int = 0) -> int:
-    """The logits of a training micro-batch and the loss's float32 work on them, plus the cached
-    top-k tensors the distillation loss reads (int64 ids once gathered, float16 and float32 log-probs)."""
-    copies = TRAIN_LOGIT_FLOAT_COPIES + (1 if out_elem != 4 else 0)  # `.float()` of bf16 logits is one more
-    return tokens * shape.vocab * (out_elem + 4 * copies) + tokens * (k * (8 + 2 + 4) + 8)
+    """The logits of a training micro-batch, their gradient and the chunked loss's float32 work, plus the
+    cached top-k tensors the distillation loss reads (int64 ids once gathered, float16 and float32
+    log-probs)."""
+    chunk = min(tokens * shape.vocab * 4, LOSS_CHUNK_BYTES)
+    return 2 * tokens * shape.vocab * out_elem + LOSS_CHUNK_COPIES * chunk + tokens * (k * (8 + 2 + 4) + 8)
+
+
+def score_logit_bytes(shape: ModelShape, tokens: int, out_elem: int) -> int:
+    """The logits of a scoring micro-batch and the one-piece loss's float32 work on them."""
+    copies = SCORE_LOGIT_FLOAT_COPIES + (1 if out_elem != 4 else 0)  # `.float()` of bf16 logits is one more
+    return tokens * shape.vocab * (out_elem + 4 * copies)
 
 
 def teacher_logit_bytes(shape: ModelShape, tokens: int, elem: int, k: int) -> int:
@@ -343,7 +353,7 @@ def stage_score_memory(shape: ModelShape, strategy: str, num_workers: int, micro
         gathered = shape.layer * wide + shape.root * wide
         mem = Memory(**_ints(weights=4 * p / n + gathered, gradients=shape.layer * (wide + (4 if on_gpu else 0))))
         mem.activations = train_activation_bytes(shape, tokens, wide, wide, checkpointing=False)
-        mem.logits = train_logit_bytes(shape, tokens, wide) - tokens * shape.vocab * 4 * SCORE_LOGIT_FEWER
+        mem.logits = score_logit_bytes(shape, tokens, wide)
         mem.phase = "score"
         mem.notes = [f"fsdp scoring: float32 shard over {_shard_words(n, num_workers)} + one gathered layer's "
                      "parameters and gradients"]
@@ -354,7 +364,7 @@ def stage_score_memory(shape: ModelShape, strategy: str, num_workers: int, micro
                     notes=[f"{strategy} scoring: the float32 model and its full float32 gradients on every worker"])
     backward = _backward_peak(static, 4 * p, 4 * shape.root, train_activation_bytes(shape, tokens, 4, 4, False),
                               tokens * layer_activation_bytes(shape, 4, 4),
-                              train_logit_bytes(shape, tokens, 4) - tokens * shape.vocab * 4 * SCORE_LOGIT_FEWER,
+                              score_logit_bytes(shape, tokens, 4),
                               False, on_gpu, overhead, mapped_bytes)
     after = shape_after.total if shape_after is not None else 0
     slim = replace(static, weights=4 * p + 4 * after, notes=list(static.notes) + ["peak: the cut model built beside it"])

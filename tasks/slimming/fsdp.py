@@ -3,9 +3,11 @@ checkpoints: `engines.FSDPEngine`.)
 
 No rank ever holds the whole model. The model is built on the meta device, sharded with
 `fully_shard` per decoder layer and at the root, and each rank reads only its own rows of every
-tensor from the safetensors files (FSDP2 shards dim 0 in `torch.chunk` pieces). Master weights,
-gradients and AdamW moments stay float32 and sharded; on GPU the layers compute in bf16 with
-float32 gradient reduction.
+tensor from the safetensors files (FSDP2 shards in `torch.chunk` pieces: dim 0, except the fused
+expert tensors, which are sharded along dim 1 so that more ranks than experts cost no padding).
+Master weights, gradients and AdamW moments stay float32 and sharded; on GPU the layers compute in
+bf16 with float32 gradient reduction. Past one node a stage shards over a group of ranks and
+replicates across groups (HSDP, `stage_meshes`).
 
 Taylor scores come from `register_post_accumulate_grad_hook` on every sharded parameter: FSDP2
 calls it with the rank's shard of the weight and its reduce-scattered gradient, the hook folds
@@ -14,11 +16,12 @@ gradient ever exists (a plain tensor hook never fires on FSDP2 parameters). Ever
 the slices the others hold, so all ranks cut the same neurons.
 
 Scores must equal the unsharded definition, a sum of `|w * g_b|` over calibration batches b. A
-data-parallel backward would combine the batches of all ranks before the `|.|`, so under FSDP
-every rank processes every calibration batch (rank r's batches, for r in order) and the reduced
-gradient is exactly that batch's gradient. Scoring therefore costs `num_workers` times the
-calibration compute of a ddp stage; it is a few thousand forward-backward passes against billions
-of training tokens.
+data-parallel backward would combine the batches of all ranks before the `|.|`, so every rank of a
+shard group processes every calibration batch of the group's ranks (rank r's batches, for r in
+order) and the reduced gradient is exactly that batch's gradient; under HSDP the model scored is
+sharded over the group alone, each group scores its own ranks' batches, and the groups' sums are
+added. Scoring therefore costs the shard group's size times the calibration compute of a ddp stage;
+it is a few thousand forward-backward passes against billions of training tokens.
 
 The final model is gathered one tensor at a time and written in the layout transformers 5
 `save_pretrained` writes (the ddp stage's), the Hub's: routed experts one tensor per expert and
@@ -131,7 +134,7 @@ def _params_on_meta():
 
 
 def build_sharded(config, device: torch.device, experts_implementation: str | None = None,
-                  activation_checkpointing: bool = False, mesh=None) -> nn.Module:
+                  activation_checkpointing: bool = False, mesh=None, expert_shard_dim: int = 1) -> nn.Module:
     """An FSDP2-sharded, uninitialised model of `config` on `device`: weights are filled by
     `load_shards` or a distributed checkpoint. `mesh`: None shards over every rank; a 2-D
     (replicate, shard) mesh is HSDP.
@@ -139,7 +142,7 @@ def build_sharded(config, device: torch.device, experts_implementation: str | No
     The fused expert tensors are sharded along dim 1 (2I or H rows), not their expert axis: FSDP2
     pads every rank to the first chunk's size, so with more ranks than experts a dim-0 shard would
     give each rank a whole expert (16 experts on 64 ranks: 4x the bytes of an even share) and 48
-    ranks nothing but padding."""
+    ranks nothing but padding. (`expert_shard_dim=0` is the expert axis, for measuring that.)"""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
     from transformers import AutoModelForCausalLM
@@ -158,7 +161,7 @@ def build_sharded(config, device: torch.device, experts_implementation: str | No
     experts = {id(p) for _, block in adapter.moe_blocks(model) for p in block.experts.parameters() if p.dim() >= 2}
 
     def placement(param: nn.Parameter):
-        return Shard(1) if id(param) in experts else None  # None: FSDP2's Shard(0)
+        return Shard(expert_shard_dim) if id(param) in experts else None  # None: FSDP2's Shard(0)
 
     for layer in adapter.decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, shard_placement_fn=placement)
@@ -444,9 +447,10 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
 
 def sharded_model_from(model_dir: str | Path, device: torch.device, experts_implementation: str | None = None,
                        activation_checkpointing: bool = False, trust_remote_code: bool = False,
-                       mesh=None) -> nn.Module:
+                       mesh=None, expert_shard_dim: int = 1) -> nn.Module:
     """Build, shard and fill a model from a Hugging Face directory: no rank holds more than its shard."""
     config = load_config(model_dir, trust_remote_code)
-    model = build_sharded(config, device, experts_implementation, activation_checkpointing, mesh=mesh)
+    model = build_sharded(config, device, experts_implementation, activation_checkpointing, mesh=mesh,
+                          expert_shard_dim=expert_shard_dim)
     load_shards(model, model_dir)
     return model

@@ -230,7 +230,7 @@ class _StageLoop:
             if cfg.temperature != 1.0:
                 with torch.no_grad():
                     parts["kl"] = float(per_token_kl(logits.detach(), batch["topk_ids"], batch["topk_logprobs"],
-                                                     batch["rest_logprob"]).mean())
+                                                     batch["rest_logprob"], chunk_tokens="auto").mean())
             else:
                 parts["kl"] = parts["kd"]
             for k, v in parts.items():
