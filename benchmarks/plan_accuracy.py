@@ -13,7 +13,15 @@ Each case runs in a fresh subprocess and reports its peak resident set (ru_maxrs
   teacher   one teacher pass batch as the teacher actor runs it on CPU: load the float32 teacher,
             forward under inference_mode, float32 logits, one scratch buffer, fast_topk_with_rest.
 Prints JSON: per case the measured peak, the plan's estimate (with its breakdown) and their ratio;
-`ok` is true when every estimate is within 30% of the measurement. The models are random PhiMoE
+`ok` is true when every estimate is within 30% of the measurement.
+
+A time case checks the plan's communication term the same way:
+  comm      two gloo ranks (one thread each): the bus bandwidth of an all-gather and a reduce-scatter
+            measured in this run; then the stage model sharded over both (fsdp) and, on the same
+            ranks at the same time, unsharded (no collectives), each running forward + backward on
+            the same micro-batch. What the sharded step takes beyond the unsharded one is compared
+            with the plan's communication seconds for one fsdp micro-batch
+            (`planning.comm.fsdp_micro_batch` over the measured bandwidth). The models are random PhiMoE
 configs sized so that weights, gradients, activations and logits are each hundreds of MB, well
 above the runtime baseline.
 """
@@ -133,7 +141,65 @@ def child_teacher(args: dict) -> dict:
     return {"peak_rss": _peak_rss()}
 
 
-CHILDREN = {"baseline": child_baseline, "stage": child_stage, "teacher": child_teacher}
+
+
+COMM = dict(world=2, micro_batch=1, seq_len=64, reps=6, probe_mb=64)
+
+
+def _comm_rank(rank: int, args: dict, out: str) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from slimmoe.tasks.slimming import fsdp
+    from slimmoe.tasks.slimming.scores import next_token_score_loss
+
+    torch.set_num_threads(1)
+    world, reps = args["world"], args["reps"]
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        dist.barrier()
+        return (time.perf_counter() - start) / reps
+
+    n = args["probe_mb"] * 2**20 // 4
+    shard, whole = torch.ones(n), torch.empty(n * world)
+    gather_s = timed(lambda: dist.all_gather_into_tensor(whole, shard))
+    scatter_s = timed(lambda: dist.reduce_scatter_tensor(shard, whole))
+    bus = n * 4 * (world - 1)  # what each rank sends in a ring all-gather of `whole`
+    batch = torch.randint(3, 8000, (args["micro_batch"], args["seq_len"]), generator=torch.Generator().manual_seed(rank))
+
+    def step(model):
+        next_token_score_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    sharded = fsdp.sharded_model_from(args["model_dir"], torch.device("cpu"))
+    sharded_s = timed(lambda: step(sharded))
+    del sharded
+    alone = AutoModelForCausalLM.from_pretrained(args["model_dir"])
+    alone_s = timed(lambda: step(alone))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"bus_bytes": bus, "all_gather_s": gather_s, "reduce_scatter_s": scatter_s,
+                                         "sharded_step_s": sharded_s, "unsharded_step_s": alone_s}))
+    dist.destroy_process_group()
+
+
+def child_comm(args: dict) -> dict:
+    import torch.multiprocessing as mp
+
+    out = tempfile.mktemp(prefix="slimmoe-comm-")
+    mp.spawn(_comm_rank, args=(args, out), nprocs=args["world"])
+    return json.loads(Path(out).read_text())
+
+
+CHILDREN = {"comm": child_comm, "baseline": child_baseline, "stage": child_stage, "teacher": child_teacher}
 
 
 def run_child(kind: str, args: dict, threads: int) -> dict:
@@ -187,6 +253,7 @@ def main() -> None:
         stages = {name: run_child("stage", {"model_dir": str(stage_dir), "stage": s}, a.threads)["peak_rss"]
                   for name, s in (("stage", STAGE), ("stage_grad_accum", STAGE_ACCUM))}
         teacher = run_child("teacher", {"model_dir": str(teacher_dir), "teacher": TEACHER}, a.threads)["peak_rss"]
+        comm = run_child("comm", {"model_dir": str(stage_dir), **COMM}, 1)
 
     shape_in = model_shape(_config(STAGE_MODEL))
     shape_out = model_shape(slimmed_config(_config(STAGE_MODEL), SlimTargets(STAGE["expert_intermediate_size"])))
@@ -206,6 +273,20 @@ def main() -> None:
                                        overhead=base)
     cases["teacher_pass"] = {**_case(teacher, teacher_plan), "settings": t, "model": TEACHER_MODEL,
                              "params": teacher_shape.total}
+    # The plan's communication for one fsdp micro-batch over the bandwidth gloo reached here.
+    from slimmoe.tasks.planning.comm import fsdp_micro_batch
+
+    bandwidth = comm["bus_bytes"] / ((comm["all_gather_s"] + comm["reduce_scatter_s"]) / 2)
+    traffic = fsdp_micro_batch(shape_in.total, COMM["world"], COMM["world"], param_bytes=4)
+    predicted = traffic.intra / bandwidth
+    beyond = comm["sharded_step_s"] - comm["unsharded_step_s"]
+    time_case = {"settings": COMM, "model": STAGE_MODEL, "params": shape_in.total,
+                 "measured_bus_gb_per_s": round(bandwidth / 1e9, 3), "plan_bytes_per_rank": traffic.intra,
+                 "plan_comm_seconds": round(predicted, 4), "measured_beyond_compute_seconds": round(beyond, 4),
+                 "sharded_step_seconds": round(comm["sharded_step_s"], 4),
+                 "unsharded_step_seconds": round(comm["unsharded_step_s"], 4),
+                 "plan_over_measured": round(predicted / beyond, 3) if beyond > 0 else None,
+                 "within_tolerance": beyond > 0 and abs(predicted - beyond) <= TOLERANCE * beyond}
     print(json.dumps({
         "baseline_peak_rss_bytes": base,
         "overhead_note": ("the runtime (python + torch + transformers + slimmoe's modules) measured in a fresh "
@@ -214,7 +295,8 @@ def main() -> None:
                           "checkpoint file that stays mapped while the loaded model lives"),
         "tolerance": TOLERANCE, "threads": a.threads,
         "cases": cases,
-        "ok": all(c["within_tolerance"] for c in cases.values()),
+        "time_cases": {"comm": time_case},
+        "ok": all(c["within_tolerance"] for c in cases.values()) and time_case["within_tolerance"],
     }, indent=2))
 
 

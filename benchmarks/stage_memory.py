@@ -20,6 +20,11 @@ loss (only when named in --sections): the distillation loss's forward and backwa
 of float32 logits at Phi's and Qwen3's vocabularies, in one piece (chunk_tokens=None) and chunked (the
 default), each arm in a fresh process: its peak RSS minus its RSS once the inputs exist, and the bytes
 autograd kept for backward.
+
+experts (only when named in --sections): a 2-expert PhiMoE sharded over 4 gloo ranks (more ranks than
+experts, as 16 experts on 64 GPUs), with the fused expert tensors sharded on their expert axis (dim 0,
+before) and along their rows (now): the expert bytes each rank allocates (FSDP2 pads every rank
+to the first chunk) against an even quarter, and what `to_local()` reports.
 """
 
 from __future__ import annotations
@@ -366,8 +371,57 @@ def _teacher(workdir: Path, layers: int) -> Path:
     return src
 
 
-SECTIONS = {"slim": section_slim, "scoring": section_scoring, "stage": section_stage, "loss": section_loss}
-DEFAULT_SECTIONS = ("slim", "scoring", "stage")  # loss is run only when named
+# -- experts: more ranks than experts -------------------------------------------------------------------
+
+EXPERTS_WORLD = 4
+
+
+def _experts_worker(rank: int, root: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from slimmoe.tasks.core.adapters import get_adapter
+    from slimmoe.tasks.slimming import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=EXPERTS_WORLD)
+    try:
+        out = {}
+        for dim in (0, None):  # the expert axis (before); the rows, as build_sharded chooses (now)
+            model = fsdp.sharded_model_from(Path(root) / "model", torch.device("cpu"), expert_shard_dim=dim)
+            experts = [block.experts for _, block in get_adapter(model).moe_blocks(model)]
+            out["dim0" if dim == 0 else "rows"] = {"allocated": sum(fsdp.allocated_param_bytes(e) for e in experts),
+                                "local": sum(fsdp.local_param_bytes(e) for e in experts),
+                                "whole": sum(p.numel() * p.element_size() for e in experts for p in e.parameters())}
+            del model
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def section_experts(workdir: Path, args: argparse.Namespace) -> dict:
+    import torch.multiprocessing as mp
+    import transformers
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    hidden, inter = 512, 1024
+    config = transformers.PhimoeConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=4, num_local_experts=2,
+                                       num_experts_per_tok=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(workdir / "model")
+    mp.spawn(_experts_worker, args=(str(workdir),), nprocs=EXPERTS_WORLD)
+    ranks = [json.loads((workdir / f"rank{r}.json").read_text()) for r in range(EXPERTS_WORLD)]
+    result = {"world": EXPERTS_WORLD, "experts": 2, "expert_mb_whole": round(ranks[0]["dim0"]["whole"] / 2**20, 2)}
+    for arm, dim in (("before_dim0", "dim0"), ("after_rows", "rows")):
+        allocated = [r[dim]["allocated"] for r in ranks]
+        result[arm] = {"allocated_mb_per_rank": [round(a / 2**20, 2) for a in allocated],
+                       "local_mb_per_rank": [round(r[dim]["local"] / 2**20, 2) for r in ranks],
+                       "max_allocated_over_even_share": round(max(allocated) / (ranks[0][dim]["whole"] / EXPERTS_WORLD), 3)}
+    return result
+
+
+SECTIONS = {"slim": section_slim, "scoring": section_scoring, "stage": section_stage, "loss": section_loss,
+            "experts": section_experts}
+DEFAULT_SECTIONS = ("slim", "scoring", "stage")  # loss and experts are run only when named
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -269,21 +269,24 @@ class CheckpointTensors:
         return torch.stack(experts) if experts else torch.empty((0, *self.shape(model_name)[1:]))
 
     def block(self, model_name: str, dim: int, start: int, end: int) -> torch.Tensor:
-        """The slab [start, end) along `dim` (0 or 1) of the tensor, in the model's layout. Along dim 1 of
-        a fused expert tensor stored one expert at a time, each expert's slab is read from just the
-        per-expert tensors (and rows of them) it overlaps."""
+        """The slab [start, end) along `dim` (0, 1 or 2) of the tensor, in the model's layout. Of a fused
+        expert tensor stored one expert at a time, each expert's slab is read from just the per-expert
+        tensors (and their rows or columns) it overlaps."""
         import torch
 
         if dim == 0:
             return self.rows(model_name, start, end)
-        if dim != 1:
-            raise ValueError(f"{model_name}: reads along dim {dim} are not supported (0 or 1)")
+        if dim not in (1, 2):
+            raise ValueError(f"{model_name}: reads along dim {dim} are not supported (0, 1 or 2)")
         name = self.find(model_name)
         if name is not None:
-            return self.read(name, (slice(None), slice(start, end)))
+            return self.read(name, (slice(None),) * dim + (slice(start, end),))
         shape = self.shape(model_name)
         parts: list[list[torch.Tensor]] = [[] for _ in range(shape[0])]
         for hub in hub_tensors(model_name, shape, self.adapter):
+            if dim == 2:  # every per-expert tensor's columns [start, end)
+                parts[hub.expert].append(self.read(hub.name, (slice(None), slice(start, end))))
+                continue
             lo, hi = max(start, hub.rows[0]), min(end, hub.rows[1])
             if lo < hi:
                 parts[hub.expert].append(self.read(hub.name, (slice(lo - hub.rows[0], hi - hub.rows[0]),)))

@@ -134,15 +134,17 @@ def _params_on_meta():
 
 
 def build_sharded(config, device: torch.device, experts_implementation: str | None = None,
-                  activation_checkpointing: bool = False, mesh=None, expert_shard_dim: int = 1) -> nn.Module:
+                  activation_checkpointing: bool = False, mesh=None, expert_shard_dim: int | None = None) -> nn.Module:
     """An FSDP2-sharded, uninitialised model of `config` on `device`: weights are filled by
     `load_shards` or a distributed checkpoint. `mesh`: None shards over every rank; a 2-D
     (replicate, shard) mesh is HSDP.
 
-    The fused expert tensors are sharded along dim 1 (2I or H rows), not their expert axis: FSDP2
-    pads every rank to the first chunk's size, so with more ranks than experts a dim-0 shard would
-    give each rank a whole expert (16 experts on 64 ranks: 4x the bytes of an even share) and 48
-    ranks nothing but padding. (`expert_shard_dim=0` is the expert axis, for measuring that.)"""
+    The fused expert tensors are sharded along a dim other than their expert axis (the first of dims
+    1 and 2 the shard group divides: FSDP2 refuses uneven shards off dim 0): FSDP2 pads every rank to
+    the first chunk's size, so with more ranks than experts a dim-0 shard would give each rank a whole
+    expert (16 experts on 64 ranks: 4x the bytes of an even share) and 48 ranks nothing but padding.
+    Only when neither divides does an expert tensor fall back to dim 0. (`expert_shard_dim=0` keeps
+    them on the expert axis, for measuring that.)"""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
     from transformers import AutoModelForCausalLM
@@ -160,8 +162,14 @@ def build_sharded(config, device: torch.device, experts_implementation: str | No
     adapter = get_adapter(model)
     experts = {id(p) for _, block in adapter.moe_blocks(model) for p in block.experts.parameters() if p.dim() >= 2}
 
+    _, world = rank_and_world()
+    group = mesh.size(mesh.ndim - 1) if mesh is not None else world
+
     def placement(param: nn.Parameter):
-        return Shard(expert_shard_dim) if id(param) in experts else None  # None: FSDP2's Shard(0)
+        if id(param) not in experts or expert_shard_dim == 0:
+            return None  # FSDP2's Shard(0)
+        dim = next((d for d in (1, 2) if d < param.dim() and param.shape[d] % group == 0), None)
+        return Shard(dim) if dim is not None else None
 
     for layer in adapter.decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, shard_placement_fn=placement)
@@ -447,7 +455,7 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
 
 def sharded_model_from(model_dir: str | Path, device: torch.device, experts_implementation: str | None = None,
                        activation_checkpointing: bool = False, trust_remote_code: bool = False,
-                       mesh=None, expert_shard_dim: int = 1) -> nn.Module:
+                       mesh=None, expert_shard_dim: int | None = None) -> nn.Module:
     """Build, shard and fill a model from a Hugging Face directory: no rank holds more than its shard."""
     config = load_config(model_dir, trust_remote_code)
     model = build_sharded(config, device, experts_implementation, activation_checkpointing, mesh=mesh,
