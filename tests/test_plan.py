@@ -446,3 +446,60 @@ def test_the_communication_fix_is_one_that_fits(tmp_path, phi_dir):
                                            activation_checkpointing=checkpointing), PlanOptions(gpu="a100"))
     after = {n.name: n for n in fixed.nodes}["stage_1"]
     assert after.fits and not after.bound_by_communication and after.effective_mfu > stage.effective_mfu
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving shapes
+
+
+def test_a_cut_vllm_cannot_split_at_the_served_tensor_parallel_is_refused_at_its_line(tmp_path, phi_dir):
+    """6 KV heads can neither be split over 8 GPUs nor replicated on them; 8 can. Checked without the
+    teacher's weights (this one is a config.json), so the first stage, which inherits the teacher's
+    sizes, is not checked; the second inherits the first's."""
+    from slimmoe.workflows.config import WorkflowConfigError
+    from slimmoe.workflows.dag import build_dag
+
+    def check(path, **serve):
+        build_dag(path, overrides={"serve": serve}, check_env=False, check_storage=False)
+
+    six = _phi_with_stages(tmp_path, phi_dir, num_key_value_heads=6)
+    with pytest.raises(WorkflowConfigError) as refused:
+        check(six, tensor_parallel=[8])
+    message = str(refused.value)
+    line = [i for i, text in enumerate(six.read_text().splitlines(), 1) if "num_key_value_heads: 6" in text][1]
+    assert f"phi.yaml:{line}: stages[1].num_key_value_heads: serve.tensor_parallel [8]" in message, message
+    assert "choose num_key_value_heads from [1, 2, 4]" in message
+    check(six, tensor_parallel=[1, 2])
+
+    eight = _phi_with_stages(tmp_path, phi_dir, num_key_value_heads=8)
+    check(eight, tensor_parallel=[8])
+    with pytest.raises(WorkflowConfigError) as refused:
+        check(eight, tensor_parallel=[16], block_fp8=True)
+    message = str(refused.value)
+    # 1600 / 16 = 100 rows per GPU; block-FP8 kernels take multiples of 128 (and 960 has nothing below 1600)
+    assert "stages[1].expert_intermediate_size: serve.tensor_parallel [16]" in message and "block-FP8" in message
+    assert "choose expert_intermediate_size 2048" in message
+    assert "no expert_intermediate_size up to stage_2's 1600 splits that way" in message, message
+
+
+def test_the_plan_says_at_which_tensor_parallel_sizes_each_output_serves(tmp_path, phi_dir):
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanOptions
+
+    plan = plan_workflow(_phi_with_stages(tmp_path, phi_dir, num_key_value_heads=6), PlanOptions(gpu="a100"))
+    nodes = {n.name: n for n in plan.nodes}
+    # 6 KV heads, 24 query heads; expert sizes 3200 / 1600 / 960 all divide by 16
+    assert nodes["stage_1"].serves_at_tp == [1, 2] and nodes["stage_1"].as_dict()["serves_at_tensor_parallel"] == [1, 2]
+    assert "serves at tensor_parallel 1, 2 (vLLM, SGLang)" in nodes["stage_1"].notes
+    assert nodes["teacher_logits"].serves_at_tp is None
+
+
+def test_slim_refuses_a_cut_it_cannot_serve_before_writing(tiny_model_dir, tmp_path):
+    from slimmoe.tasks.nodes.slim import run_slim
+    from slimmoe.tasks.slimming.config import SlimConfig, SlimTargetError
+
+    # the tiny PhiMoE: 4 query heads over 2 KV heads; one KV group leaves 2 query heads, which 4 GPUs cannot split
+    with pytest.raises(SlimTargetError, match=r"cannot serve this cut at 4 GPUs \(2 query heads do not divide"):
+        run_slim(SlimConfig(expert_intermediate_size=16, num_key_value_heads=1, tensor_parallel=[4]), tiny_model_dir,
+                 tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
 from slimmoe.tasks.evaluation.config import EvaluateConfig
@@ -92,6 +92,21 @@ class ResourcesSection(_Strict):
     # What `slimmoe plan` (and run / submit, before any node starts) checks each GPU node against.
     gpu_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one GPU in GB (1e9 bytes); default: "
                                                                    "this machine's GPU, if it has one")
+
+
+class ServeSection(_Strict):
+    """How the outputs will be served: every cut must split over these tensor-parallel sizes (vLLM, SGLang)."""
+
+    tensor_parallel: list[int] = Field(default_factory=list, description="GPUs per served model, e.g. [1, 2, 4, 8]")
+    block_fp8: bool = Field(False, description="served with block-FP8 MoE kernels (128 rows per GPU and expert)")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        bad = [v for v in value if v < 1]
+        if bad:
+            raise ValueError(f"tensor_parallel sizes are GPU counts >= 1, got {bad}")
+        return sorted(set(value))
 
 
 class OneStageBaseline(_Strict):
@@ -183,6 +198,7 @@ class WorkflowConfig(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
     baselines: list[Baseline] = Field(default_factory=list)
     evaluate: Optional[EvaluateSection] = None
+    serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="before")
     @classmethod

@@ -300,7 +300,8 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
         if sizes is None or cfg is None:
             return None
         try:
-            check_targets(sizes, cfg.targets, dtype=cfg.train_dtype())
+            check_targets(sizes, cfg.targets, dtype=cfg.train_dtype(), tensor_parallel=serve.tensor_parallel,
+                          block_fp8=serve.block_fp8)
         except SlimTargetError as err:
             problems.append(loaded.problem(loc + (err.field,), str(err)))
             return None
@@ -315,6 +316,7 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
         return sizes.after(cfg.targets, node.name)
 
     cfg = loaded.config
+    serve = cfg.serve
     for node in nodes.values():
         if node.kind == "stage" and node.task_config is not None:
             try:

@@ -91,6 +91,8 @@ class NodePlan:
     comm: dict = field(default_factory=dict)
     peak_tflops: Optional[float] = None  # of its devices, for the effective MFU (GPU nodes with a time)
     comm_fix: Optional[str] = None  # the setting that helps a node bound by communication
+    # The tensor-parallel sizes (of 1, 2, 4, 8, 16) vLLM and SGLang can serve the node's output model at.
+    serves_at_tp: Optional[list] = None
 
     @property
     def effective_mfu(self) -> Optional[float]:
@@ -147,7 +149,7 @@ class NodePlan:
                 "comm_seconds": self.comm_seconds, "exposed_comm_seconds": self.exposed_comm_seconds,
                 "compute_seconds": self.compute_seconds, "effective_mfu": self.effective_mfu,
                 "bound_by_communication": self.bound_by_communication, "comm_fix": self.comm_fix,
-                "comm": {k: v.as_dict() for k, v in self.comm.items()}}
+                "comm": {k: v.as_dict() for k, v in self.comm.items()}, "serves_at_tensor_parallel": self.serves_at_tp}
 
 
 @dataclass
@@ -422,6 +424,10 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
         plan = builder(ctx, node)
         if plan is None:
             continue
+        if node.kind in SERVED_KINDS and node.name in ctx.configs:
+            plan.serves_at_tp = _servable_tp(ctx.configs[node.name], loaded.config.serve.block_fp8)
+            plan.notes.append(f"serves at tensor_parallel {', '.join(map(str, plan.serves_at_tp)) or 'none'} "
+                              "(vLLM, SGLang)")
         if plan.fits is False and plan.fix is None:
             plan.fix = "use devices with more memory"
         if plan.fits is False:
@@ -429,6 +435,21 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
         planned.append(plan)
     return Plan(cfg.name, use_gpu, gpu_bytes, cpu_bytes, peak, options.mfu, ctx.cluster_gpus, data_tokens, basis,
                 planned, ctx.problems, notes, links)
+
+
+# The node kinds whose output is a model someone serves.
+SERVED_KINDS = ("stage", "trim")
+
+
+def _servable_tp(config, block_fp8: bool) -> list[int]:
+    from slimmoe.tasks.core.adapters import get_adapter
+    from slimmoe.tasks.core.serving import ServeShape, servable_tp
+
+    adapter = get_adapter(config)
+    shared = adapter.shared_expert_size(config) if adapter.shared_expert_size_key else None
+    shape = ServeShape(int(config.num_attention_heads), int(config.num_key_value_heads), adapter.expert_size(config),
+                       shared)
+    return servable_tp(shape, block_fp8=block_fp8)
 
 
 def _input_config(ctx: _Context, node) -> Any:

@@ -53,6 +53,10 @@ class MoEAdapter:
     checkpoint_expert_names: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
     # (in the model's name, on disk) substitutions, applied in order.
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # The `architectures` name the family's Hub checkpoints carry, where it differs from the class
+    # name transformers writes: serving engines (vLLM's registry, llama.cpp's converter) look it up.
+    # transformers itself picks the class by model_type, so either name loads.
+    hub_architecture: str | None = None
 
     # -- walking the model ---------------------------------------------------------------------
 
@@ -156,7 +160,8 @@ ADAPTERS: dict[str, MoEAdapter] = {
         MoEAdapter("phimoe", moe_attr="mlp", router_attr="router",
                    expert_size_key="intermediate_size", num_experts_key="num_local_experts",
                    checkpoint_expert_names=("w1", "w3", "w2"),
-                   checkpoint_renames=((".mlp.", ".block_sparse_moe."), (".router.weight", ".gate.weight"))),
+                   checkpoint_renames=((".mlp.", ".block_sparse_moe."), (".router.weight", ".gate.weight")),
+                   hub_architecture="PhiMoEForCausalLM"),
         MoEAdapter("mixtral", moe_attr="mlp", router_attr="gate",
                    expert_size_key="intermediate_size", num_experts_key="num_local_experts",
                    checkpoint_expert_names=("w1", "w3", "w2"), checkpoint_renames=((".mlp.", ".block_sparse_moe."),)),

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from slimmoe.tasks.core.fingerprint import TOKENIZER_FILES
 from slimmoe.tasks.core.safetensors_files import SAFETENSORS_INDEX, check_safetensors
-from slimmoe.tasks.core.storage import atomic_output_dir
+from slimmoe.tasks.core.storage import atomic_output_dir, write_json_atomic
 
 # torch and transformers are imported where they are used, so importing this module stays cheap.
 if TYPE_CHECKING:
@@ -89,12 +89,38 @@ def copy_model_dir(src: str | Path, dst: str | Path, overwrite: bool = False) ->
 def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_from: str | Path | None = None,
                    overwrite: bool = False) -> Path:
     """Write `model` as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads
-    with no custom code. The directory appears only once complete."""
+    with no custom code (and serving engines by its architecture name). The directory appears only
+    once complete."""
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        use_hub_architecture(tmp)
         copy_tokenizer_files(tokenizer_from, tmp)
     return out_dir
+
+
+def save_config(config, out_dir: str | Path) -> None:
+    """`config.save_pretrained` with the family's Hub architecture name (`use_hub_architecture`)."""
+    config.save_pretrained(out_dir)
+    use_hub_architecture(out_dir)
+
+
+def use_hub_architecture(model_dir: str | Path) -> None:
+    """Put the family's Hub `architectures` name (`MoEAdapter.hub_architecture`) into the directory's
+    config.json, where transformers wrote its own class name: PhiMoE checkpoints on the Hub, vLLM's
+    model registry and llama.cpp's converter say `PhiMoEForCausalLM`, transformers writes
+    `PhimoeForCausalLM`. Called on a directory still being written (before it is renamed into place)."""
+    import json
+
+    from slimmoe.tasks.core.adapters import ADAPTERS
+
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    adapter = ADAPTERS.get(config.get("model_type"))
+    if adapter is None or adapter.hub_architecture is None or config.get("architectures") == [adapter.hub_architecture]:
+        return
+    config["architectures"] = [adapter.hub_architecture]
+    write_json_atomic(path, config)
 
 
 def build_from_state(config, state: dict[str, torch.Tensor], buffers_from: nn.Module) -> nn.Module:

@@ -100,7 +100,7 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
 def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str | Path, keep_dtype: torch.dtype,
                    info: dict, tokenizer_from: str | Path | None = None) -> dict:
     """Write the packed checkpoint into `out_dir` (an existing empty directory); the JSON last."""
-    from slimmoe.tasks.core.checkpoint import copy_tokenizer_files
+    from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, save_config
 
     out_dir = Path(out_dir)
     state = model.state_dict()
@@ -118,7 +118,7 @@ def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str
     for e in entries:
         tensors.update(e.flat_tensors())
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "slimmoe_format": FORMAT})
-    model.config.save_pretrained(out_dir)
+    save_config(model.config, out_dir)
     copy_tokenizer_files(tokenizer_from, out_dir)
     qconfig = dict(info, format=FORMAT, format_version=FORMAT_VERSION, weights_file=WEIGHTS_FILE,
                    keep_dtype=str(keep_dtype).replace("torch.", ""), tied=aliases,

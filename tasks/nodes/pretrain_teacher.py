@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from slimmoe.tasks.core.checkpoint import use_hub_architecture
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.kernels import enable_gpu_numerics
 from slimmoe.tasks.core.runtime import resolve_device
@@ -95,6 +96,7 @@ def _run(cfg: PretrainTeacherConfig, out_dir: Path, corpus: dict, device: torch.
 
     model.eval()
     model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    use_hub_architecture(out_dir)
     tokenizer.save_pretrained(out_dir)
     report = {
         "kind": "pretrain_teacher",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 from pydantic import Field, model_validator
 
@@ -84,12 +84,14 @@ def aligned_sizes_near(size: int, align: int) -> str:
     return " or ".join(str(s) for s in options)
 
 
-def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, dtype: str | None = None) -> None:
+def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, dtype: str | None = None,
+                  tensor_parallel: Sequence[int] = (), block_fp8: bool = False) -> None:
     """Raise SlimTargetError naming the field and the fix; nothing is built or trained before this passes.
 
     `strict` requires the expert size to shrink (a slimming step that keeps everything is a mistake
     in a user's config); the identity surgery in tests passes strict=False. With `dtype`, sizes must
-    also give 16-byte expert rows in that dtype."""
+    also give 16-byte expert rows in that dtype. With `tensor_parallel` (a workflow's
+    serve.tensor_parallel), the cut model must split at every one of those sizes (`core.serving`)."""
     adapter, src = sizes.adapter, sizes.source
     size_key = adapter.expert_size_key if adapter else "expert_intermediate_size"
     current = sizes.expert_intermediate_size
@@ -136,11 +138,42 @@ def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, 
         if n_h is not None and n_kv and n_h % n_kv:
             raise SlimTargetError(f"{src}'s num_attention_heads={n_h} is not a multiple of num_key_value_heads={n_kv}",
                                   "num_key_value_heads")
+    if tensor_parallel:
+        _check_serving(sizes, targets, tensor_parallel, block_fp8, dtype)
 
 
-def validate_targets(config, targets: SlimTargets, strict: bool = True, dtype: str | None = None) -> None:
+def _check_serving(sizes: ModelSizes, targets: SlimTargets, tensor_parallel: Sequence[int], block_fp8: bool,
+                   dtype: str | None) -> None:
+    from slimmoe.tasks.core.serving import ServeShape, kv_heads_that_serve, sizes_that_serve, tp_problems
+
+    after = sizes.after(targets, sizes.source)
+    shape = ServeShape(after.num_attention_heads, after.num_key_value_heads, after.expert_intermediate_size,
+                       after.shared_expert_intermediate_size if sizes.adapter is None or
+                       sizes.adapter.shared_expert_size_key else None)
+    for tp in tensor_parallel:
+        for field, rule in tp_problems(shape, tp, block_fp8):
+            where = f"serve.tensor_parallel {list(tensor_parallel)}: vLLM and SGLang cannot serve this cut at {tp} GPUs"
+            if field == "num_key_value_heads":
+                most = sizes.num_key_value_heads or after.num_key_value_heads
+                fits = kv_heads_that_serve(shape, tensor_parallel, most)
+                fix = f"choose num_key_value_heads from {fits}" if fits else "remove the sizes it cannot reach from serve"
+                if targets.num_key_value_heads is None:
+                    fix = f"the model's own heads do not split: {fix}, or remove {tp} from serve.tensor_parallel"
+            else:
+                align = ROW_ALIGN_BYTES // DTYPE_BYTES[dtype] if dtype else 1
+                fits = sizes_that_serve(getattr(after, field), tensor_parallel, align, block_fp8,
+                                        most=getattr(sizes, field))
+                fix = (f"choose {field} {' or '.join(map(str, fits))}" if fits else
+                       f"no {field} up to {sizes.source}'s {getattr(sizes, field)} splits that way: serve it at fewer "
+                       "GPUs (remove the larger sizes from serve.tensor_parallel)")
+            raise SlimTargetError(f"{where} ({rule}); {fix}", field)
+
+
+def validate_targets(config, targets: SlimTargets, strict: bool = True, dtype: str | None = None,
+                     tensor_parallel: Sequence[int] = (), block_fp8: bool = False) -> None:
     """`check_targets` against a model config."""
-    check_targets(ModelSizes.of(config), targets, strict=strict, dtype=dtype)
+    check_targets(ModelSizes.of(config), targets, strict=strict, dtype=dtype, tensor_parallel=tensor_parallel,
+                  block_fp8=block_fp8)
 
 
 class SlimConfig(TaskConfig):
@@ -156,6 +189,8 @@ class SlimConfig(TaskConfig):
     batch_size: int = Field(4, gt=0)
     seq_len: int = Field(256, ge=2)
     text_field: str = "text"
+    tensor_parallel: list[int] = Field(default_factory=list, description="refuse a cut vLLM/SGLang cannot serve "
+                                                                         "at these GPU counts, e.g. 1,2,4,8")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
-from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config, use_hub_architecture
 from slimmoe.tasks.core.runtime import rank_and_world
 from slimmoe.tasks.core.safetensors_files import (MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, hub_tensors,
                                                   spec_of, write_sharded)
@@ -449,6 +449,7 @@ def save_sharded_model(model: nn.Module, out_dir: str | Path, config_from: str |
             src = Path(config_from) / name
             if src.exists():
                 (tmp / name).write_bytes(src.read_bytes())
+        use_hub_architecture(tmp)
         copy_tokenizer_files(tokenizer_from, tmp)
     return out_dir
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
-from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config
+from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, load_config, save_config
 from slimmoe.tasks.core.safetensors_files import (MAX_SHARD_BYTES, CheckpointTensors, TensorEntry, TensorSpec,
                                                   release_freed_memory, write_sharded)
 from slimmoe.tasks.core.storage import atomic_output_dir, ensure_free_output
@@ -327,7 +327,7 @@ def stream_slim(model_dir: str | Path, out_dir: str | Path, plan: KeepPlan, *,
         return _pieces(src, spec.name, cut, shape)
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        new_config.save_pretrained(tmp)
+        save_config(new_config, tmp)
         if (model_dir / "generation_config.json").is_file():
             shutil.copy2(model_dir / "generation_config.json", tmp / "generation_config.json")
         written = write_sharded(tmp, specs, pieces, max_shard_bytes)
