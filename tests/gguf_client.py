@@ -11,6 +11,8 @@
 - `compare_gguf(model_dir, gguf_path)` maps every safetensors tensor of the directory to the GGUF tensor
   llama.cpp should have made of it (names, and the transforms its converter applies per family) and
   compares them exactly, reading the GGUF with the converter's own vendored `gguf.GGUFReader`.
+- `llama_cpp_attention_problems(gguf_path)` compares the attention tensors with the shapes llama.cpp's
+  loader would create from the GGUF's hyperparameters (the converter itself copies any shape).
 """
 
 from __future__ import annotations
@@ -57,17 +59,22 @@ def _download_sdist(cache: Path) -> Path:
     if sdist.is_file() and _sha256(sdist) == SDIST_SHA256:
         return sdist
     downloads.mkdir(parents=True, exist_ok=True)
-    sdist.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--no-deps",
-           "--no-binary", ":all:", "--disable-pip-version-check", "-d", str(downloads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if p.returncode != 0 or not sdist.is_file():
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {p.returncode}); the serving tests need llama.cpp's "
-                           f"converter from PyPI:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    got = _sha256(sdist)
-    if got != SDIST_SHA256:
-        sdist.unlink()
-        raise RuntimeError(f"{SDIST_NAME} from PyPI has sha256 {got}, pinned {SDIST_SHA256}; refusing it")
+    # into a directory of this process's own, moved into place once verified: two test runs starting at
+    # once never see each other's half-written file
+    tmp = Path(tempfile.mkdtemp(prefix="pip-download.", dir=downloads))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--no-deps",
+               "--no-binary", ":all:", "--disable-pip-version-check", "-d", str(tmp)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if p.returncode != 0 or not (tmp / SDIST_NAME).is_file():
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {p.returncode}); the serving tests need llama.cpp's "
+                               f"converter from PyPI:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        got = _sha256(tmp / SDIST_NAME)
+        if got != SDIST_SHA256:
+            raise RuntimeError(f"{SDIST_NAME} from PyPI has sha256 {got}, pinned {SDIST_SHA256}; refusing it")
+        os.replace(tmp / SDIST_NAME, sdist)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return sdist
 
 
@@ -95,10 +102,11 @@ def _extract(sdist: Path, dest: Path) -> None:
             tf.extractall(tmp, members=members, filter="data")
         if not (tmp / "convert_hf_to_gguf.py").is_file() or not (tmp / "gguf-py" / "gguf" / "gguf_reader.py").is_file():
             raise RuntimeError(f"{sdist} does not hold vendor/llama.cpp/convert_hf_to_gguf.py and gguf-py/")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise stay on the cache directory
         try:
             tmp.rename(dest)  # atomic: a half-extracted tree is never taken for the converter
         except OSError:
-            if not (dest / "convert_hf_to_gguf.py").is_file():  # not another process that got there first
+            if not (dest / "convert_hf_to_gguf.py").is_file():  # else another test run got there first: fine
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +302,8 @@ def expected_gguf(cfg: dict, hf: dict) -> tuple[dict, list[str]]:
             put(f"{g}exp_probs_b.bias", hf[k], k)
         # routed experts, one HF tensor per expert (the Hub layout) -> one GGUF tensor [E, out, in]
         for moe in EXPERTS:
-            ids = sorted({int(m.group(1)) for name in hf if (m := re.match(re.escape(f"{p}{moe}.") + r"(\d+)\.", name))})
+            expert_key = re.compile(re.escape(f"{p}{moe}.") + r"(\d+)\.")
+            ids = sorted({int(m.group(1)) for name in hf if (m := expert_key.match(name))})
             for hf_w, g_w in FFN.items():
                 keys = [f"{p}{moe}.{e}.{hf_w}.weight" for e in ids]
                 if ids and all(key in hf for key in keys):
@@ -323,6 +332,58 @@ def expected_gguf(cfg: dict, hf: dict) -> tuple[dict, list[str]]:
             if (k := f"{p}mlp.{hf_w}.weight") in hf:
                 put(f"{g}ffn_{g_w}.weight", hf[k], k)
     return exp, sorted(set(hf) - used)
+
+
+# -- what llama.cpp's loader expects ----------------------------------------------------------------------
+# The converter writes whatever shapes the checkpoint has; llama.cpp's loader then creates every attention
+# tensor with a shape computed from the GGUF's hyperparameters and refuses a file whose tensor differs. The
+# width of attn_q (and of attn_output's input) per architecture, as llama-cpp-python 0.3.36's
+# vendor/llama.cpp/src/models/<arch>.cpp creates it; `head_k` is attention.key_length, else
+# embedding_length / head_count (src/llama-model.cpp), `n_rot` rope.dimension_count, else head_k.
+Q_WIDTH = {
+    "llama": lambda h: h["n_head"] * h["head_k"],  # models/llama.cpp (Mixtral)
+    "qwen3moe": lambda h: h["n_head"] * h["head_k"],  # models/qwen3moe.cpp
+    "gpt-oss": lambda h: h["n_head"] * h["n_rot"],  # models/openai-moe.cpp
+    "deepseek2": lambda h: h["n_head"] * h["key_length_mla"],  # models/deepseek2.cpp (MLA)
+    # these three fix the query and output projections at n_embd x n_embd: fewer heads cannot load
+    "phimoe": lambda h: h["n_embd"],  # models/phimoe.cpp
+    "qwen2moe": lambda h: h["n_embd"],  # models/qwen2moe.cpp
+    "olmoe": lambda h: h["n_embd"],  # models/olmoe.cpp
+}
+
+
+def llama_cpp_attention_problems(gguf_path: str | Path) -> list[str]:
+    """How the GGUF's attention tensors differ from the shapes llama.cpp's loader would create from its
+    hyperparameters (empty: they load). Shapes are ggml's [ne0 = input, ne1 = output]."""
+    reader = _gguf_module().GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def hp(key: str):
+        k = f"{arch}.{key}"
+        return reader.fields[k].contents() if k in reader.fields else None
+
+    if arch not in Q_WIDTH:
+        return [f"no llama.cpp loader rule for architecture {arch!r} in gguf_client.Q_WIDTH"]
+    n_embd, n_head = hp("embedding_length"), hp("attention.head_count")
+    n_kv = hp("attention.head_count_kv") or n_head
+    head_k = hp("attention.key_length") or n_embd // n_head
+    head_v = hp("attention.value_length") or n_embd // n_head
+    h = {"n_embd": n_embd, "n_head": n_head, "head_k": head_k, "n_rot": hp("rope.dimension_count") or head_k,
+         "key_length_mla": hp("attention.key_length_mla")}
+    problems = []
+    if arch == "llama" and h["n_rot"] != head_k:  # src/llama-model.cpp: "invalid n_rot"
+        problems.append(f"rope.dimension_count {h['n_rot']} != head size {head_k}")
+    want = {"attn_q": [n_embd, Q_WIDTH[arch](h)], "attn_output": [Q_WIDTH[arch](h), n_embd]}
+    if arch != "deepseek2":  # MLA has no attn_k / attn_v
+        want.update(attn_k=[n_embd, n_kv * head_k], attn_v=[n_embd, n_kv * head_v])
+    tensors = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    for b in range(hp("block_count")):
+        for name, shape in want.items():
+            got = tensors.get(f"blk.{b}.{name}.weight")
+            if got is not None and got != shape:
+                problems.append(f"blk.{b}.{name}.weight is {got}, llama.cpp's {arch} loader creates {shape} "
+                                f"(n_embd={n_embd}, head_count={n_head}, head_count_kv={n_kv}, head size={head_k})")
+    return problems
 
 
 def expert_count(cfg: dict) -> int | None:

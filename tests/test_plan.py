@@ -502,4 +502,8 @@ def test_slim_refuses_a_cut_it_cannot_serve_before_writing(tiny_model_dir, tmp_p
     with pytest.raises(SlimTargetError, match=r"cannot serve this cut at 4 GPUs \(2 query heads do not divide"):
         run_slim(SlimConfig(expert_intermediate_size=16, num_key_value_heads=1, tensor_parallel=[4]), tiny_model_dir,
                  tmp_path / "out", log=lambda _: None)
+    # llama.cpp builds PhiMoE's attention at hidden x hidden: fewer query heads convert but do not load
+    with pytest.raises(SlimTargetError, match="serve.llama_cpp: llama.cpp builds phimoe's attention"):
+        run_slim(SlimConfig(expert_intermediate_size=16, num_key_value_heads=1, llama_cpp=True), tiny_model_dir,
+                 tmp_path / "out", log=lambda _: None)
     assert not (tmp_path / "out").exists()

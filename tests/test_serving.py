@@ -7,6 +7,8 @@ save (`slimming.fsdp.save_sharded_model`, here at world size 1), streaming surge
 stream_slim`) and `slimmoe trim` (`nodes.trim.run_trim`, an expert drop). The sources are what transformers'
 `save_pretrained` writes (for PhiMoE the class name `PhimoeForCausalLM`, not the Hub's `PhiMoEForCausalLM`,
 which llama.cpp's converter and vLLM look up), so each writer must put the Hub name in itself.
+A second check per (family, writer) reads the GGUF's hyperparameters as llama.cpp's loader does and
+compares the attention shapes it would create with the tensors (gguf_client.llama_cpp_attention_problems).
 
 Tensors and hyperparameters only: the converter is run with `tokenizer.ggml.model = "none"` (llama.cpp's
 LLAMA_VOCAB_TYPE_NONE) in place of a vocabulary, because it refuses any BPE tokenizer whose pre-tokenizer
@@ -24,16 +26,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from gguf_client import compare_gguf, convert, expert_count
+from gguf_client import compare_gguf, convert, expert_count, llama_cpp_attention_problems
 from slimmoe.tasks.core.adapters import ADAPTERS, get_adapter
 from slimmoe.tasks.core.checkpoint import save_model_dir
-from slimmoe.tasks.slimming.config import SlimTargets
+from slimmoe.tasks.slimming.config import ModelSizes, SlimTargetError, SlimTargets, check_targets
 from slimmoe.tasks.slimming.scores import magnitude_scores
 from slimmoe.tasks.slimming.surgery import keep_plan, slim_model
 from tiny import FAMILIES, tiny_model
 
 WRITERS = ["ddp", "fsdp", "stream", "trim"]
+CASES = [(f, w) for f in FAMILIES for w in WRITERS]  # each its own test id: "phimoe-ddp", ...
 
 # The `architectures` names the families' Hub checkpoints carry, which llama.cpp's converter (and vLLM)
 # dispatch on. Written out here rather than read from slimmoe, so the test checks slimmoe against them.
@@ -102,7 +106,8 @@ def _fsdp_saves(sources: dict[str, Path], root: Path, record) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Every (family, writer) output, converted in one converter process:
-    {(family, writer): {"dir", "error" (the writer's traceback, if it raised), "convert", "cut"}}."""
+    {(family, writer): {"dir", "gguf", "error" (the writer's traceback, if it raised), "convert" (the
+    converter's verdict), "cut" (the SlimTargets the writer applied, if any)}}."""
     from contextlib import contextmanager
 
     from slimmoe.tasks.nodes.trim import run_trim
@@ -111,11 +116,16 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serving")
     outputs: dict[tuple[str, str], dict] = {}
+    sources: dict[str, Path] = {}
+    cuts: dict[str, SlimTargets] = {}  # the SlimTargets of the ddp and stream cuts
 
     @contextmanager
     def record(family: str, writer: str):
         # One writer failing must not hide the others: its traceback becomes that test's failure.
-        entry = outputs[family, writer] = {"dir": root / writer / family, "error": None, "convert": None}
+        entry = outputs[family, writer] = {
+            "dir": root / writer / family, "gguf": root / "gguf" / f"{writer}-{family}.gguf", "error": None,
+            "convert": None, "cut": cuts.get(family) if writer in ("ddp", "stream") else None,
+            "source": sources.get(family)}
         try:
             yield entry["dir"]
         except Exception:  # noqa: BLE001
@@ -123,13 +133,12 @@ def served(tmp_path_factory):
 
     data = _token_shards(root / "tokens")
     trim_cfg = TrimConfig(method="expert-drop", n=1, calibration_batches=1, batch_size=2, seq_len=TRIM_SEQ_LEN)
-    sources, cuts = {}, {}
     for family in FAMILIES:
         model = tiny_model(family, **FAMILY_OVERRIDES.get(family, {}))
         sources[family] = src = root / "src" / family
         model.save_pretrained(src)
-        scores, targets = magnitude_scores(model), _targets(model)
-        cuts[family] = targets
+        scores = magnitude_scores(model)
+        cuts[family] = targets = _targets(model)
         with record(family, "ddp") as out:
             save_model_dir(slim_model(model, scores, targets), out)
         with record(family, "stream") as out:
@@ -138,18 +147,14 @@ def served(tmp_path_factory):
             run_trim(trim_cfg, src, data, out, log=lambda _m: None)
     _fsdp_saves(sources, root, record)
 
-    written = {key: e for key, e in outputs.items() if e["error"] is None}
-    verdicts = convert([(e["dir"], root / "gguf" / f"{k[1]}-{k[0]}.gguf") for k, e in written.items()])
-    for (family, writer), e in written.items():
-        e["gguf"] = root / "gguf" / f"{writer}-{family}.gguf"
+    written = [e for e in outputs.values() if e["error"] is None]
+    verdicts = convert([(e["dir"], e["gguf"]) for e in written])
+    for e in written:
         e["convert"] = verdicts[str(e["dir"])]
-    for (family, writer), e in outputs.items():
-        e["cut"] = cuts[family] if writer in ("ddp", "stream") else None
     return outputs
 
 
-@pytest.mark.parametrize("family,writer", [(f, w) for f in FAMILIES for w in WRITERS],
-                         ids=[f"{f}-{w}" for f in FAMILIES for w in WRITERS])
+@pytest.mark.parametrize("family,writer", CASES, ids=[f"{f}-{w}" for f, w in CASES])
 def test_llama_cpp_converts_what_slimmoe_writes(served, family, writer):
     entry = served[family, writer]
     if entry["error"] is not None:
@@ -172,3 +177,29 @@ def test_llama_cpp_converts_what_slimmoe_writes(served, family, writer):
     assert report["all_exact"], json.dumps(report, indent=1, default=str)
     for key in ("expert_count", "block_count"):
         assert report["metadata"][key]["gguf"] == report["metadata"][key]["config"], (key, report["metadata"])
+
+
+@pytest.mark.parametrize("family,writer", CASES, ids=[f"{f}-{w}" for f, w in CASES])
+def test_llama_cpp_would_load_the_attention_shapes(served, family, writer):
+    """The converter copies any shapes; llama.cpp's loader then derives each attention tensor's shape from
+    the GGUF's hyperparameters, and some of its architectures fix the query projection at n_embd wide
+    (see gguf_client.Q_WIDTH): those families with fewer query heads convert but do not load, and
+    slimmoe's serve.llama_cpp rule must say so. A separate test from the conversion, so this verdict
+    stands on its own."""
+    entry = served[family, writer]
+    if entry["error"] is not None or not entry["convert"]["ok"]:
+        pytest.fail(f"nothing to load: see test_llama_cpp_converts_what_slimmoe_writes[{family}-{writer}]")
+    problems = llama_cpp_attention_problems(entry["gguf"])
+    # slimmoe's serve.llama_cpp rule must refuse exactly the cuts llama.cpp would not load (PhiMoE and
+    # Qwen2-MoE with fewer query heads) and accept the others.
+    refused = None
+    if entry["cut"] is not None:
+        source = AutoConfig.from_pretrained(entry["source"])  # the uncut model the writer started from
+        try:
+            check_targets(ModelSizes.of(source), entry["cut"], llama_cpp=True)
+        except SlimTargetError as err:
+            refused = str(err)
+    if refused is None:
+        assert not problems, "\n".join(problems[:4])
+    else:
+        assert problems and "serve.llama_cpp" in refused, (refused, problems)

@@ -99,6 +99,7 @@ class ServeSection(_Strict):
 
     tensor_parallel: list[int] = Field(default_factory=list, description="GPUs per served model, e.g. [1, 2, 4, 8]")
     block_fp8: bool = Field(False, description="served with block-FP8 MoE kernels (128 rows per GPU and expert)")
+    llama_cpp: bool = Field(False, description="served with llama.cpp (GGUF): refuse cuts it cannot load")
 
     @field_validator("tensor_parallel")
     @classmethod

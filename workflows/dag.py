@@ -301,7 +301,7 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
             return None
         try:
             check_targets(sizes, cfg.targets, dtype=cfg.train_dtype(), tensor_parallel=serve.tensor_parallel,
-                          block_fp8=serve.block_fp8)
+                          block_fp8=serve.block_fp8, llama_cpp=serve.llama_cpp)
         except SlimTargetError as err:
             problems.append(loaded.problem(loc + (err.field,), str(err)))
             return None

@@ -427,7 +427,8 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
         if node.kind in SERVED_KINDS and node.name in ctx.configs:
             plan.serves_at_tp = _servable_tp(ctx.configs[node.name], loaded.config.serve.block_fp8)
             plan.notes.append(f"serves at tensor_parallel {', '.join(map(str, plan.serves_at_tp)) or 'none'} "
-                              "(vLLM, SGLang)")
+                              "(vLLM, SGLang)" + ("" if _llama_cpp_loads(ctx.configs[node.name]) else
+                                                  "; llama.cpp would not load it (fewer query heads)"))
         if plan.fits is False and plan.fix is None:
             plan.fix = "use devices with more memory"
         if plan.fits is False:
@@ -450,6 +451,14 @@ def _servable_tp(config, block_fp8: bool) -> list[int]:
     shape = ServeShape(int(config.num_attention_heads), int(config.num_key_value_heads), adapter.expert_size(config),
                        shared)
     return servable_tp(shape, block_fp8=block_fp8)
+
+
+def _llama_cpp_loads(config) -> bool:
+    from slimmoe.tasks.core.adapters import get_adapter
+
+    adapter = get_adapter(config)
+    width = int(config.num_attention_heads) * adapter.head_dim(config)
+    return not adapter.llama_cpp_fixed_attention or width == int(config.hidden_size)
 
 
 def _input_config(ctx: _Context, node) -> Any:

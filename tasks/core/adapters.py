@@ -57,6 +57,9 @@ class MoEAdapter:
     # name transformers writes: serving engines (vLLM's registry, llama.cpp's converter) look it up.
     # transformers itself picks the class by model_type, so either name loads.
     hub_architecture: str | None = None
+    # llama.cpp's graph for the family sizes the query and output projections at hidden x hidden, so a
+    # model with fewer query heads (heads x head_dim < hidden) converts to GGUF but does not load.
+    llama_cpp_fixed_attention: bool = False
 
     # -- walking the model ---------------------------------------------------------------------
 
@@ -161,14 +164,14 @@ ADAPTERS: dict[str, MoEAdapter] = {
                    expert_size_key="intermediate_size", num_experts_key="num_local_experts",
                    checkpoint_expert_names=("w1", "w3", "w2"),
                    checkpoint_renames=((".mlp.", ".block_sparse_moe."), (".router.weight", ".gate.weight")),
-                   hub_architecture="PhiMoEForCausalLM"),
+                   hub_architecture="PhiMoEForCausalLM", llama_cpp_fixed_attention=True),
         MoEAdapter("mixtral", moe_attr="mlp", router_attr="gate",
                    expert_size_key="intermediate_size", num_experts_key="num_local_experts",
                    checkpoint_expert_names=("w1", "w3", "w2"), checkpoint_renames=((".mlp.", ".block_sparse_moe."),)),
         MoEAdapter("qwen2_moe", moe_attr="mlp", router_attr="gate",
                    expert_size_key="moe_intermediate_size", num_experts_key="num_experts",
                    shared_expert_attr="shared_expert", shared_expert_size_key="shared_expert_intermediate_size",
-                   shared_expert_gate_attr="shared_expert_gate"),
+                   shared_expert_gate_attr="shared_expert_gate", llama_cpp_fixed_attention=True),
         MoEAdapter("qwen3_moe", moe_attr="mlp", router_attr="gate",
                    expert_size_key="moe_intermediate_size", num_experts_key="num_experts"),
         MoEAdapter("olmoe", moe_attr="mlp", router_attr="gate",

@@ -50,7 +50,8 @@ def run_slim(cfg: SlimConfig, model_dir: str | Path, out_dir: str | Path, log: C
     config = load_config(model_dir, cfg.trust_remote_code)
     # The cut keeps the checkpoint's dtype, so expert rows must align in that dtype (float32 at least:
     # scoring loads the model in float32). Before any weights are read or anything is written.
-    validate_targets(config, cfg.targets, dtype=checkpoint_dtype(model_dir), tensor_parallel=cfg.tensor_parallel)
+    validate_targets(config, cfg.targets, dtype=checkpoint_dtype(model_dir), tensor_parallel=cfg.tensor_parallel,
+                     llama_cpp=cfg.llama_cpp)
     ensure_free_output(out_dir)
     if cfg.scores is not None and not Path(cfg.scores).is_file():
         raise FileNotFoundError(f"scores: {cfg.scores} is not a file; give a scores.safetensors a stage wrote")

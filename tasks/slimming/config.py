@@ -85,13 +85,14 @@ def aligned_sizes_near(size: int, align: int) -> str:
 
 
 def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, dtype: str | None = None,
-                  tensor_parallel: Sequence[int] = (), block_fp8: bool = False) -> None:
+                  tensor_parallel: Sequence[int] = (), block_fp8: bool = False, llama_cpp: bool = False) -> None:
     """Raise SlimTargetError naming the field and the fix; nothing is built or trained before this passes.
 
     `strict` requires the expert size to shrink (a slimming step that keeps everything is a mistake
     in a user's config); the identity surgery in tests passes strict=False. With `dtype`, sizes must
     also give 16-byte expert rows in that dtype. With `tensor_parallel` (a workflow's
-    serve.tensor_parallel), the cut model must split at every one of those sizes (`core.serving`)."""
+    serve.tensor_parallel), the cut model must split at every one of those sizes (`core.serving`); with
+    `llama_cpp`, it must be a model llama.cpp loads."""
     adapter, src = sizes.adapter, sizes.source
     size_key = adapter.expert_size_key if adapter else "expert_intermediate_size"
     current = sizes.expert_intermediate_size
@@ -140,6 +141,12 @@ def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, 
                                   "num_key_value_heads")
     if tensor_parallel:
         _check_serving(sizes, targets, tensor_parallel, block_fp8, dtype)
+    if llama_cpp and kv is not None and adapter is not None and adapter.llama_cpp_fixed_attention \
+            and kv != sizes.num_key_value_heads:
+        raise SlimTargetError(
+            f"serve.llama_cpp: llama.cpp builds {adapter.model_type}'s attention at hidden_size x hidden_size, so a "
+            f"model with fewer query heads converts to GGUF but does not load; remove num_key_value_heads (keep the "
+            "heads), or serve this model with vLLM or SGLang only", "num_key_value_heads")
 
 
 def _check_serving(sizes: ModelSizes, targets: SlimTargets, tensor_parallel: Sequence[int], block_fp8: bool,
@@ -170,10 +177,10 @@ def _check_serving(sizes: ModelSizes, targets: SlimTargets, tensor_parallel: Seq
 
 
 def validate_targets(config, targets: SlimTargets, strict: bool = True, dtype: str | None = None,
-                     tensor_parallel: Sequence[int] = (), block_fp8: bool = False) -> None:
+                     tensor_parallel: Sequence[int] = (), block_fp8: bool = False, llama_cpp: bool = False) -> None:
     """`check_targets` against a model config."""
     check_targets(ModelSizes.of(config), targets, strict=strict, dtype=dtype, tensor_parallel=tensor_parallel,
-                  block_fp8=block_fp8)
+                  block_fp8=block_fp8, llama_cpp=llama_cpp)
 
 
 class SlimConfig(TaskConfig):
@@ -191,6 +198,7 @@ class SlimConfig(TaskConfig):
     text_field: str = "text"
     tensor_parallel: list[int] = Field(default_factory=list, description="refuse a cut vLLM/SGLang cannot serve "
                                                                          "at these GPU counts, e.g. 1,2,4,8")
+    llama_cpp: bool = Field(False, description="refuse a cut llama.cpp cannot load")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
