@@ -490,7 +490,9 @@ def test_the_plan_says_at_which_tensor_parallel_sizes_each_output_serves(tmp_pat
     nodes = {n.name: n for n in plan.nodes}
     # 6 KV heads, 24 query heads; expert sizes 3200 / 1600 / 960 all divide by 16
     assert nodes["stage_1"].serves_at_tp == [1, 2] and nodes["stage_1"].as_dict()["serves_at_tensor_parallel"] == [1, 2]
-    assert "serves at tensor_parallel 1, 2 (vLLM, SGLang)" in nodes["stage_1"].notes
+    # a PhiMoE with fewer query heads: llama.cpp builds its attention at hidden x hidden
+    assert "serves at tensor_parallel 1, 2 (vLLM, SGLang); llama.cpp would not load it (fewer query heads)" \
+        in nodes["stage_1"].notes
     assert nodes["teacher_logits"].serves_at_tp is None
 
 
