@@ -142,7 +142,8 @@ def make_teacher(path: Path) -> Path:
     from tiny import tiny_config
 
     path.mkdir(parents=True, exist_ok=True)
-    tiny_config("phimoe").to_json_file(path / "config.json")
+    # Room for data.seq_len's default (512): validation refuses sequences longer than the teacher's context.
+    tiny_config("phimoe", max_position_embeddings=512).to_json_file(path / "config.json")
     write_weights(path / "model.safetensors")
     (path / "tokenizer.json").write_text('{"stand-in": true}')
     return path

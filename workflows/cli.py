@@ -155,6 +155,25 @@ def run(
                                       allow_infeasible=allow_infeasible))
 
 
+# Sizes and rates the plan divides by or compares against: a value of 0 or below would print a negative
+# capacity or time rather than fail, so each is refused as resources.gpu_memory_gb is in the YAML.
+PLAN_POSITIVE = {"--gpu-memory-gb": ("gpu_memory_gb", "the memory of one GPU in GB (resources.gpu_memory_gb in the YAML)"),
+                 "--peak-tflops": ("peak_tflops", "the peak TFLOP/s of one GPU"),
+                 "--intra-node-gb-per-s": ("intra_node_gb_per_s", "the GB/s between the GPUs of a node"),
+                 "--inter-node-gb-per-s": ("inter_node_gb_per_s", "the GB/s one node sends to the others"),
+                 "--cpu-memory-gb": ("cpu_memory_gb", "the RAM of the machine CPU nodes run on, in GB"),
+                 "--data-tokens": ("data_tokens", "the tokens the data holds")}
+
+
+def _check_plan_numbers(options) -> None:
+    for flag, (attr, what) in PLAN_POSITIVE.items():
+        value = getattr(options, attr)
+        if value is not None and not value > 0:  # `not >` also refuses nan
+            _fail(ValueError(f"{flag} {value:g}: {what} must be above 0"))
+    if not 0 < options.mfu <= 1:
+        _fail(ValueError(f"--mfu {options.mfu:g}: the share of the peak the kernels reach must be above 0 and at most 1"))
+
+
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="workflow config (YAML)"),
@@ -184,6 +203,7 @@ def plan(
     options = PlanOptions(gpu_memory_gb=gpu_memory_gb, gpu=gpu, peak_tflops=peak_tflops, mfu=mfu,
                           intra_node_gb_per_s=intra_node_gb_per_s, inter_node_gb_per_s=inter_node_gb_per_s,
                           cpu_memory_gb=cpu_memory_gb, data_tokens=data_tokens)
+    _check_plan_numbers(options)
     result = _driver_call(lambda: plan_workflow(config, options))
     print(json.dumps(result.as_dict(), indent=2) if as_json else result.format())
 

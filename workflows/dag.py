@@ -26,6 +26,7 @@ from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigErr
                      problems_from_validation)
 from .nodes import NodeKind, get_node_kind
 from .storage import MARKER, Store, StorageError, is_uri
+from .teacher_checks import demo_teacher_fit_checks, teacher_fit_checks
 
 EXTERNAL = "external"
 
@@ -282,6 +283,10 @@ def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, probl
                                          num_local_experts=pt.num_experts,
                                          num_attention_heads=pt.num_attention_heads,
                                          num_key_value_heads=pt.num_key_value_heads), ("pretrain_teacher",)
+    if teacher.is_external:
+        teacher_fit_checks(loaded, Path(teacher.external_path), cfg_json, problems)
+    else:
+        demo_teacher_fit_checks(loaded, teacher.task_config, problems)
     try:
         return ModelSizes.of(as_config, "the teacher")
     except ValueError as err:

@@ -11,6 +11,7 @@ Each attempt is recorded in `<node>/_attempts/<key>.json` (pid, host, state, err
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -28,7 +29,7 @@ from slimmoe.tasks.core.storage import atomic_output_dir
 
 from .dag import Dag, Node, build_dag
 from .nodes import NodeContext, get_node_kind, headline_of
-from .storage import MARKER, leftover
+from .storage import MARKER, StorageError, leftover
 
 
 class NodeFailed(RuntimeError):
@@ -533,11 +534,27 @@ def rerun_node(config, node: str, *, downstream: bool = False, address: Optional
     return Driver(dag, log=log, address=address, command="rerun").run(force=force, targets=targets)
 
 
+@contextlib.contextmanager
+def _storage_reads(dag: Dag):
+    """Status reads the storage without `run`'s writability probe, so storage that does not answer (an
+    S3 endpoint down, wrong credentials) fails inside pyarrow with an OSError: say it the way the probe
+    does, one StorageError naming the storage."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        where = dag.store.display(dag.store.join(dag.name))
+        raise StorageError(f"storage {where!r} cannot be read ({type(err).__name__}: {err}); check the storage "
+                           "location, its endpoint and the credentials") from err
+
+
 def workflow_status(config, overrides: dict | None = None) -> list[dict]:
     """One row per node: node, kind, state (done/missing/running/failed/stale), key, path, times, metric,
     and the work dirs that attempts no longer alive left (`leftovers`)."""
     dag = build_dag(config, overrides, check_storage=False)
-    return Driver(dag, log=lambda s: None, command="status").status()
+    with _storage_reads(dag):
+        return Driver(dag, log=lambda s: None, command="status").status()
 
 
 def clean_workflow(config, overrides: dict | None = None,
@@ -546,7 +563,8 @@ def clean_workflow(config, overrides: dict | None = None,
     an unfinished publish. A live attempt's files and a work dir a run resumes from stay. Returns
     (path, bytes) per removed directory (bytes None where the store is a URI)."""
     dag = build_dag(config, overrides, check_storage=False)
-    return Driver(dag, log=log, command="status").clean()
+    with _storage_reads(dag):
+        return Driver(dag, log=log, command="status").clean()
 
 
 def plan_workflow(config, options=None, overrides: dict | None = None):

@@ -271,8 +271,17 @@ class Store:
 
     # -- checks ----------------------------------------------------------------------------------------
     def check_writable(self, path: str) -> None:
-        """Create and delete a probe file under `path`; raise StorageError naming the problem."""
+        """Create and delete a probe file under `path`; raise StorageError naming the problem. The
+        directories the probe created go again: validation runs the probe before it knows whether the
+        run goes ahead, and a refused run must leave nothing behind (the run creates what it needs)."""
         probe = self.sub(path, f".slimmoe-probe-{uuid.uuid4().hex[:8]}")
+        local = self.local_path(path)
+        created = []
+        if local is not None:
+            missing = Path(local)
+            while not missing.exists() and missing != missing.parent:
+                created.append(missing)
+                missing = missing.parent
         try:
             self.makedirs(path)
             self.write_text(probe, "probe\n")
@@ -284,3 +293,11 @@ class Store:
                 f"storage {self.display(path)!r} is not writable ({type(err).__name__}: {err}); "
                 "choose a directory or bucket prefix this user can write to"
             ) from err
+        finally:
+            # Deepest first, and only while empty: another run may have started writing there meanwhile.
+            # (An object store's directories are markers that a listing does not need: they stay.)
+            for directory in created:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break

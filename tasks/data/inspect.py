@@ -24,7 +24,7 @@ import numpy as np
 
 from slimmoe.tasks.core.fingerprint import model_fingerprint
 from slimmoe.tasks.data.readers import LogitCache, open_logit_cache
-from slimmoe.tasks.data.formats import MANIFEST, read_manifest
+from slimmoe.tasks.data.formats import MANIFEST, LogitCacheError, read_manifest
 
 ENTROPY_NOTE = "entropy (nats) of the top-k probabilities renormalised within the top-k"
 
@@ -163,6 +163,10 @@ def inspect_cache(path: str | Path, samples: int = 5, tokenizer_dir: str | Path 
                   max_rows: int | None = None) -> dict[str, Any]:
     """Numbers for one logit-cache split, or for every split of a teacher_logits node output."""
     path = Path(path)
+    if path.is_dir() and not (path / MANIFEST).exists() and (path / "config.json").is_file():
+        # Without this, read_manifest calls the directory an unfinished cache and advises rebuilding it.
+        raise LogitCacheError(f"{path} is a model directory, not a logit cache; inspect the teacher_logits "
+                              "output (`slimmoe status CONFIG` shows its path) or one of its splits")
     manifest = read_manifest(path)
     teacher_fps: dict[str, str | None] = {}
     if manifest.get("kind") == "teacher_logits":

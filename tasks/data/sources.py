@@ -88,14 +88,62 @@ def _first_json_line(path: str) -> tuple[int, str] | None:
     return None
 
 
-def parse_json_line(line: str, text_field: str, where: str) -> str:
+def _locate(path: str, line: str) -> tuple[int, bool, bool] | None:
+    """(line number, whether it is the file's first record, whether it is the whole line) of `line` in
+    `path`, or None.
+
+    Ray Data's `read_text` hands a worker a file's lines without their numbers; a bad line is looked up
+    here, on the error path only, so a clean corpus is never read twice. The first line equal to it is
+    where reading fails first. Ray splits lines with `str.splitlines`, which also breaks at U+2028,
+    U+2029 and U+0085, characters a JSON string may hold raw: such a fragment is found inside its line."""
+    target = line.strip()
     try:
-        record = json.loads(line)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first, containing = None, None
+            for lineno, text in enumerate(fh, 1):
+                text = text.strip()
+                if not text:
+                    continue
+                first = first or lineno
+                if text == target:
+                    return lineno, lineno == first, True
+                if containing is None and target and target in text:
+                    containing = (lineno, lineno == first, False)
+            return containing
+    except OSError:  # a path this process cannot open: the bare file name is all there is to say
+        return None
+
+
+def parse_json_line(line: str, text_field: str, where: str, first: bool = False) -> str:
+    """The text of one JSONL record. `where` is `file:line`, or a bare file for a line Ray Data read
+    (the line is then found in the file, see `_locate`). `first`: the file's first record, where a
+    missing text field means text_field names no field of the data; past it (the first record of each
+    file is checked before any work), the field is missing on that line, not in the data."""
+    try:
+        record = json.loads(line.rstrip("\r\n"))  # the newline would be read as part of an unterminated string
+        problem = None if isinstance(record, dict) else f"holds a JSON {type(record).__name__}, not an object"
     except json.JSONDecodeError as err:
-        raise DataSourceError(f"{where} holds a line that is not JSON ({err}); JSONL needs one JSON object per line") from err
-    if not isinstance(record, dict):
-        raise DataSourceError(f"{where} holds a JSON {type(record).__name__}, not an object; JSONL needs one object per line")
-    return check_text(record.get(text_field), text_field, where)
+        record, problem = None, f"is not JSON ({err.msg}: column {err.colno})"
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if problem is None and isinstance(value, str):
+        return value
+    if Path(where).is_file() and (found := _locate(where, line)) is not None:
+        where, first = f"{where}:{found[0]}", found[1]
+        if not found[2]:
+            raise DataSourceError(
+                f"{where} holds a raw line separator (U+2028, U+2029 or U+0085) in a string, where the tokenize "
+                "reader splits lines; write it escaped (\\u2028), as json.dumps does unless ensure_ascii=False")
+    if problem is not None:
+        raise DataSourceError(f"{where} {problem}; JSONL needs one JSON object per line: fix or remove that line")
+    held = type(value).__name__ if value is not None else "null"
+    if text_field in record:
+        fix = ("set text_field to a key of strings" if first else
+               "the file's first record holds a string there: fix or remove that line")
+        raise DataSourceError(f"text field {text_field!r} in {where} holds {held}, not a string; {fix}")
+    keys = (", ".join(list(record)[:8]) + (" ..." if len(record) > 8 else "")) or "none"
+    fix = ("set text_field to the key holding the text" if first else
+           "the file's first record has it, so this line lacks it: fix or remove that line")
+    raise DataSourceError(f"text field {text_field!r} is missing in {where} (its keys: {keys}); {fix}")
 
 
 def _check_parquet_field(files: tuple[str, ...], text_field: str) -> None:
@@ -138,7 +186,7 @@ def check_source(source: DataSource, text_field: str):
         for f in source.files:  # the first record of each file: catches the usual wrong text_field early
             hit = _first_json_line(f)
             if hit is not None:
-                parse_json_line(hit[1], text_field, f"{f}:{hit[0]}")
+                parse_json_line(hit[1], text_field, f"{f}:{hit[0]}", first=True)
     elif source.kind == "hf_dataset":
         ds = load_hf_dataset(source.root, text_field)
         if len(ds) == 0:
@@ -155,9 +203,11 @@ def iter_documents(source: DataSource, text_field: str = "text") -> Iterator[str
     elif source.kind == "jsonl":
         for f in source.files:
             with open(f, encoding="utf-8") as fh:
+                first = True
                 for lineno, line in enumerate(fh, 1):
                     if line.strip():
-                        yield parse_json_line(line, text_field, f"{f}:{lineno}")
+                        yield parse_json_line(line, text_field, f"{f}:{lineno}", first=first)
+                        first = False
     elif source.kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -57,9 +57,17 @@ class QuantizeConfig(OnOneDevice, TaskConfig):
 
     @model_validator(mode="after")
     def _budget_range(self) -> "QuantizeConfig":
-        if self.avg_bits < min(self.candidate_bits):
-            raise ValueError(f"avg_bits={self.avg_bits} is below the smallest candidate width {min(self.candidate_bits)}; "
-                             "raise avg_bits or add a lower width to candidate_bits")
+        # Every expert gets one of the candidate widths, so no allocation averages outside their range; a
+        # target above it would be capped silently at what the widest width (and the paper constraints) give.
+        low, high = min(self.candidate_bits), max(self.candidate_bits)
+        if self.avg_bits < low:
+            raise ValueError(f"avg_bits={self.avg_bits:g} is below the smallest candidate width {low}: candidate_bits "
+                             f"{self.candidate_bits} reach averages from {low} to {high} bits; raise avg_bits or add a "
+                             "lower width to candidate_bits")
+        if self.avg_bits > high:
+            raise ValueError(f"avg_bits={self.avg_bits:g} is above the widest candidate width {high}: candidate_bits "
+                             f"{self.candidate_bits} reach averages from {low} to {high} bits; lower avg_bits to at most "
+                             f"{high} or add a wider width (up to 8) to candidate_bits")
         return self
 
 

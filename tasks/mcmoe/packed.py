@@ -30,12 +30,15 @@ expert tensors, so the format and loader are our own.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from slimmoe.tasks.core.safetensors_files import read_header
 
 from .quantizer import QuantizedTensor
 
@@ -97,6 +100,13 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
+def _default_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask."""
+    umask = os.umask(0)  # the umask can only be read by setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str | Path, keep_dtype: torch.dtype,
                    info: dict, tokenizer_from: str | Path | None = None) -> dict:
     """Write the packed checkpoint into `out_dir` (an existing empty directory); the JSON last."""
@@ -118,6 +128,9 @@ def save_quantized(model: nn.Module, entries: list[QuantizedEntry], out_dir: str
     for e in entries:
         tensors.update(e.flat_tensors())
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "slimmoe_format": FORMAT})
+    # safetensors creates its file private (mode 0600, whatever the umask): give the weights the mode every
+    # other file of the output gets from open(), or whoever may read the output could read all but them.
+    os.chmod(out_dir / WEIGHTS_FILE, _default_file_mode())
     save_config(model.config, out_dir)
     copy_tokenizer_files(tokenizer_from, out_dir)
     qconfig = dict(info, format=FORMAT, format_version=FORMAT_VERSION, weights_file=WEIGHTS_FILE,
@@ -220,6 +233,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     weights = path / qcfg.get("weights_file", WEIGHTS_FILE)
     if not weights.exists():
         raise QuantizedFormatError(f"{weights} is missing: the quantized checkpoint at {path} is incomplete")
+    # A truncated or damaged file: BrokenCheckpointError naming it, before any model is built.
+    read_header(weights)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

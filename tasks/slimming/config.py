@@ -419,6 +419,14 @@ class StageConfig(TaskConfig):
         if self.early_stop_window_tokens is not None and self.early_stop_min_improvement is None:
             raise ValueError("early_stop_window_tokens is set but early_stop_min_improvement is not; set "
                              "early_stop_min_improvement (e.g. 0.02) or remove early_stop_window_tokens")
+        # A check happens only before a step inside the stage, so a window as long as the budget never gets
+        # the second check a decision needs and the stage always runs its full budget. A 1-token budget is
+        # a single step: no window fits it, and the default it derives (1) is no one's mistake.
+        if self.early_stop_window_tokens is not None and self.early_stop_window_tokens >= self.token_budget > 1:
+            raise ValueError(f"early_stop_window_tokens={self.early_stop_window_tokens} is not smaller than token_budget="
+                             f"{self.token_budget}, so the early stop can never fire; lower early_stop_window_tokens to "
+                             f"a fraction of the budget (e.g. {max(1, self.token_budget // 8)}) or remove it for the "
+                             "default of token_budget / 8")
         return self
 
     @property

@@ -59,6 +59,10 @@ class Scores:
     def load(cls, path: str | Path) -> "Scores":
         from safetensors import safe_open
 
+        from slimmoe.tasks.core.safetensors_files import read_header
+
+        # A truncated or foreign file: BrokenCheckpointError naming it, not safetensors' own error.
+        read_header(path)
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         scores = cls(batches=int(meta.get("batches", 0)), method=meta.get("method", "taylor"))
