@@ -470,6 +470,18 @@ def test_a_cut_vllm_cannot_split_at_the_served_tensor_parallel_is_refused_at_its
     assert f"phi.yaml:{line}: stages[1].num_key_value_heads: serve.tensor_parallel [8]" in message, message
     assert "choose num_key_value_heads from [1, 2, 4]" in message
     check(six, tensor_parallel=[1, 2])
+    # `slimmoe plan` reads the teacher's config.json, so it checks the first stage too, with the head counts
+    from slimmoe.workflows.driver import plan_workflow
+    from slimmoe.workflows.plan import PlanError, PlanOptions
+
+    raw = yaml.safe_load(six.read_text())
+    for stage in raw["stages"][1:]:
+        stage["num_key_value_heads"] = 2  # these pass; only stage_1 (6 of the teacher's 8) cannot be served
+    first_only = tmp_path / "first_only.yaml"
+    first_only.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(PlanError, match=r"stage_1: serve.tensor_parallel \[8\].*choose num_key_value_heads from "
+                                        r"\[2, 4, 8\]"):
+        plan_workflow(first_only, PlanOptions(gpu="a100"), overrides={"serve": {"tensor_parallel": [8]}})
 
     eight = _phi_with_stages(tmp_path, phi_dir, num_key_value_heads=8)
     check(eight, tensor_parallel=[8])

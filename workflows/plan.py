@@ -780,8 +780,10 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
     if not cfg.distill_only:
         from slimmoe.tasks.slimming.config import validate_targets
 
+        serve = ctx.loaded.config.serve
         try:  # `slimmoe plan` builds the DAG without the teacher: its cuts are checked here
-            validate_targets(config_in, cfg.targets, dtype=dtype)
+            validate_targets(config_in, cfg.targets, dtype=dtype, tensor_parallel=serve.tensor_parallel,
+                             block_fp8=serve.block_fp8, llama_cpp=serve.llama_cpp)
         except ValueError as err:
             raise PlanError(f"{node.name}: {err}") from None
     config_out = config_in if cfg.distill_only else slimmed_config(config_in, cfg.targets)
