@@ -26,6 +26,8 @@ def short_demo_config(tmp_path):
     for stage, size, steps in zip(cfg["stages"], (32, 16), (4, 8)):  # 50% then 25% of the teacher's 64
         stage.update(expert_intermediate_size=size, token_budget=steps * STEP_TOKENS, micro_batch=8,
                      calibration_batches=2, checkpoint_interval=100, log_interval=2)
+        if "early_stop_window_tokens" in stage:  # the demo's window, scaled with the shortened budget
+            stage["early_stop_window_tokens"] = 2 * STEP_TOKENS
     cfg["evaluate"] = {"max_rows": 32, "batch_size": 8, "throughput_repeats": 1, "throughput_warmup": 0}
     path = tmp_path / "demo_short.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
