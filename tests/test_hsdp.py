@@ -179,8 +179,10 @@ def test_an_hsdp_stage_makes_the_ddp_cut_and_resumes_after_a_worker_is_killed(pi
     from stage_helpers import SEQ, run_stage_killing_rank1, stage_cfg
 
     work, out = tmp_path / "work", tmp_path / "out"
+    # Half a CPU per worker: the session's Ray cluster has 4 CPUs, and Ray Data actors of earlier tests may
+    # still hold some; a worker group that cannot be placed would wait instead of training.
     cfg = stage_cfg(strategy="fsdp", num_workers=WORLD, shard_group_size=GROUP, token_budget=24 * 8 * SEQ * WORLD,
-                    checkpoint_interval=8, log_interval=4, max_failures=2)
+                    checkpoint_interval=8, log_interval=4, max_failures=2, cpus_per_worker=0.5)
     killed, committed = run_stage_killing_rank1(cfg, pipeline, out, work)
     assert killed is not None, "the stage finished before a checkpoint could be observed"
     m = json.loads((out / "metrics.json").read_text())
