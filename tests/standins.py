@@ -51,10 +51,20 @@ def _step_seconds(name: str) -> float:
     return float(seconds) if node == name else 0.0
 
 
+def _rows() -> dict | None:
+    """STANDIN_ROWS=`train:validation`: the rows the stand-in data outputs say they hold, in manifests
+    shaped like the real ones' (what validation reads of a finished output)."""
+    spec = os.environ.get("STANDIN_ROWS")
+    return dict(zip(("train", "validation"), map(int, spec.split(":")))) if spec else None
+
+
 def run_tok(ctx):
     _record(ctx)
     text = _digest(ctx.config.source, ctx.config.seq_len, _read_dir(ctx.inputs["tokenizer"]))
     (ctx.out_dir / "tokens.txt").write_text(text)
+    if (rows := _rows()) is not None:
+        splits = {split: {"rows": n} for split, n in rows.items()}
+        (ctx.out_dir / "manifest.json").write_text(json.dumps({"kind": "tokenized_dataset", "splits": splits}))
     return {"tokens": 64 * ctx.config.seq_len}
 
 
@@ -62,6 +72,9 @@ def run_logits(ctx):
     _record(ctx)
     tokens = (Path(ctx.inputs["tokens"]) / "tokens.txt").read_text()
     (ctx.out_dir / "logits.txt").write_text(_digest(tokens, ctx.config.k, _read_dir(ctx.inputs["teacher"])))
+    for split, n in (_rows() or {}).items():
+        (ctx.out_dir / split).mkdir()
+        (ctx.out_dir / split / "manifest.json").write_text(json.dumps({"kind": "logit_cache", "rows": n}))
     return {"rows": 64}
 
 
@@ -81,6 +94,8 @@ def run_stage(ctx):
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_file)
     (ctx.out_dir / "model.txt").write_text(state["acc"])
+    # As a real stage's model dir has: the size it cut to, the file a hand edit would change.
+    (ctx.out_dir / "config.json").write_text(json.dumps({"expert_intermediate_size": cfg.expert_intermediate_size}))
     return {"val_loss": int(state["acc"][:6], 16) / 16**6, "steps": state["step"]}
 
 

@@ -20,12 +20,13 @@ runner = CliRunner()
 WIDE = {"COLUMNS": "400"}  # rich truncates long option names at 80 columns
 
 # command -> (config, module and function it runs, positional arguments, config fields those fill)
+# (`./model`: a bare `model` that does not exist here would be read as a Hub model id)
 COMMANDS = {
-    "slim": (SlimConfig, "slimmoe.tasks.nodes.slim", "run_slim", ["model", "{out}"], {}),
-    "trim": (TrimConfig, "slimmoe.tasks.nodes.trim", "run_trim", ["model", "{out}", "--data", "d"], {}),
-    "quantize": (QuantizeConfig, "slimmoe.tasks.nodes.quantize", "run_quantize", ["model", "{out}", "--data", "d"], {}),
+    "slim": (SlimConfig, "slimmoe.tasks.nodes.slim", "run_slim", ["./model", "{out}"], {}),
+    "trim": (TrimConfig, "slimmoe.tasks.nodes.trim", "run_trim", ["./model", "{out}", "--data", "d"], {}),
+    "quantize": (QuantizeConfig, "slimmoe.tasks.nodes.quantize", "run_quantize", ["./model", "{out}", "--data", "d"], {}),
     "evaluate": (EvaluateConfig, "slimmoe.tasks.nodes.evaluate", "run_evaluate",
-                 ["model", "--data", "d", "--out", "{out}"], {}),
+                 ["./model", "--data", "d", "--out", "{out}"], {}),
     "tokenize": (TokenizeConfig, "slimmoe.tasks.nodes.tokenize", "run_tokenize", ["text.txt", "tok", "{out}"],
                  {"source": "text.txt"}),
     "teacher-logits": (TeacherLogitsConfig, "slimmoe.tasks.nodes.teacher_logits", "run_teacher_logits",

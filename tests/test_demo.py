@@ -10,7 +10,7 @@ import json
 
 import yaml
 
-from slimmoe.workflows.demo import demo_config_path, run_demo
+from slimmoe.workflows.demo import demo_config_path, run_demo, verdict_line
 from tiny import TINY_TEACHER
 
 SEQ = 64
@@ -58,9 +58,12 @@ def test_demo_runs_the_real_workflow_then_reuses_every_node(ray_cluster, tmp_pat
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert (out / "distillation_curves.png").stat().st_size > 1000
     # The table ends with what this run shows, and it agrees with the rows.
-    winner = "multi-stage" if s2["perplexity"] < one["perplexity"] else "one-stage"
-    assert result["verdict"].startswith(f"This run: {winner} wins") and result["markdown"].endswith(result["verdict"])
+    by_ppl = "multi-stage" if s2["perplexity"] < one["perplexity"] else "one-stage"
+    by_kl = "multi-stage" if s2["kl_to_teacher"] < one["kl_to_teacher"] else "one-stage"
+    opening = f"This run: {by_ppl} wins on both measures" if by_ppl == by_kl else "This run: mixed"
+    assert result["verdict"].startswith(opening) and result["markdown"].endswith(result["verdict"])
     assert f"multi-stage {s2['perplexity']:.2f} (stage_2), one-stage {one['perplexity']:.2f}" in result["verdict"]
+    assert f"multi-stage {s2['kl_to_teacher']:.4f} (stage_2), one-stage {one['kl_to_teacher']:.4f}" in result["verdict"]
 
     # Stage 1 scores with the next-token loss (the student is the teacher), stage 2 with the KD loss.
     stage_dir = tmp_path / "runs" / "demo"
@@ -72,3 +75,18 @@ def test_demo_runs_the_real_workflow_then_reuses_every_node(ray_cluster, tmp_pat
     second = run_demo(config=config, log=again.append)
     assert not [line for line in again if line.startswith("started ")], again
     assert second["rows"] == result["rows"]
+
+
+def test_the_verdict_says_mixed_when_perplexity_and_kl_disagree():
+    # The rows of a fresh demo that printed "multi-stage wins" on perplexity alone while the KL in the
+    # same table favoured one-stage.
+    def row(model, ppl, kl):
+        return {"model": model, "when": "after distillation", "perplexity": ppl, "kl_to_teacher": kl}
+
+    disagree = [row("stage_2", 46.37, 0.1286), row("one_stage", 46.88, 0.1257)]
+    line = verdict_line(disagree, "stage_2", "one_stage")
+    assert line.startswith("This run: mixed"), line
+    assert "validation perplexity: multi-stage 46.37 (stage_2), one-stage 46.88" in line
+    assert "KL to the teacher: multi-stage 0.1286 (stage_2), one-stage 0.1257" in line
+    agree = [row("stage_2", 46.37, 0.1250), row("one_stage", 46.88, 0.1257)]
+    assert verdict_line(agree, "stage_2", "one_stage").startswith("This run: multi-stage wins on both measures")

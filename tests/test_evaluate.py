@@ -177,16 +177,16 @@ def test_without_cache_and_cache_without_validation(setup, tiny_model_dir, tmp_p
     assert saved["kl_to_teacher"] is None and "no validation split" in saved["teacher_cache_note"]
 
 
-def test_lm_eval_missing_is_reported_not_fatal(setup, tiny_model_dir, tmp_path, monkeypatch):
+def test_lm_eval_tasks_without_lm_eval_are_refused_before_the_model_loads(setup, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
+    import slimmoe.tasks.nodes.evaluate as evaluate
+
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     cfg = EvaluateConfig(**FAST, lm_eval_tasks="hellaswag, arc_easy", max_rows=4)
-    run_evaluate(cfg, tiny_model_dir, setup["tokens"], None, tmp_path / "e")
-    report = json.loads((tmp_path / "e" / "report.json").read_text())
-    assert set(report["lm_eval"]) == {"hellaswag", "arc_easy"}
-    for entry in report["lm_eval"].values():
-        assert entry["status"] == "unavailable"
-        assert "lm_eval is not installed" in entry["message"] and "pip install" in entry["message"]
-    assert report["perplexity"] > 1  # the rest of the evaluation still ran
+    with pytest.raises(ValueError, match=r"lm_eval_tasks need lm_eval, which is not installed .*pip install"):
+        run_evaluate(cfg, tiny_model_dir, setup["tokens"], None, tmp_path / "e")
+    assert not (tmp_path / "e" / "report.json").exists()
 
 
 def test_bad_inputs_fail_before_work(setup, tiny_model_dir, tmp_path):
@@ -222,14 +222,13 @@ def test_cli_evaluate_json(setup, tiny_model_dir, tmp_path, monkeypatch):
 
     from slimmoe.workflows.cli import app
 
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, [
         "evaluate", str(setup["teacher"]), "--data", str(setup["tokens"]), "--teacher-logits", str(setup["logits"]),
-        "--out", str(out), "--max-rows", "6", "--json", "--lm-eval-tasks", "hellaswag"])
+        "--out", str(out), "--max-rows", "6", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert printed["top1_agreement"] == 1.0 and printed["lm_eval"]["hellaswag"]["status"] == "unavailable"
+    assert printed["top1_agreement"] == 1.0 and printed["lm_eval"] == {}
     assert json.loads((out / "report.json").read_text())["rows"] == 6
     odp = CliRunner().invoke(app, [
         "evaluate", str(setup["teacher"]), "--data", str(setup["tokens"]), "--out", str(tmp_path / "odp"),

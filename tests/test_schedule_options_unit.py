@@ -98,12 +98,32 @@ def test_moments_of_another_cut_are_refused():
 def test_early_stop_stops_when_a_window_improves_too_little():
     rule = EarlyStop(min_improvement=0.05, window_tokens=1000, tokens_per_step=300)
     assert rule.window_steps == 4 and rule.due(0) and rule.due(8) and not rule.due(6)
-    checks = [{"heldout_kl": 1.0}]
+    checks = [{"step": 0, "heldout_kl": 1.0}]
     assert not rule.decide(checks)  # a baseline alone decides nothing
-    checks.append({"heldout_kl": 0.8})
+    checks.append({"step": 4, "heldout_kl": 0.8})
     assert not rule.decide(checks) and checks[-1]["improvement"] == pytest.approx(0.2)
-    checks.append({"heldout_kl": 0.79})
+    checks.append({"step": 8, "heldout_kl": 0.79})
     assert rule.decide(checks) and checks[-1]["improvement"] == pytest.approx(0.0125)
+
+
+def test_early_stop_waits_out_the_warm_up_bump_and_compares_with_the_best_check():
+    # The freshly cut student's KL rises before it falls: the old rule (previous check, first decision
+    # after one window) stopped at step 4; this one decides from step 8 on, against the best check.
+    rule = EarlyStop(min_improvement=0.05, window_tokens=1200, tokens_per_step=300, min_tokens=2400)
+    assert rule.min_steps == 8
+    checks = [{"step": 0, "heldout_kl": 1.0}, {"step": 4, "heldout_kl": 1.3}]
+    assert not rule.decide(checks) and checks[-1]["improvement"] == pytest.approx(-0.3)
+    checks.append({"step": 8, "heldout_kl": 0.9})
+    assert not rule.decide(checks) and checks[-1]["improvement"] == pytest.approx(0.1)
+    checks.append({"step": 12, "heldout_kl": 1.2})
+    assert rule.decide(checks)
+    checks[-1] = {"step": 12, "heldout_kl": 0.84}
+    assert not rule.decide(checks) and checks[-1]["improvement"] == pytest.approx(0.0667, abs=1e-4)
+    checks.append({"step": 16, "heldout_kl": 0.83})
+    assert rule.decide(checks)
+    # Receding from a bump is no progress: 1.1 is 15% below the previous check but 10% above the best.
+    bump = [{"step": 0, "heldout_kl": 1.0}, {"step": 4, "heldout_kl": 1.3}, {"step": 8, "heldout_kl": 1.1}]
+    assert rule.decide(bump) and bump[-1]["improvement"] == pytest.approx(-0.1)
 
 
 def test_gradual_cut_reaches_the_targets_at_planned_steps():
@@ -127,6 +147,8 @@ def test_gradual_cut_reaches_the_targets_at_planned_steps():
     ({"cut_steps": 2, "strategy": "deepspeed"}, "cut_steps needs strategy: ddp"),
     ({"cut_steps": 2, "early_stop_min_improvement": 0.01}, "use one of them per stage"),
     ({"early_stop_window_tokens": 100}, "set early_stop_min_improvement"),
+    ({"early_stop_min_tokens": 100}, "early_stop_min_tokens is set but early_stop_min_improvement is not"),
+    ({"early_stop_min_improvement": 0.1, "early_stop_min_tokens": 800}, "early_stop_min_tokens=800 is not smaller"),
     ({"early_stop_min_improvement": 1.5}, "less than 1"),
 ])
 def test_schedule_option_rules(fields, message):
@@ -134,9 +156,13 @@ def test_schedule_option_rules(fields, message):
         StageConfig(expert_intermediate_size=16, token_budget=800, **fields)
 
 
-def test_early_stop_window_defaults_to_an_eighth_of_the_budget():
-    assert StageConfig(expert_intermediate_size=16, token_budget=800,
-                       early_stop_min_improvement=0.01).early_stop_window_tokens == 100
+def test_early_stop_window_defaults_to_an_eighth_of_the_budget_and_the_first_decision_to_a_quarter():
+    cfg = StageConfig(expert_intermediate_size=16, token_budget=800, early_stop_min_improvement=0.01)
+    assert (cfg.early_stop_window_tokens, cfg.early_stop_min_tokens) == (100, 200)
+    wide = StageConfig(expert_intermediate_size=16, token_budget=800, early_stop_min_improvement=0.01,
+                       early_stop_window_tokens=300)
+    assert wide.early_stop_min_tokens == 300  # never before the first window's check
+    assert StageConfig(expert_intermediate_size=16, token_budget=800).early_stop_min_tokens is None
 
 
 # -- in a workflow ------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from slimmoe.tasks.core.tracking import HISTORY_FILE, TRACKING_DIR, read_history
 from slimmoe.tasks.slimming.config import stage_steps
 from slimmoe.tasks.nodes.stage import run_stage
 from stage_helpers import SEQ, run_stage_killing_rank1, held_out_kl, stage_cfg
@@ -37,6 +39,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     assert m["resumed_from_step"] % 9 == 0
     steps = [r["step"] for r in m["history"]]
     assert steps == list(range(6, 37, 6)), "reported steps must continue from the checkpoint, not restart"
+    # The live record drops what the killed attempt logged past its checkpoint: each step once.
+    assert [r["step"] for r in read_history(work / HISTORY_FILE)] == steps
+    events = EventAccumulator(str(work / TRACKING_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("stage/kl")] == steps
     assert int((work / "pids" / "rank1.pid").read_text()) != killed
 
 

@@ -43,6 +43,21 @@ def _print_sizes(report: dict) -> None:
     print(f"{'after':10}{format_count(a['total']):>12}{format_count(a['active']):>12}")
 
 
+REVISION_HELP = "the branch, tag or commit of a MODEL_DIR named by its Hub id (org/name); default main"
+
+
+def _local_model(model: str, revision: Optional[str], cfg) -> Path:
+    """MODEL_DIR as a local directory: a Hub id is resolved to a commit and that snapshot downloaded
+    (once: later runs find it in the Hub cache). MODEL_DIR is taken as typed, a str: as a Path, `./x`
+    would lose the `./` that marks it a path."""
+    from slimmoe.tasks.core.hub import resolve_model
+
+    source = resolve_model(model, revision, trust_remote_code=getattr(cfg, "trust_remote_code", False))
+    if source.is_hub:
+        typer.echo(f"model: {source.describe()}", err=True)  # stderr: stdout may be one JSON document
+    return Path(source.path)
+
+
 # The names `slim` took before its options were derived from SlimConfig.
 SLIM_ALIASES = {"--expert-size": "expert_intermediate_size", "--kv-heads": "num_key_value_heads"}
 
@@ -51,8 +66,9 @@ SLIM_ALIASES = {"--expert-size": "expert_intermediate_size", "--kv-heads": "num_
 @derive_options(SlimConfig, aliases=SLIM_ALIASES)
 def slim(
     cfg: SlimConfig,
-    model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
+    model_dir: str = typer.Argument(..., help="Hugging Face MoE model directory, or a Hub model id (org/name)"),
     out_dir: Path = typer.Argument(..., help="where the slimmed checkpoint is written (must not exist)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Score, slim and save a checkpoint in one shot (the same surgery a SlimMoE stage runs), streamed
@@ -60,6 +76,7 @@ def slim(
     from slimmoe.tasks.nodes.slim import run_slim
 
     try:
+        model_dir = _local_model(model_dir, revision, cfg)
         report = run_slim(cfg, model_dir, out_dir, log=_quiet_if(as_json))
     except USER_ERRORS as err:
         _fail(err)
@@ -74,8 +91,9 @@ def slim(
 @derive_options(TrimConfig)
 def trim(
     cfg: TrimConfig,
-    model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
+    model_dir: str = typer.Argument(..., help="Hugging Face MoE model directory, or a Hub model id (org/name)"),
     out_dir: Path = typer.Argument(..., help="where the trimmed checkpoint is written (must not exist or be empty)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
@@ -83,6 +101,7 @@ def trim(
     from slimmoe.tasks.nodes.trim import run_trim
 
     try:
+        model_dir = _local_model(model_dir, revision, cfg)
         report = run_trim(cfg, model_dir, data, out_dir, log=_quiet_if(as_json))
     except USER_ERRORS as err:
         _fail(err)
@@ -109,6 +128,7 @@ def _driver_call(fn):
     """Run a driver function; config problems exit 2, a failed node exits 1 (tracebacks stay in the log)."""
     from slimmoe.workflows.config import WorkflowConfigError
     from slimmoe.workflows.driver import NodeBusyError, NodeFailed
+    from slimmoe.workflows.signals import RunStopped
 
     try:
         return fn()
@@ -117,6 +137,9 @@ def _driver_call(fn):
     except (NodeFailed, NodeBusyError) as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1)
+    except RunStopped as err:  # SIGTERM / SIGINT: the shell's convention, 128 + the signal
+        typer.secho(str(err), err=True)
+        raise typer.Exit(code=err.exit_code)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -214,8 +237,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     clean: bool = typer.Option(False, "--clean", help="first remove what attempts that are no longer alive left "
                                                       "(a killed rerun's work dir); resumable state stays"),
+    verify: bool = typer.Option(False, "--verify", help="read every output file against the checksum its marker "
+                                                        "recorded (without: only files changed since, by mtime)"),
 ):
-    """Each node: done / missing / running / failed / stale, key, path, time, headline metric."""
+    """Each node: done / damaged / missing / running / failed / stale, key, path, time, headline metric."""
     from slimmoe.workflows.driver import clean_workflow, format_status, workflow_status
 
     if clean:
@@ -223,7 +248,7 @@ def status(
         removed = _driver_call(lambda: clean_workflow(config, log=lambda line: typer.echo(line, err=as_json)))
         if not removed:
             typer.echo("nothing to clean", err=as_json)
-    rows = _driver_call(lambda: workflow_status(config))
+    rows = _driver_call(lambda: workflow_status(config, verify=verify))
     print(json.dumps(rows, indent=2) if as_json else format_status(rows))
 
 
@@ -276,7 +301,8 @@ EVALUATE_HELP = {"max_rows": "validation rows scored (0 = all)"}
 @derive_options(EvaluateConfig, parse=EVALUATE_PARSE, help=EVALUATE_HELP)
 def evaluate(
     cfg: EvaluateConfig,
-    model_dir: Path = typer.Argument(..., help="Hugging Face model directory"),
+    model_dir: str = typer.Argument(..., help="Hugging Face model directory, or a Hub model id (org/name)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     data: Path = typer.Option(..., "--data", help="a tokenize-node output (its validation split is used) or one token-shards directory"),
     teacher_logits: Optional[Path] = typer.Option(None, "--teacher-logits", help="teacher-logits output or one logit cache: adds KL and top-1 agreement"),
     out: Optional[Path] = typer.Option(None, "--out", help="directory for report.json (new or empty); default: a fresh temporary directory"),
@@ -289,6 +315,7 @@ def evaluate(
     from slimmoe.tasks.nodes.evaluate import run_evaluate
 
     try:
+        model_dir = _local_model(model_dir, revision, cfg)
         out_dir = out if out is not None else Path(tempfile.mkdtemp(prefix="slimmoe-eval-"))
         run_evaluate(cfg, model_dir, data, teacher_logits, out_dir)
     except USER_ERRORS as err:
@@ -322,8 +349,9 @@ QUANTIZE_ALIASES = {"--bits": "candidate_bits"}
 @derive_options(QuantizeConfig, aliases=QUANTIZE_ALIASES)
 def quantize(
     cfg: QuantizeConfig,
-    model_dir: Path = typer.Argument(..., help="Hugging Face MoE model directory"),
+    model_dir: str = typer.Argument(..., help="Hugging Face MoE model directory, or a Hub model id (org/name)"),
     out_dir: Path = typer.Argument(..., help="where the packed quantized checkpoint is written (must not exist or be empty)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     data: str = typer.Option(..., "--data", help="calibration data: a tokenized dataset dir, token shards, text/JSONL/Parquet files or a saved dataset"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
@@ -332,6 +360,7 @@ def quantize(
     from slimmoe.tasks.nodes.quantize import run_quantize
 
     try:
+        model_dir = _local_model(model_dir, revision, cfg)
         with atomic_output_dir(out_dir) as tmp:
             report = run_quantize(cfg, model_dir, data, tmp, log=_quiet_if(as_json))
     except USER_ERRORS as err:

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimmoe.tasks.core.hub import is_hub_id
+from slimmoe.tasks.core.tracking import TrackingConfig
 from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
 from slimmoe.tasks.evaluation.config import EvaluateConfig
 from slimmoe.tasks.mcmoe.config import QuantizeConfig
@@ -77,7 +79,10 @@ class _Strict(BaseModel):
 
 
 class TeacherSection(_Strict):
-    path: str = Field(description="a local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    path: str = Field(description="a local Hugging Face model directory (config.json, *.safetensors, tokenizer), "
+                                  "or a Hub model id (org/name) when no such directory exists")
+    revision: Optional[str] = Field(None, description="a Hub model's branch, tag or commit (default main); the run "
+                                                      "resolves it to one commit and keys every node on it")
     trust_remote_code: bool = False
 
 
@@ -172,8 +177,11 @@ def _fill_baseline(baseline: Any, fill) -> Any:
 
 
 def workflow_values(raw: dict) -> dict:
-    """The workflow-wide values sections receive: the resources, and the teacher's trust_remote_code."""
+    """The workflow-wide values sections receive: the resources, the tracking, and the teacher's
+    trust_remote_code."""
     values = ResourcesSection.model_validate(raw.get("resources") or {}).model_dump()
+    if isinstance(raw.get("tracking"), dict):
+        values["tracking"] = TrackingConfig.model_validate(raw["tracking"])
     teacher = raw.get("teacher")
     if isinstance(teacher, dict) and isinstance(teacher.get("trust_remote_code"), bool):
         values["trust_remote_code"] = teacher["trust_remote_code"]
@@ -200,6 +208,7 @@ class WorkflowConfig(_Strict):
     baselines: list[Baseline] = Field(default_factory=list)
     evaluate: Optional[EvaluateSection] = None
     serve: ServeSection = Field(default_factory=ServeSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -390,8 +399,9 @@ def expand_vars(value: str) -> str:
     return string.Template(value).safe_substitute(env)
 
 
-def _resolve_local(value: str, base_dir: Path, must_exist: bool = False) -> str:
-    """A relative local path resolved against the config's directory (URIs are left alone)."""
+def _resolve_local(value: str, base_dir: Path, must_exist: bool = False, hub_id: bool = False) -> str:
+    """A relative local path resolved against the config's directory (URIs are left alone; with `hub_id`,
+    so is a Hub model id that is not a directory there)."""
     if not isinstance(value, str):
         return value
     value = expand_vars(value)
@@ -401,13 +411,16 @@ def _resolve_local(value: str, base_dir: Path, must_exist: bool = False) -> str:
     if p.is_absolute():
         return str(p)
     candidate = (base_dir / p).resolve()
+    if hub_id and not candidate.exists() and is_hub_id(value):
+        return value  # resolved to a snapshot by tasks/core/hub.resolve_model
     if must_exist and not (candidate.exists() or any(ch in value for ch in "*?[")):
         return value  # not a path after all (e.g. a data set name): leave it to the task
     return str(candidate)
 
 
-# Local paths in the raw config, resolved against the config file's directory before validation.
-_PATH_FIELDS = ((("storage",), False), (("cache_dir",), False), (("teacher", "path"), False),
+# Local paths in the raw config, resolved against the config file's directory before validation
+# (True: may also be a data set name, "hub": may also be a Hub model id).
+_PATH_FIELDS = ((("storage",), False), (("cache_dir",), False), (("teacher", "path"), "hub"),
                 (("data", "source"), True), (("pretrain_teacher", "source_dir"), True),
                 (("evaluate", "lm_eval_include_path"), False))
 
@@ -419,7 +432,8 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
         for part in loc[:-1]:
             parent = parent.get(part) if isinstance(parent, dict) else None
         if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), str):
-            parent[loc[-1]] = _resolve_local(parent[loc[-1]], base_dir, must_exist=may_be_a_name)
+            parent[loc[-1]] = _resolve_local(parent[loc[-1]], base_dir, must_exist=may_be_a_name is True,
+                                             hub_id=may_be_a_name == "hub")
     return raw
 
 

@@ -39,8 +39,9 @@ class Node:
     task_config: Any = None  # the task config object the node runs with
     inputs: dict = field(default_factory=dict)  # input role -> node name
     key: str = ""
-    facets: dict = field(default_factory=dict)  # external teacher: {"model": fp, "tokenizer": fp}
+    facets: dict = field(default_factory=dict)  # external teacher: {"model": fp, "tokenizer": fp} (+ Hub "commit")
     external_path: Optional[str] = None
+    hub: Optional[dict] = None  # a Hub teacher: repo_id, revision, the commit it resolved to, its snapshot path
 
     @property
     def role(self) -> str:
@@ -105,7 +106,7 @@ def _hash(obj) -> str:
 
 
 SCHEDULE_FIELDS = ("carry_optimizer", "keep_optimizer_state", "early_stop_min_improvement", "early_stop_window_tokens",
-                   "early_stop_rows", "cut_steps")
+                   "early_stop_min_tokens", "early_stop_rows", "cut_steps")
 
 
 def _one_stage_config(loaded: LoadedWorkflow, i: int, problems: list[Problem]) -> Optional[StageConfig]:
@@ -199,6 +200,12 @@ def _nodes_from_config(loaded: LoadedWorkflow, problems: list[Problem]) -> dict[
         for m in models:
             add(f"evaluate_{m}", "evaluate", ("evaluate",), cfg.evaluate,
                 {"model": m, "tokens": "tokenize", "logits": "teacher_logits"})
+        # An early-stopping stage must keep its held-out rows off the rows evaluate reports on: it checks
+        # them against its cache when it runs (and validation, against a finished tokenize output).
+        for node in nodes.values():
+            if node.kind == "stage" and node.task_config is not None \
+                    and node.task_config.early_stop_min_improvement is not None:
+                node.task_config = node.task_config.with_changes(evaluated_rows=cfg.evaluate.max_rows or "all")
     return nodes
 
 
@@ -210,12 +217,25 @@ def _keyed_config(node: Node, kind: NodeKind) -> dict:
 
 
 def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem]) -> Optional[dict]:
-    """The external teacher exists and is a model directory; return its config.json (or None)."""
+    """The external teacher exists and is a model directory; return its config.json (or None). A Hub id
+    is resolved to a commit and its snapshot downloaded here, once per run: every node (and worker)
+    then reads that snapshot's path."""
+    from slimmoe.tasks.core.hub import HubModelError, resolve_model
+
+    teacher = loaded.config.teacher
+    try:
+        source = resolve_model(node.external_path, teacher.revision, trust_remote_code=teacher.trust_remote_code,
+                               cache_dir=loaded.config.cache_dir)
+    except HubModelError as err:
+        problems.append(loaded.problem(("teacher", err.field), str(err)))
+        return None
+    if source.is_hub:
+        node.external_path, node.hub = source.path, source.record()
     path = Path(node.external_path)
     loc = ("teacher", "path")
     if not path.is_dir():
         problems.append(loaded.problem(loc, f"teacher directory {path} does not exist; point teacher.path at a "
-                                            "Hugging Face model directory"))
+                                            "Hugging Face model directory, or at a Hub model id (org/name)"))
         return None
     if not (path / "config.json").is_file():
         problems.append(loaded.problem(loc, f"teacher directory {path} has no config.json; it is not a Hugging Face "
@@ -228,6 +248,8 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         # Else a truncated shard is found only when the teacher_logits actors load it, and dies as ActorDiedError.
         check_safetensors(path)
         node.facets = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(path)}
+        if node.hub is not None:
+            node.facets["commit"] = node.hub["commit"]
     except (BrokenCheckpointError, OSError) as err:
         problems.append(loaded.problem(loc, str(err)))
         return None
@@ -238,15 +260,28 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         return None
 
 
+def _input_identity(parent: Node, role: str):
+    """What a node's key takes from an input: an external teacher's facet for the role (tokenize depends
+    on the teacher's tokenizer only), else the input's key."""
+    identity = parent.facets.get(role, parent.key)
+    # A Hub commit names the weights exactly, where the model fingerprint samples them: whatever reads
+    # them is keyed on it too, so a moved branch never reuses an output. The tokenizer files are hashed
+    # whole, so tokenize is re-run only when they change.
+    if role == "model" and "commit" in parent.facets:
+        identity = {"model": identity, "commit": parent.facets["commit"]}
+    return identity
+
+
 def _data_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
     """The data source is found and readable now, not at tokenize after the teacher and Ray started."""
-    from slimmoe.tasks.data.sources import DataSourceError, check_source, detect_source
+    from slimmoe.tasks.data.sources import DataSourceError, check_source, detect_source, readable_text_files
 
     data = loaded.config.data
     if is_uri(data.source):  # listing a bucket prefix can take minutes: left to the tokenize node
         return
     try:
-        check_source(detect_source(data.source), data.text_field)
+        source, _ = readable_text_files(detect_source(data.source), data.skip_unreadable)
+        check_source(source, data.text_field)
     except (DataSourceError, OSError, ValueError) as err:  # ValueError: e.g. a manifest.json that is not JSON
         problems.append(loaded.problem(("data", "source"), str(err)))
 
@@ -266,6 +301,13 @@ def _lm_eval_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
         problems.append(loaded.problem(("evaluate", "lm_eval_tasks"),
                                        f"lm-eval tasks need {' and '.join(missing)}, which this environment lacks: "
                                        f"{LM_EVAL_INSTALL_HINT}, or remove evaluate.lm_eval_tasks"))
+        return
+    from slimmoe.tasks.evaluation.lm_eval import LmEvalTaskError, check_include_tasks
+
+    try:  # the include directory and the requested tasks' files in it (indexing it alone is quick)
+        check_include_tasks(evaluate)
+    except LmEvalTaskError as err:
+        problems.append(loaded.problem(("evaluate", err.field), str(err)))
 
 
 def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem]) -> Optional[ModelSizes]:
@@ -366,26 +408,41 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
         _data_checks(loaded, data_problems)
         _lm_eval_checks(loaded, problems)
 
+    try:
+        store, store_problem = Store(cfg.storage), None
+    except StorageError as err:
+        store, store_problem = None, loaded.problem(("storage",), str(err))
+    rows: dict[str, int] = {}
+    row_problems: list[Problem] = []
+    if not problems:  # every node is valid: its key, and what the finished data outputs already hold
+        _compute_keys(nodes)
+        if check_env and store is not None:
+            rows = _output_rows(store, cfg.name, nodes)
+            _row_checks(loaded, nodes, rows, row_problems)
     refused = []
     if check_plan and not problems:  # the plan needs a config that is otherwise valid
         from .plan import plan_problems
 
-        refused = plan_problems(loaded, nodes)
+        refused = plan_problems(loaded, nodes, rows.get("train"))
         problems.extend(refused)
-    try:
-        store = Store(cfg.storage)
-    except StorageError as err:
-        problems.append(loaded.problem(("storage",), str(err)))
-        store = None
+    if store_problem is not None:
+        problems.append(store_problem)
     # A refused plan leaves storage untouched (the probe creates the workflow's directory).
     if store is not None and check_env and check_storage and not refused:
         try:
             store.check_writable(store.join(cfg.name))
         except StorageError as err:
             problems.append(loaded.problem(("storage",), str(err)))
-    if problems:
-        raise WorkflowConfigError(problems + data_problems)
+    if problems or row_problems:
+        raise WorkflowConfigError(problems + row_problems + data_problems)
 
+    # Once tokenized, the text is never read again: a run after the data was moved or deleted goes on.
+    if data_problems and not _complete(store, cfg.name, nodes["tokenize"]):
+        raise WorkflowConfigError(data_problems)
+    return Dag(loaded, nodes, store)
+
+
+def _compute_keys(nodes: dict[str, Node]) -> None:
     for node in nodes.values():
         if node.is_external:
             node.key = _hash(node.facets) if node.facets else "unchecked"
@@ -394,13 +451,49 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
         inputs = {}
         for role, name in sorted(node.inputs.items()):
             parent = nodes[name]
-            inputs[role] = parent.facets.get(role, parent.key)  # tokenize depends on the teacher's tokenizer only
+            inputs[role] = _input_identity(parent, role)
         node.key = _hash({"kind": kind.name, "version": kind.version, "config": _keyed_config(node, kind),
                           "inputs": inputs})
-    # Once tokenized, the text is never read again: a run after the data was moved or deleted goes on.
-    if data_problems and not _complete(store, cfg.name, nodes["tokenize"]):
-        raise WorkflowConfigError(data_problems)
-    return Dag(loaded, nodes, store)
+
+
+def _output_rows(store: Store, workflow: str, nodes: dict[str, Node]) -> dict[str, int]:
+    """The rows finished data outputs hold: {"validation": the tokenize output's validation rows,
+    "train": the train logit cache's rows}, each where that node is complete (a fresh workflow has
+    neither: its stages check the same against their inputs when they run)."""
+    rows = {}
+    for name, split, path in (("tokenize", "validation", ("manifest.json",)),
+                              ("teacher_logits", "train", ("train", "manifest.json"))):
+        node = nodes.get(name)
+        if node is None or not _complete(store, workflow, node):
+            continue
+        try:
+            manifest = json.loads(store.read_text(store.join(workflow, name, node.key, *path)) or "{}")
+        except ValueError:
+            continue
+        n = manifest.get("splits", {}).get(split, {}).get("rows") if name == "tokenize" else manifest.get("rows")
+        if isinstance(n, int):
+            rows[split] = n
+    return rows
+
+
+def _row_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], rows: dict[str, int], problems: list[Problem]) -> None:
+    """What each stage refuses of the rows its finished inputs hold, now rather than when it starts: a
+    train cache its micro-batches or budget do not fit, held-out rows that overlap evaluate's."""
+    from slimmoe.tasks.slimming.adaptive import heldout_overlap
+    from slimmoe.tasks.slimming.config import cache_rows_problem
+
+    seq_len = loaded.config.data.seq_len
+    for node in nodes.values():
+        cfg = node.task_config
+        if node.kind != "stage" or cfg is None:
+            continue
+        if "validation" in rows and cfg.early_stop_min_improvement is not None:
+            overlap = heldout_overlap(cfg.early_stop_rows, cfg.evaluated_rows, rows["validation"])
+            if overlap is not None:
+                problems.append(loaded.problem(node.section + ("early_stop_rows",), overlap))
+        if "train" in rows and (problem := cache_rows_problem(cfg, seq_len, rows["train"])) is not None:
+            field = "micro_batch" if cfg.batches_per_epoch(rows["train"]) == 0 else "token_budget"
+            problems.append(loaded.problem(node.section + (field,), problem))
 
 
 def _complete(store: Store, workflow: str, node: Node) -> bool:

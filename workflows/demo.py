@@ -60,7 +60,10 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def verdict_line(rows: list[dict], last_stage: str | None, baseline: str | None) -> str | None:
-    """One sentence on what this run shows: the multi-stage result against the one-stage baseline."""
+    """One sentence on what this run shows: the multi-stage result against the one-stage baseline, on
+    validation perplexity and on KL to the teacher. The two can disagree (the next-token term lets a
+    student beat its teacher's perplexity while drifting from it), and then the sentence says "mixed"
+    rather than let one measure speak for both."""
     def final(model):
         return next((r for r in rows if r["model"] == model and r["when"] == "after distillation"), None)
 
@@ -68,10 +71,17 @@ def verdict_line(rows: list[dict], last_stage: str | None, baseline: str | None)
     if not multi or not one or multi["perplexity"] is None or one["perplexity"] is None:
         return None
     m, o = multi["perplexity"], one["perplexity"]
-    better, worse, lead = ("multi-stage", "one-stage", (o - m) / o) if m < o else ("one-stage", "multi-stage", (m - o) / m)
-    return (f"This run: {better} wins at the same size and token budget, validation perplexity "
-            f"{min(m, o):.2f} vs {max(m, o):.2f} for {worse} ({lead:.1%} lower); "
-            f"multi-stage {m:.2f} ({last_stage}), one-stage {o:.2f} ({baseline}).")
+    measures = [("validation perplexity", m, o, ".2f")]
+    if multi.get("kl_to_teacher") is not None and one.get("kl_to_teacher") is not None:
+        measures.append(("KL to the teacher", multi["kl_to_teacher"], one["kl_to_teacher"], ".4f"))
+    leaders = {"multi-stage" if a < b else "one-stage" if b < a else "neither" for _, a, b, _ in measures}
+    facts = "; ".join(f"{name}: multi-stage {a:{f}} ({last_stage}), one-stage {b:{f}} ({baseline})"
+                      for name, a, b, f in measures)
+    if len(leaders) == 1 and leaders != {"neither"}:
+        (winner,) = leaders
+        both = "both measures" if len(measures) == 2 else "validation perplexity"
+        return f"This run: {winner} wins on {both} at the same size and token budget; {facts}."
+    return f"This run: mixed at the same size and token budget (the measures disagree); {facts}."
 
 
 def _curves(results, stage_names: list[str], baseline: str | None) -> dict[str, list[tuple[int, float]]]:

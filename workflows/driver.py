@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from slimmoe.tasks.core.storage import atomic_output_dir
+from slimmoe.tasks.core.storage import atomic_output_dir, file_checksum, write_json_atomic
 
 from .dag import Dag, Node, build_dag
 from .nodes import NodeContext, get_node_kind, headline_of
-from .storage import MARKER, StorageError, leftover
+from .signals import RunStopped, catch_stop_signals, received, signal_name, stop_ray, stop_signals
+from .storage import MARKER, StorageError, Store, leftover
 
 
 class NodeFailed(RuntimeError):
@@ -46,6 +47,10 @@ class UnknownNodeError(ValueError):
 
 class NodeBusyError(RuntimeError):
     """Another live driver on this host is computing the node."""
+
+
+class DamagedOutputError(ValueError):
+    """A complete output whose files are no longer what its marker recorded: refused as a node's input."""
 
 
 def _now() -> str:
@@ -79,6 +84,55 @@ def _format_bytes(n: float) -> str:
         if n < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} TiB"
+
+
+def _output_checksums(out_dir: Path) -> dict[str, dict]:
+    """{path relative to the output: {"bytes", "checksum"}} of every file a node wrote, for its marker.
+    Computed once, on the local copy the node has just written (the store's staged copy, or the local
+    staging dir a URI store uploads from), so it costs one read of the output, largely from the page cache."""
+    out = {}
+    for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            out[file.relative_to(out_dir).as_posix()] = {"bytes": os.fstat(f.fileno()).st_size,
+                                                          "checksum": file_checksum(f)}
+    return out
+
+
+def _first_damage(store: Store, path: str, marker: dict, verify: bool) -> Optional[tuple[str, str]]:
+    """(file relative to `path`, what is wrong with it) for the first file of the output at `path` that is
+    not as its marker recorded it; None when all are, and when the marker (from before checksums were
+    recorded) has none to compare: such an output is unverified, not damaged.
+
+    Cost: one listing (sizes and mtimes), and a read only of the files written after the marker (an edit
+    or a tool writing in place moves the mtime; the marker is written last, also by a copy), or of every
+    file with `verify`. Reading every file each time would cost minutes per node start or `status` on a
+    42B model (~84 GB). What keeps its size and mtime (bit rot) is left to `verify` and to downloads,
+    which read everything anyway. A store without mtimes gets the size check alone."""
+    recorded = marker.get("checksums")
+    if not recorded:
+        return None
+    present = store.files(path)
+    sealed = present.get(MARKER)
+    for rel, want in sorted(recorded.items()):
+        info = present.get(rel)
+        if info is None:
+            return rel, "is missing"
+        if info.size != want["bytes"]:
+            return rel, f"has {info.size} bytes, not the {want['bytes']} recorded when the node finished"
+        if (verify or _written_after(info, sealed)) and (got := store.checksum(info.path)) != want["checksum"]:
+            return rel, f"changed after the node finished (checksum {got}, recorded {want['checksum']})"
+    return None
+
+
+def _written_after(info, marker_info) -> bool:
+    """Whether a file's mtime is past its marker's (False where the store gives no mtimes)."""
+    times = (info.mtime_ns, marker_info.mtime_ns if marker_info is not None else None)
+    return None not in times and times[0] > times[1]
+
+
+def _input_record(parent: Node) -> dict:
+    """An input as a marker records it; a Hub teacher with the commit it was read at."""
+    return {"node": parent.name, "key": parent.key, **({"hub": parent.hub} if parent.hub else {})}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -179,17 +233,33 @@ class Driver:
         return self.store.join(self.dag.name, name, "_attempts", f"{key}.json")
 
     def attempt(self, name: str, key: Optional[str] = None) -> Optional[dict]:
-        text = self.store.read_text(self._attempt_path(name, key or self.dag.nodes[name].key))
+        key = key or self.dag.nodes[name].key
+        fallback = self._fallback_attempt_path(name, key)
+        # There only while the store's record is behind: every record the store takes removes it.
+        text = fallback.read_text() if fallback.is_file() else self.store.read_text(self._attempt_path(name, key))
         try:
             return json.loads(text) if text else None
         except ValueError:
             return None
 
+    def _fallback_attempt_path(self, name: str, key: str) -> Path:
+        return self.cache_dir / "attempts" / self.dag.name / name / f"{key}.json"
+
     def _write_attempt(self, name: str, key: str, record: dict) -> None:
+        fallback = self._fallback_attempt_path(name, key)
         try:
             self.store.write_text(self._attempt_path(name, key), json.dumps(record, indent=2, sort_keys=True))
+            fallback.unlink(missing_ok=True)
+            return
         except Exception as err:  # bookkeeping must not fail the node
-            self._print(f"warning: could not record the attempt of {name}: {err}")
+            where = self.store.display(self._attempt_path(name, key))
+            record = record | {"record_error": f"could not write {where}: {type(err).__name__}: {err}"}
+        try:  # a full store must not turn a failure into "interrupted" in `status`: the local cache keeps it
+            fallback.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(fallback, record)
+            self._print(f"warning: {record['record_error']}; recorded the attempt of {name} in {fallback}")
+        except OSError as err:
+            self._print(f"warning: {record['record_error']}, nor {fallback}: {err}")
 
     def complete(self, name: str) -> bool:
         node = self.dag.nodes[name]
@@ -237,18 +307,42 @@ class Driver:
 
     # -- inputs ----------------------------------------------------------------------------------------
     def local_input(self, name: str) -> str:
-        """A local path holding the complete output of node `name` (downloaded from URI storage)."""
+        """A local path holding the complete output of node `name` (downloaded from URI storage), its
+        files as its marker recorded them (else DamagedOutputError naming the file and the fix)."""
         node = self.dag.nodes[name]
-        if node.is_external or self.store.local_path(self.dag.output_path(name)) is not None:
-            return self.dag.output_path(name)
+        path = self.dag.output_path(name)
+        if node.is_external:
+            return path
+        marker = self.marker(name)
+        if self.store.local_path(path) is not None:
+            if marker is not None and (damage := self.damage(name, marker)):
+                raise DamagedOutputError(damage)
+            return path
         local = self.cache_dir / "inputs" / self.dag.name / name / node.key
-        marker = local / MARKER
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == node.key:
+        cached = local / MARKER
+        # A copy is the store's output while the store holds the same marker: a rerun keeps the key.
+        if marker is not None and cached.is_file() and json.loads(cached.read_text()) == marker:
             return str(local)
-        self.log(f"downloading {name} from {self.dag.output_path(name)}")
+        self.log(f"downloading {name} from {self.store.display(path)}")
         with atomic_output_dir(local, overwrite=True) as tmp:  # an incomplete copy is never taken as `local`
-            self.store.download_dir(self.dag.output_path(name), tmp)
+            self.store.download_dir(path, tmp)
+            # Every file is checked in full: the download has just read it all, and it crossed a network.
+            if damage := self.damage(name, json.loads((tmp / MARKER).read_text()), verify=True, copy=tmp):
+                raise DamagedOutputError(damage)
         return str(local)
+
+    def damage(self, name: str, marker: dict, verify: bool = False, copy: Optional[Path] = None) -> Optional[str]:
+        """One line naming the first file of node `name`'s output that is not as `marker` recorded it, and
+        the fix; None if there is none (see `_first_damage` for what is read). `copy`: a local download
+        of the output to check instead, its files named by their place in the store."""
+        path = self.dag.output_path(name)
+        checked = Store(copy) if copy is not None else self.store
+        found = _first_damage(checked, checked.root if copy is not None else path, marker, verify)
+        if found is None:
+            return None
+        file, what = found
+        return (f"{self.store.display(self.store.sub(path, file))} {what}: the output of {name} is damaged; "
+                f"recompute it with `slimmoe rerun CONFIG {name}`")
 
     def _work_root(self, name: str) -> Path:
         in_store = self.store.local_path(self.store.join(self.dag.name, name, "_work"))
@@ -326,13 +420,26 @@ class Driver:
         self._open_log()
         results: dict[str, NodeResult] = {}
         self.log(f"workflow {self.dag.name}: {len(self.dag.nodes)} nodes, storage {self.store.display(self.store.join(self.dag.name))}")
+        with stop_signals():
+            try:
+                return self._run_nodes(force, targets, results)
+            except KeyboardInterrupt:  # a stop signal outside a node (one inside is `RunStopped` already)
+                if received() is None:
+                    raise
+                stop_ray()
+                raise RunStopped(received(), f"stopped by {signal_name(received())}; `slimmoe run` goes on from "
+                                             "the first node whose output is not complete") from None
+
+    def _run_nodes(self, force, targets, results) -> dict[str, NodeResult]:
         try:
             for name, node in self.dag.nodes.items():
                 if targets is not None and name not in targets:
                     continue
                 path = self.store.display(self.dag.output_path(name)) if not node.is_external else node.external_path
                 if node.is_external:
-                    self.log(f"skipped {name} (external model at {node.external_path}, key {node.key})")
+                    where = (f"Hub model {node.hub['repo_id']} at {node.hub['revision']}: commit {node.hub['commit']}, "
+                             f"snapshot {node.external_path}" if node.hub else f"external model at {node.external_path}")
+                    self.log(f"skipped {name} ({where}, key {node.key})")
                     results[name] = NodeResult(name, "skipped", node.key, path)
                     continue
                 if name not in force:
@@ -358,10 +465,14 @@ class Driver:
             from slimmoe.tasks.core.runtime import ensure_ray  # imports torch: only when a node needs Ray
 
             ensure_ray(self.address)
+            catch_stop_signals()  # ray.init replaced the SIGTERM handler
         node_dir = self.dag.node_dir(name)
         self.store.makedirs(node_dir)
         self._settle(name)
-        inputs = {role: self.local_input(parent) for role, parent in node.inputs.items()}
+        try:
+            inputs = {role: self.local_input(parent) for role, parent in node.inputs.items()}
+        except DamagedOutputError as err:  # before any attempt: the fix is the input's rerun, not this node's
+            raise DamagedOutputError(f"cannot run {name}: {err}") from None
 
         previous = self.attempt(name, key)
         if attempt_alive(previous) and previous.get("host") == socket.gethostname() and previous.get("pid") != os.getpid():
@@ -370,7 +481,8 @@ class Driver:
             raise NodeBusyError(
                 f"node {name!r} (key {key}) is being computed by another run: pid {previous.get('pid')} since "
                 f"{previous.get('started')}. Wait for it (`slimmoe status`) or stop that process, then run again.")
-        interrupted = previous is not None and previous.get("state") in ("running", "failed") and not attempt_alive(previous)
+        interrupted = previous is not None and previous.get("state") in ("running", "failed", "stopped") and \
+            not attempt_alive(previous)
         work_dir = None
         if kind.uses_work_dir:
             # A forced rerun gets a fresh work dir: Ray Train silently resumes from a reused one.
@@ -392,8 +504,9 @@ class Driver:
 
         note = ""
         if resumed or retried:
+            ended = {"failed": "failed", "stopped": f"was stopped by {(previous or {}).get('signal')}"}
             why = (f"the previous attempt (pid {previous.get('pid')} on {previous.get('host')}) "
-                   f"{'failed' if previous and previous.get('state') == 'failed' else 'was interrupted'}"
+                   f"{ended.get(previous.get('state'), 'was interrupted')}"
                    if previous else "an earlier attempt left state")
             note = f", {'resuming' if resumed else 'retrying'}: {why}"
             note += f"; work dir {work_dir} has its checkpoints" if has_state else ""
@@ -413,14 +526,29 @@ class Driver:
             seconds = time.time() - t0
             marker = {"key": key, "node": name, "kind": node.kind, "version": get_node_kind(node.kind).version,
                       "workflow": self.dag.name, "config": _jsonable(node.config),
-                      "inputs": {role: {"node": p, "key": self.dag.nodes[p].key} for role, p in node.inputs.items()},
+                      "inputs": {role: _input_record(self.dag.nodes[p]) for role, p in node.inputs.items()},
                       "started": started, "finished": _now(), "duration_s": round(seconds, 3), "metrics": metrics,
                       "resumed": resumed, "host": socket.gethostname(),
-                      "files": sorted(p.name for p in out_dir.iterdir())}
+                      "files": sorted(p.name for p in out_dir.iterdir()), "checksums": _output_checksums(out_dir)}
             publishing = True
             self.store.publish(staged, final, json.dumps(marker, indent=2, sort_keys=True), local_dir=out_dir)
         except BaseException as err:
             seconds = time.time() - t0
+            stopped_by = received() if isinstance(err, KeyboardInterrupt) else None
+            if stopped_by is not None:
+                # Recorded first, while the stage's workers may still write checkpoints: every one they
+                # finish is named in its work dir's record, and the next run resumes from the latest.
+                self._write_attempt(name, key, record | {"state": "stopped", "finished": _now(), "seconds": seconds,
+                                                         "signal": signal_name(stopped_by)})
+                stop_ray()
+                if forced and work_dir is not None:
+                    shutil.rmtree(work_dir, ignore_errors=True)
+                if not publishing or str(out_dir) != self.store.local_path(staged):
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                how = "resumes it from its last checkpoint" if kind.uses_work_dir and not forced else "runs it again"
+                self.log(f"stopped {name} by {signal_name(stopped_by)} after {seconds:.1f}s; `slimmoe run` {how}")
+                raise RunStopped(stopped_by, f"stopped by {signal_name(stopped_by)} during {name}; `slimmoe run` "
+                                             f"{how}") from None
             state = "failed" if isinstance(err, Exception) else "interrupted"
             self._write_attempt(name, key, record | {"state": "failed", "finished": _now(), "seconds": seconds,
                                                      "error": f"{type(err).__name__}: {err}",
@@ -445,7 +573,9 @@ class Driver:
         return NodeResult(name, "finished", key, self.store.display(self.dag.output_path(name)), seconds, metrics)
 
     # -- status --------------------------------------------------------------------------------------------
-    def status(self) -> list[dict]:
+    def status(self, verify: bool = False) -> list[dict]:
+        """One row per node; `verify` reads every output file against its checksum (else only the files
+        written after their marker are read: see `_first_damage`)."""
         rows = []
         for name, node in self.dag.nodes.items():
             row = {"node": name, "kind": node.kind if not node.is_external else "external", "key": node.key,
@@ -469,11 +599,21 @@ class Driver:
                     row["error"] = "a rerun is in progress"
                 elif rerun and att.get("state") == "running":  # killed: it could not record its end
                     row["error"] = f"last rerun was interrupted ({gone}); the output in place is the one before it"
+                if damage := self.damage(name, marker, verify):
+                    row.update(state="damaged", error="; ".join(filter(None, [damage, row["error"]])))
             elif attempt_alive(att):
                 row.update(state="running", seconds=None, finished=None,
                            error=f"pid {att.get('pid')} on {att.get('host')} since {att.get('started')}")
+            elif att and att.get("state") == "stopped":
+                resumes = "resumes it from its last checkpoint" if att.get("work_dir") and not att.get("forced") \
+                    else "runs it again"
+                row.update(state="stopped", finished=att.get("finished"),
+                           error=f"stopped by signal ({att.get('signal')}) at {att.get('finished')}; `slimmoe run` "
+                                 f"{resumes}")
             elif att and att.get("state") in ("running", "failed"):
                 err = att.get("error") or f"{'rerun ' if att.get('forced') else ''}interrupted ({gone})"
+                if att.get("record_error"):  # kept in the local cache: the store could not take it
+                    err += f" (the store's attempt record could not be written: {att['record_error']})"
                 row.update(state="failed", error=err, finished=att.get("finished"))
             else:
                 stale = self._stale_output(name)
@@ -549,12 +689,13 @@ def _storage_reads(dag: Dag):
                            "location, its endpoint and the credentials") from err
 
 
-def workflow_status(config, overrides: dict | None = None) -> list[dict]:
-    """One row per node: node, kind, state (done/missing/running/failed/stale), key, path, times, metric,
-    and the work dirs that attempts no longer alive left (`leftovers`)."""
+def workflow_status(config, overrides: dict | None = None, verify: bool = False) -> list[dict]:
+    """One row per node: node, kind, state (done/damaged/missing/running/failed/stale), key, path, times,
+    metric, and the work dirs that attempts no longer alive left (`leftovers`). `verify` checksums every
+    output file (else only those written after their marker)."""
     dag = build_dag(config, overrides, check_storage=False)
     with _storage_reads(dag):
-        return Driver(dag, log=lambda s: None, command="status").status()
+        return Driver(dag, log=lambda s: None, command="status").status(verify=verify)
 
 
 def clean_workflow(config, overrides: dict | None = None,
@@ -589,5 +730,5 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines + (["", "notes:"] + notes if notes else []))
 
 
-__all__ = ["Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError", "run_workflow", "rerun_node",
-           "workflow_status", "clean_workflow", "format_status", "plan_workflow"]
+__all__ = ["DamagedOutputError", "Driver", "NodeBusyError", "NodeFailed", "NodeResult", "UnknownNodeError",
+           "run_workflow", "rerun_node", "workflow_status", "clean_workflow", "format_status", "plan_workflow"]

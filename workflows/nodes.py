@@ -142,7 +142,7 @@ for _k in (
     # final model that fits one file is model.safetensors.
     NodeKind("stage", 2, _run_stage, StageConfig, uses_work_dir=True,
              key_ignore=frozenset({"checkpoint_interval", "log_interval", "max_failures", "cpus_per_worker",
-                                   "gpus_per_worker"}),
+                                   "gpus_per_worker", "tracking", "evaluated_rows"}),
              headline=("final_kl", "final_loss", "validation_perplexity", "perplexity"),
              description="score, slim, distill (Ray Train)"),
     NodeKind("evaluate", 1, _run_evaluate, EvaluateConfig,

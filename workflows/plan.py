@@ -31,6 +31,7 @@ from slimmoe.tasks.data.config import PassFacts
 from slimmoe.tasks.planning import comm as C
 from slimmoe.tasks.planning import flops as F
 from slimmoe.tasks.planning.cache import cache_bytes, cache_bytes_per_token
+from slimmoe.tasks.planning.disk import stage_disk
 from slimmoe.tasks.planning.memory import (GB, Memory, ModelShape, as_model_config, evaluate_memory, model_shape,
                                            stage_score_memory, stage_train_memory, teacher_actor_gpus,
                                            teacher_pass_memory)
@@ -81,6 +82,7 @@ class NodePlan:
     seconds: Optional[float] = None
     device_hours: Optional[float] = None
     cache_bytes: Optional[int] = None
+    disk_bytes: Optional[int] = None  # a stage's checkpoints, work-dir models and output (planning/disk.py)
     fix: Optional[str] = None
     problem_loc: tuple = ()
     notes: list = field(default_factory=list)
@@ -141,7 +143,7 @@ class NodePlan:
                 "phases": {k: v.as_dict() for k, v in self.phases.items()},
                 "capacity_bytes": self.capacity, "fits": self.fits, "tokens": self.tokens, "flops": self.flops,
                 "model_flops": self.model_flops, "seconds": self.seconds, "device_hours": self.device_hours,
-                "cache_bytes": self.cache_bytes,
+                "cache_bytes": self.cache_bytes, "disk_bytes": self.disk_bytes,
                 "fix": self.fix, "notes": list(self.notes),
                 "comm_bytes_intra": head.intra_bytes if head else None,
                 "comm_bytes_inter": head.inter_bytes if head else None,
@@ -240,11 +242,12 @@ def machine_memory_bytes() -> Optional[int]:
 # Model configs along the DAG
 
 
-def teacher_model_config(loaded: LoadedWorkflow):
-    """The teacher's transformers config: its config.json (nothing else is read), or the demo teacher's."""
+def teacher_model_config(loaded: LoadedWorkflow, teacher=None):
+    """The teacher's transformers config: its config.json (nothing else is read), or the demo teacher's.
+    `teacher` is the DAG's teacher node, whose Hub id `build_dag` may have resolved already."""
     cfg = loaded.config
     if cfg.teacher is not None:
-        path = Path(cfg.teacher.path) / "config.json"
+        path = Path(_teacher_dir(loaded, teacher)) / "config.json"
         try:
             values = json.loads(path.read_text())
         except FileNotFoundError:
@@ -265,6 +268,21 @@ def teacher_model_config(loaded: LoadedWorkflow):
         num_key_value_heads=pt.num_key_value_heads, num_local_experts=pt.num_experts,
         num_experts_per_tok=pt.experts_per_token, max_position_embeddings=pt.max_position_embeddings,
         tie_word_embeddings=False)
+
+
+def _teacher_dir(loaded: LoadedWorkflow, teacher) -> str:
+    """The external teacher's directory: the snapshot `build_dag` resolved and downloaded, else (a plan
+    built without the environment) the Hub id's config.json alone is fetched, never its weights."""
+    if teacher is not None and teacher.hub is not None:
+        return teacher.external_path
+    from slimmoe.tasks.core.hub import HubModelError, resolve_model
+
+    section = loaded.config.teacher
+    try:
+        # The default Hub cache, not the workflow's cache_dir: the plan runs where the cluster's mounts may not.
+        return resolve_model(section.path, section.revision, weights=False).path
+    except HubModelError as err:
+        raise PlanError(str(loaded.problem(("teacher", err.field), str(err)))) from None
 
 
 def _trimmed_config(config, trim):
@@ -310,6 +328,9 @@ class _Context:
     configs: dict = field(default_factory=dict)  # node name -> the model config it outputs
     problems: list = field(default_factory=list)
     links: Optional[C.Links] = None
+    # Rows of the train logit cache, where known (a finished teacher_logits output, or --data-tokens):
+    # a fix the stage would refuse for them is no fix.
+    cache_rows: Optional[int] = None
 
     def capacity(self, on_gpu: bool, share: float = 1.0) -> Optional[int]:
         total = self.gpu_bytes if on_gpu else self.cpu_bytes
@@ -370,8 +391,10 @@ def _name_of(gpu_bytes: int) -> str:
     return f"{gpu_bytes / GB:g} GB GPU"
 
 
-def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = None) -> Plan:
-    """The plan of a workflow whose DAG `nodes` (name -> Node, in order) was built from `loaded`."""
+def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = None,
+             cache_rows: Optional[int] = None) -> Plan:
+    """The plan of a workflow whose DAG `nodes` (name -> Node, in order) was built from `loaded`;
+    `cache_rows`: the rows of its finished train logit cache, if any."""
     options = options or PlanOptions()
     cfg = loaded.config
     res = cfg.resources
@@ -398,7 +421,7 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
                      "--inter-node-gb-per-s): communication counted in bytes, not in the times")
 
     seq_len = cfg.data.seq_len
-    teacher_config = teacher_model_config(loaded)
+    teacher_config = teacher_model_config(loaded, nodes.get("teacher"))
     budgets = [n.task_config.token_budget for n in nodes.values()
                if n.kind == "stage" and n.task_config is not None]
     if options.data_tokens:
@@ -412,6 +435,9 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
                  "cache); pass --data-tokens for the data's real size")
     ctx = _Context(loaded, options, gpu_bytes, cpu_bytes, peak, res.num_workers * res.gpus_per_worker if use_gpu else 0,
                    seq_len, cfg.logits.k, data_tokens, links=links)
+    if cache_rows is None and options.data_tokens:
+        cache_rows = int(options.data_tokens * (1 - cfg.data.validation_fraction)) // seq_len
+    ctx.cache_rows = cache_rows
     ctx.configs["teacher"] = teacher_config
 
     planned: list[NodePlan] = []
@@ -616,16 +642,29 @@ def _group_words(group: int, per_node: int, world: int) -> str:
     return f"HSDP, each copy over {group // per_node} nodes"
 
 
+def _accepted(cfg, changes: dict, seq_len: int, cache_rows: Optional[int]):
+    """`cfg` with `changes`, or None where the stage's rules or the rows of its cache refuse it: the
+    checks `run` makes of a stage, so a fix the plan proposes is one the run accepts."""
+    from slimmoe.tasks.slimming.config import cache_rows_problem
+
+    try:
+        trial = cfg.with_changes(**changes)
+    except ValidationError:
+        return None
+    if cache_rows is not None and cache_rows_problem(trial, seq_len, cache_rows) is not None:
+        return None
+    return trial
+
+
 def _stage_fix(shape_in, shape_out, cfg, seq_len: int, k: int, on_gpu: bool, capacity: int,
-               per_node: int = GPUS_PER_NODE) -> Optional[str]:
+               per_node: int = GPUS_PER_NODE, cache_rows: Optional[int] = None) -> Optional[str]:
     """The smallest change that makes the stage fit: fsdp, activation checkpointing, a smaller micro-batch
     (grad_accum raised to keep the tokens per step), a copy sharded over more nodes, or a combination.
     Only changes the stage's rules accept are proposed (fsdp is no fix for a stage that hands its
     optimizer moments on)."""
     def fits(**changes) -> bool:
-        try:
-            trial = cfg.with_changes(**changes)
-        except ValidationError:
+        trial = _accepted(cfg, changes, seq_len, cache_rows)
+        if trial is None:
             return False
         return _peak(_stage_memory(shape_in, shape_out, trial, seq_len, k, on_gpu, per_node)).total <= capacity
 
@@ -748,9 +787,8 @@ def _comm_fix(ctx: _Context, cfg, shape_in: ModelShape, trained: list, total_ste
     now = _stage_seconds(_stage_phases(ctx, cfg, shape_in, trained, total_steps))
     best: Optional[tuple[float, str, bool]] = None
     for words, changes in options:
-        try:
-            trial = cfg.with_changes(**changes)
-        except ValidationError:
+        trial = _accepted(cfg, changes, seq_len, ctx.cache_rows)
+        if trial is None:
             continue
         if capacity is not None:
             memory = _peak(_stage_memory(shape_in, trained[0], trial, seq_len, ctx.k, on_gpu, per_node))
@@ -823,13 +861,19 @@ def _plan_stage(ctx: _Context, node) -> NodePlan:
         layout += (f", sharded over all {cfg.world()} ranks" if replicas == 1 else
                    f", {_group_words(group, per_node, cfg.world())}: {replicas} copies of {group} ranks")
     plan.notes.append(f"{steps.total_steps:,} steps of {steps.tokens_per_step:,} tokens ({layout})")
+    disk = stage_disk(max(s.total for s in trained), shape_out.checkpoint_bytes, shape_out.total, steps.total_steps,
+                      cfg.checkpoint_interval, cfg.keep_optimizer_state)
+    plan.disk_bytes = disk.work_bytes + disk.output_bytes
+    plan.notes.append(f"disk: {_bytes(disk.checkpoint_bytes)} of checkpoints and {_bytes(disk.work_model_bytes)} "
+                      f"of models in the work dir, {_bytes(disk.output_bytes)} of output (checked before the stage starts)")
     ctx.judge(plan)
     if plan.bound_by_communication:
         plan.comm_fix = _comm_fix(ctx, cfg, shape_in, trained, steps.total_steps, plan.capacity, ctx.seq_len)
     if plan.fits is False:
         plan.problem_loc = node.section
         what = plan.memory
-        fix = _stage_fix(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity, per_node)
+        fix = _stage_fix(shape_in, trained[0], cfg, ctx.seq_len, ctx.k, on_gpu, plan.capacity, per_node,
+                         ctx.cache_rows)
         plan.fix = (f"the {what.phase} phase needs {_gb(what.total)} GB per {'GPU' if on_gpu else 'worker'} "
                     f"(weights {_gb(what.weights)}, gradients {_gb(what.gradients)}, optimizer {_gb(what.optimizer)}, "
                     f"activations {_gb(what.activations)}, logits {_gb(what.logits)}), "
@@ -948,12 +992,12 @@ def problems_of(loaded: LoadedWorkflow, plan: Plan) -> list[Problem]:
             for loc, message in plan.problems]
 
 
-def plan_problems(loaded: LoadedWorkflow, nodes: dict) -> list[Problem]:
+def plan_problems(loaded: LoadedWorkflow, nodes: dict, cache_rows: Optional[int] = None) -> list[Problem]:
     """What `slimmoe run` refuses before any node starts: the nodes the plan says do not fit. A
     workflow that cannot be planned (no teacher config.json here) is not refused: only what is known
     not to fit is; GPU nodes are checked only when the GPU memory is known."""
     try:
-        plan = plan_dag(loaded, nodes, PlanOptions(require_gpu_memory=False))
+        plan = plan_dag(loaded, nodes, PlanOptions(require_gpu_memory=False), cache_rows)
     except ValueError:  # PlanError, or a teacher config the planner cannot model
         return []
     return problems_of(loaded, plan)

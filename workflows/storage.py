@@ -38,6 +38,8 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from slimmoe.tasks.core.storage import file_checksum
+
 MARKER = "_SUCCESS"
 PARTIAL = ".partial-"
 ASIDE = ".old-"
@@ -154,6 +156,20 @@ class Store:
         except NotADirectoryError:
             return []
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+    def files(self, path: str) -> dict[str, pafs.FileInfo]:
+        """Every file under `path`, at any depth, by its path relative to `path`: sizes and mtimes from
+        one listing, without reading a byte."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+        except NotADirectoryError:
+            return {}
+        return {posixpath.relpath(i.path, path): i for i in infos if i.type == pafs.FileType.File}
+
+    def checksum(self, path: str) -> str:
+        """The file's `file_checksum`, streamed (from a URI store: over the network, never held whole)."""
+        with self.fs.open_input_stream(path) as f:
+            return file_checksum(f)
 
     def read_text(self, path: str) -> Optional[str]:
         """The file's text, or None if it does not exist."""

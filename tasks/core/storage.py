@@ -11,8 +11,25 @@ import json
 import os
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator
+
+CHECKSUM_CHUNK = 16 << 20  # a file of tens of GB is checksummed without ever being held whole
+
+
+def file_checksum(data) -> str:
+    """The checksum "crc32:<8 hex digits>" of a file's bytes: a bytes-like object, or a binary file object
+    (anything with `read(n)`: an open file, a pyarrow input stream) read in chunks. The one checksum of the
+    project: logit-cache and token-shard manifests record it per file, node markers per output file
+    (why CRC-32: the Integrity note of tasks/data/formats.py)."""
+    if hasattr(data, "read"):
+        crc = 0
+        while chunk := data.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    else:
+        crc = zlib.crc32(data)
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
 
 def write_bytes_atomic(path: str | Path, data) -> None:

@@ -24,6 +24,8 @@ class TokenizeConfig(TaskConfig):
     rows_per_file: int = Field(8192, ge=1, description="rows per Parquet file")
     docs_per_batch: int = Field(256, ge=1)
     tokenize_workers: int = Field(1, ge=1, description="tokenizer actors (keep below the cluster's CPU count)")
+    skip_unreadable: bool = Field(False, description="skip text files that are not UTF-8 or hold NUL bytes "
+                                                     "(counted in the output) instead of refusing them")
     trust_remote_code: bool = False
 
 

@@ -35,14 +35,13 @@ them: a fingerprint edited in a manifest then disagrees with the files it lists.
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimmoe.tasks.core.storage import write_bytes_atomic, write_json_atomic
+from slimmoe.tasks.core.storage import file_checksum, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -196,11 +195,6 @@ def read_manifest(path: str | Path) -> dict:
 
 
 # -- checksummed Parquet files -------------------------------------------------------------------
-
-
-def file_checksum(data) -> str:
-    """The manifest checksum of a file's bytes (anything with the buffer protocol)."""
-    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 def checksum_mismatch(expected: str, data) -> str | None:

@@ -9,9 +9,10 @@ this module is the single-process reader for calibration data and small jobs.
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -67,6 +68,59 @@ def detect_source(path: str | Path) -> DataSource:
         f"data path {path!r} mixes file kinds {sorted(suffixes)}; point it at one kind: text "
         f"({', '.join(TEXT_SUFFIXES)}), JSONL, Parquet, a saved `datasets` directory, or token shards"
     )
+
+
+# What the cheap check reads of each text file (validation, and the tokenize driver before Ray starts):
+# a binary file shows itself in its first bytes; the rest is checked as the file is decoded.
+HEAD_BYTES = 1 << 16
+UNREADABLE_FIX = "remove it from the data, or set skip_unreadable: true (data.skip_unreadable) to skip such files"
+
+
+def text_problem(data: bytes, complete: bool = True) -> str | None:
+    """Why `data` is not text to train on (a NUL byte, bytes that are not UTF-8), or None. `complete`:
+    `data` is the whole file, so a multi-byte character cut at its end is an error too."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"holds a NUL byte at offset {nul}: it is a binary file, not text"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
+    except UnicodeDecodeError as err:
+        return f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+    return None
+
+
+def decode_text(data: bytes, path: str, skip: bool = False) -> str | None:
+    """A text file's contents; a file that is not text raises naming it (None with `skip`), where a
+    lenient decode would train on U+FFFD characters."""
+    problem = text_problem(data)
+    if problem is None:
+        return data.decode("utf-8")
+    if skip:
+        return None
+    raise DataSourceError(f"{path} {problem}; {UNREADABLE_FIX}")
+
+
+def readable_text_files(source: DataSource, skip: bool = False) -> tuple[DataSource, list[str]]:
+    """`source` without the text files whose first HEAD_BYTES are not text, and those files. Without
+    `skip` the first such file is refused by name (with a count of the others)."""
+    if source.kind != "text":
+        return source, []
+    bad = []
+    for f in source.files:
+        with open(f, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+        problem = text_problem(head, complete=len(head) < HEAD_BYTES)
+        if problem is not None:
+            bad.append((f, problem))
+    if bad and not skip:
+        others = f" (and {len(bad) - 1} more file{'s' if len(bad) > 2 else ''} of the {len(source.files)})" \
+            if len(bad) > 1 else ""
+        raise DataSourceError(f"{bad[0][0]} {bad[0][1]}{others}; {UNREADABLE_FIX}")
+    if len(bad) == len(source.files):
+        raise DataSourceError(f"data {source.root}: none of its {len(bad)} files is text ({bad[0][0]} "
+                              f"{bad[0][1]}); point data.source at text files")
+    skipped = {f for f, _ in bad}
+    return replace(source, files=tuple(f for f in source.files if f not in skipped)), sorted(skipped)
 
 
 def check_text(value, text_field: str, where: str) -> str:
@@ -199,7 +253,7 @@ def iter_documents(source: DataSource, text_field: str = "text") -> Iterator[str
     """Every document of a text-bearing source, in a fixed order."""
     if source.kind == "text":
         for f in source.files:
-            yield Path(f).read_text(encoding="utf-8", errors="replace")
+            yield decode_text(Path(f).read_bytes(), f)
     elif source.kind == "jsonl":
         for f in source.files:
             with open(f, encoding="utf-8") as fh:

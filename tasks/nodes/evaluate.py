@@ -4,7 +4,7 @@ Report (`report.json`): perplexity (token-weighted mean next-token NLL, exponent
 teacher and top-1 agreement with it where a logit cache for the split is given (KL over the
 cache's top-k + exact rest buckets at T=1, the same quantity the distillation loss optimises),
 total and active parameters, forward-pass tokens/s at a fixed batch and sequence length, peak
-memory, and optional lm-eval-harness tasks (each task's failure is recorded, never fatal).
+memory, and optional lm-eval-harness tasks (a requested task that cannot run fails the evaluation).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from slimmoe.tasks.core.runtime import DTYPES, resolve_device
 from slimmoe.tasks.core.storage import ensure_free_output, write_json_atomic
 from slimmoe.tasks.data.readers import open_logit_cache, open_token_shards, parent_manifest, split_dir
 from slimmoe.tasks.evaluation.config import EvaluateConfig
-from slimmoe.tasks.evaluation.lm_eval import run_lm_eval_tasks
+from slimmoe.tasks.evaluation.lm_eval import check_lm_eval_tasks, run_lm_eval_tasks
 from slimmoe.tasks.evaluation.metrics import PeakMemory, measure_throughput, score_rows
 
 
@@ -97,6 +97,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | Path, tokens_dir: str | P
             if cache.seq_len != tokens.seq_len:
                 raise ValueError(f"the logit cache has seq_len {cache.seq_len} but the token split {tokens.seq_len}; "
                                  "pass the teacher-logits output made from this tokens_dir")
+    # A task named wrong, a broken task file or a missing include directory: refused before the model
+    # is scored rather than after.
+    check_lm_eval_tasks(cfg)
 
     enable_gpu_numerics(device)
     memory = PeakMemory(device)

@@ -24,14 +24,17 @@ import time
 from pathlib import Path
 
 from slimmoe.tasks.core.checkpoint import copy_tokenizer_files, has_tokenizer, load_config
-from slimmoe.tasks.core.runtime import ensure_ray
+from slimmoe.tasks.core.disk import check_free_space, dir_bytes
+from slimmoe.tasks.core.runtime import ensure_ray, progress_line
 from slimmoe.tasks.data.formats import STAGE_METRICS, LogitCacheError, read_stage_metrics
 from slimmoe.tasks.data.readers import open_logit_cache, parent_manifest, split_dir
 from slimmoe.tasks.core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from slimmoe.tasks.planning.disk import CHECKPOINTS_KEPT, stage_disk
+from slimmoe.tasks.slimming.adaptive import heldout_overlap
 from slimmoe.tasks.slimming.config import (Cut, ModelSizes, StageConfig, check_score_loss, gradual_cuts, stage_steps,
                                            validate_targets)
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
-from slimmoe.tasks.slimming.stage_run import StageRun, StageWorkerError
+from slimmoe.tasks.slimming.stage_run import RAY_RUN_NAME, RAY_STORAGE, StageRun, StageWorkerError
 from slimmoe.tasks.slimming.train_loop import train_loop
 
 SPLIT = "train"
@@ -76,7 +79,7 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         check_score_loss(cfg, cuts_the_teacher)
     if cache.vocab_size != config.vocab_size:
         raise ValueError(f"the logit cache's vocab_size={cache.vocab_size} differs from the model's {config.vocab_size}")
-    steps = stage_steps(cfg, cache.seq_len, cache.num_batches(cfg.micro_batch, cfg.world()), inherited_tokens=inherited)
+    steps = stage_steps(cfg, cache.seq_len, cfg.batches_per_epoch(cache.num_rows), inherited_tokens=inherited)
     cuts = (Cut(0, cfg.targets),) if cfg.distill_only else tuple(
         gradual_cuts(cfg, ModelSizes.of(config), steps.total_steps, cfg.train_dtype()))
     heldout_dir = None
@@ -86,12 +89,17 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
             raise ValueError(f"{name}: early_stop_min_improvement measures the held-out KL on the teacher logits' "
                              f"{HELDOUT_SPLIT} split, which {logits_dir} does not have; tokenize with a "
                              "validation_fraction above 0 or remove early_stop_min_improvement")
-        open_logit_cache(heldout_dir, expect_teacher_fingerprint=expect_teacher, expect_tokenizer_fingerprint=expect_tok)
+        heldout = open_logit_cache(heldout_dir, expect_teacher_fingerprint=expect_teacher,
+                                   expect_tokenizer_fingerprint=expect_tok)
+        overlap = heldout_overlap(cfg.early_stop_rows, cfg.evaluated_rows, heldout.num_rows)
+        if overlap is not None:
+            raise ValueError(f"{name}: {overlap}")
     # The config travels as the object itself, validated with any inherited tokens already in its budget.
     run = StageRun(cfg=cfg, name=name, model_dir=model_dir, cache_dir=cache_dir, work_dir=work_dir, steps=steps,
                    cuts=cuts, cuts_the_teacher=cuts_the_teacher,
                    teacher_fingerprint=cache.manifest.get("teacher_fingerprint"), tokenizer_fingerprint=expect_tok,
                    heldout_cache_dir=heldout_dir)
+    _check_disk(run, config, out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     run.nonfinite_file.unlink(missing_ok=True)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -99,30 +107,31 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
         resources["GPU"] = cfg.gpus_per_worker
     ensure_ray()
 
-    trainer = TorchTrainer(
-        functools.partial(train_loop, run),  # Ray Train's own config must be a dict; this is typed
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name="distill", storage_path=str(work_dir / "ray_train"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    started = time.time()
-    try:
-        trainer.fit()
-    except Exception as err:
-        damaged = _worker_errors(err, LogitCacheError)
-        if damaged:
-            # Ray Train wraps the worker's error in its own report; the file and the fix are what matter.
-            raise LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: "
-                                  f"{damaged[0]}") from err
-        failed = sorted(_worker_errors(err, StageWorkerError), key=lambda e: e.rank)
-        if not failed:
-            raise
-        others = "".join(f"; rank {e.rank} also failed ({e.phase})" for e in failed[1:])
-        raise StageFailedError(f"{failed[0]}{others}. Every rank of the stage was stopped; running the stage again "
-                               f"resumes from its last checkpoint") from err
+    started, failures = time.time(), 0
+    while True:
+        # Retries are the driver's, not Ray Train's (max_failures=0): Ray Train would retry every error, and
+        # one that recurs (a full disk, a damaged file, a shape mismatch, a missing module) would be run and
+        # reported max_failures + 1 times. A new trainer on the same storage resumes from the last checkpoint.
+        trainer = TorchTrainer(
+            functools.partial(train_loop, run),  # Ray Train's own config must be a dict; this is typed
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=RAY_RUN_NAME, storage_path=str(work_dir / RAY_STORAGE),
+                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+            break
+        except Exception as err:
+            failure, recurs = _stage_failure(err, name)
+            if recurs or failures >= cfg.max_failures:
+                raise failure from err
+            failures += 1
+            progress_line(f"[{name}] {failure}; retrying from the last checkpoint (retry {failures} of "
+                          f"max_failures={cfg.max_failures})")
     if run.nonfinite_file.exists():
         nonfinite = json.loads(run.nonfinite_file.read_text())
         ranks = ", ".join(map(str, nonfinite.get("ranks", [])))
@@ -141,6 +150,43 @@ def run_stage(cfg: StageConfig, model_dir, logits_dir, out_dir, work_dir, teache
 
 class StageFailedError(RuntimeError):
     """A stage's worker failed; the message names the stage, the rank, the step and the error."""
+
+
+def _stage_failure(err: Exception, name: str) -> tuple[Exception, bool]:
+    """The error to report for a failed `fit` (the workers' own, not Ray Train's wrapping) and whether it
+    would recur on a retry. Anything that is not known to recur (a lost worker, an unknown error) may be
+    retried."""
+    damaged = _worker_errors(err, LogitCacheError)
+    if damaged:
+        return LogitCacheError(f"{name}: a distillation worker could not read the teacher logit cache: "
+                               f"{damaged[0]}"), True
+    failed = sorted(_worker_errors(err, StageWorkerError), key=lambda e: e.rank)
+    if not failed:
+        return err, False
+    others = "".join(f"; rank {e.rank} also failed ({e.phase})" for e in failed[1:])
+    reason = next((e.recurs for e in failed if e.recurs), "")
+    if reason:
+        return StageFailedError(f"{failed[0]}{others}. Not retried: {reason}, so a retry would fail the same way; "
+                                "fix the cause and run again (the stage resumes from its last checkpoint)"), True
+    return StageFailedError(f"{failed[0]}{others}. Every rank of the stage was stopped; running the stage again "
+                            f"resumes from its last checkpoint"), False
+
+
+def _check_disk(run: StageRun, config, out_dir: Path) -> None:
+    """Refuse before any worker starts when the checkpoints and outputs the plan counts would not fit
+    (a resumed stage's checkpoints already on disk count as written)."""
+    from slimmoe.tasks.planning.memory import model_shape
+    from slimmoe.tasks.slimming.surgery import slimmed_config
+
+    cfg = run.cfg
+    out_config = config if cfg.distill_only else slimmed_config(config, cfg.targets)
+    trained = config if cfg.distill_only else slimmed_config(config, run.cuts[0].targets)
+    shape_out = model_shape(out_config)
+    need = stage_disk(model_shape(trained).total, shape_out.checkpoint_bytes, shape_out.total, run.steps.total_steps,
+                      cfg.checkpoint_interval, cfg.keep_optimizer_state)
+    written = dir_bytes(run.work_dir) if run.work_dir.is_dir() else 0
+    check_free_space({run.work_dir: need.work_bytes - written, out_dir: need.output_bytes}, run.name,
+                     "free space there, or set the workflow's storage (and cache_dir) to a larger disk")
 
 
 def _worker_errors(err: BaseException, kind: type) -> list:

@@ -38,9 +38,11 @@ from slimmoe.tasks.data.config import TokenizeConfig
 from slimmoe.tasks.data.formats import TokenizedDatasetManifest
 from slimmoe.tasks.data.packing import Packer
 from slimmoe.tasks.data.shards import ShardWriter
-from slimmoe.tasks.data.sources import DataSource, DataSourceError, check_source, check_text, detect_source, parse_json_line
+from slimmoe.tasks.data.sources import (DataSource, DataSourceError, check_source, check_text, decode_text, detect_source,
+                                        parse_json_line, readable_text_files)
 
 SPLITS = ("train", "validation")
+SKIPPED = len(SPLITS)  # the split code of a file a worker skipped as unreadable: counted, never packed
 
 
 def read_documents(source: DataSource, text_field: str, hf_dataset=None):
@@ -70,9 +72,11 @@ def read_documents(source: DataSource, text_field: str, hf_dataset=None):
 class _Tokenize:
     """Decode and check records, assign each document its split by the SHA-1 of its text, tokenize."""
 
-    def __init__(self, tokenizer, mode: str, text_field: str, root: str, validation_fraction: float):
+    def __init__(self, tokenizer, mode: str, text_field: str, root: str, validation_fraction: float,
+                 skip_unreadable: bool = False):
         self.tok = tokenizer
         self.mode = mode
+        self.skip_unreadable = skip_unreadable
         self.text_field = text_field
         self.root = root
         self.threshold = int(validation_fraction * 2**64)
@@ -81,7 +85,7 @@ class _Tokenize:
         n = batch.num_rows
         paths = batch.column("path").to_pylist() if "path" in batch.column_names else [self.root] * n
         if self.mode == "bytes":
-            return [b.decode("utf-8", errors="replace") for b in batch.column("bytes").to_pylist()]
+            return [decode_text(b, p, self.skip_unreadable) for b, p in zip(batch.column("bytes").to_pylist(), paths)]
         if self.mode == "jsonl":
             return [parse_json_line(line, self.text_field, p) for line, p in zip(batch.column("text").to_pylist(), paths)]
         return [check_text(v, self.text_field, p) for v, p in zip(batch.column(self.text_field).to_pylist(), paths)]
@@ -89,12 +93,15 @@ class _Tokenize:
     def __call__(self, batch):
         import pyarrow as pa
 
-        texts = [t for t in self._texts(batch) if t]
+        raw = self._texts(batch)
+        skipped = sum(t is None for t in raw)  # files past the driver's head check that are not text either
+        texts = [t for t in raw if t]
         digests = [hashlib.sha1(t.encode("utf-8", errors="surrogatepass")).digest() for t in texts]
         ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        splits = [int(int.from_bytes(d[:8], "big") < self.threshold) for d in digests] + [SKIPPED] * skipped
         return pa.table({
-            "split": pa.array([int(int.from_bytes(d[:8], "big") < self.threshold) for d in digests], pa.int8()),
-            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "split": pa.array(splits, pa.int8()),
+            "input_ids": pa.array(ids + [[]] * skipped, pa.list_(pa.int32())),
         })
 
 
@@ -122,7 +129,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
     """Tokenize `cfg.source` with the tokenizer in `tokenizer_dir` into `out_dir`/{train,validation}."""
     out_dir = Path(out_dir)
     ensure_free_output(out_dir)
-    source = detect_source(cfg.source)
+    source, unreadable = readable_text_files(detect_source(cfg.source), cfg.skip_unreadable)
     hf = check_source(source, cfg.text_field)
     tok = load_tokenizer(tokenizer_dir, trust_remote_code=cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
@@ -140,7 +147,8 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
             _Tokenize, batch_format="pyarrow", batch_size=cfg.docs_per_batch,
             compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_workers),
             fn_constructor_kwargs=dict(tokenizer=tok, mode=mode, text_field=cfg.text_field, root=source.root,
-                                       validation_fraction=cfg.validation_fraction),
+                                       validation_fraction=cfg.validation_fraction,
+                                       skip_unreadable=cfg.skip_unreadable),
         )
         # Rows must not depend on which worker finished first: consume blocks in input order.
         docs.context.execution_options.preserve_order = True
@@ -148,8 +156,10 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
         docs.context.raise_original_map_exception = True
         quiet_ray_data_progress(docs.context)
         progress = Progress("tokenize", None, "documents")
+        skipped_late = 0
         for batch in docs.iter_batches(batch_format="pyarrow", batch_size=None):
             split = batch.column("split").to_numpy(zero_copy_only=False)
+            skipped_late += int((split == SKIPPED).sum())
             ids = batch.column("input_ids")
             for s in range(len(SPLITS)):
                 part = ids.filter(pa.array(split == s, pa.bool_())).combine_chunks()
@@ -174,6 +184,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
                 f"sequence of seq_len={cfg.seq_len}; give more data or lower seq_len"
                 + (", or raise validation_fraction" if name == "validation" else "")
             )
+    skipped = len(unreadable) + skipped_late
     split_info = {}
     for name, packer, writer in zip(SPLITS, packers, writers):
         m = writer.finish(tok_fp, eos, {"split": name, "documents": packer.documents, "dropped_tail_tokens": len(packer.tail)})
@@ -181,13 +192,14 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
     TokenizedDatasetManifest(
         seq_len=cfg.seq_len, tokenizer_fingerprint=tok_fp, tokenizer_path=str(Path(tokenizer_dir).resolve()),
         eos_token_id=eos, vocab_size=len(tok), splits=split_info,
-        source={"path": cfg.source, "kind": source.kind, "text_field": cfg.text_field}, config=cfg.model_dump(),
+        source={"path": cfg.source, "kind": source.kind, "text_field": cfg.text_field,
+                **({"skipped_unreadable_files": skipped} if cfg.skip_unreadable else {})}, config=cfg.model_dump(),
     ).write(out_dir)
     return {
         "train_rows": split_info["train"]["rows"], "validation_rows": split_info["validation"]["rows"],
         "train_tokens": split_info["train"]["tokens"], "validation_tokens": split_info["validation"]["tokens"],
         "documents": sum(v["documents"] for v in split_info.values()), "seq_len": cfg.seq_len,
-        "tokenizer_fingerprint": tok_fp,
+        "tokenizer_fingerprint": tok_fp, **({"skipped_unreadable_files": skipped} if cfg.skip_unreadable else {}),
     }
 
 

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from slimmoe.tasks.core.dtypes import DTYPE_BYTES, compute_dtype
 from slimmoe.tasks.core.settings import TaskConfig
+from slimmoe.tasks.core.tracking import TrackingConfig
 
 if TYPE_CHECKING:
     from slimmoe.tasks.core.adapters import MoEAdapter
@@ -254,17 +255,25 @@ class StageConfig(TaskConfig):
     carry_optimizer: bool = False
     keep_optimizer_state: bool = False
     # Adaptive length: every `early_stop_window_tokens` the held-out KL (the last `early_stop_rows` rows
-    # of the validation logit cache) is measured; when it improved by less than this fraction of itself
-    # over the window, the stage ends and the next stage gets the unspent tokens.
+    # of the validation logit cache) is measured; once `early_stop_min_tokens` have been trained on, a
+    # window that lowered it by less than this fraction of the best earlier check ends the stage, and
+    # the next stage gets the unspent tokens.
     early_stop_min_improvement: Optional[float] = Field(default=None, gt=0, lt=1)
     early_stop_window_tokens: Optional[int] = Field(default=None, gt=0)
+    early_stop_min_tokens: Optional[int] = Field(default=None, gt=0)
     early_stop_rows: int = Field(default=64, gt=0)
+    # The validation rows a workflow's evaluate nodes score from the split's start (its evaluate.max_rows,
+    # "all" for every row; None: nothing evaluated), which the held-out rows must not reach
+    # (`adaptive.heldout_overlap`). Filled by the workflow; not in the node key.
+    evaluated_rows: Optional[int | Literal["all"]] = None
     # A gradual cut: reach the targets in this many equal cuts spread evenly over the stage's steps,
     # each re-scored on the model as it is then (1: the single cut at the start).
     cut_steps: int = Field(default=1, ge=1)
     # Bookkeeping.
     checkpoint_interval: int = Field(default=50, gt=0)
     log_interval: int = Field(default=10, gt=0)
+    # Where each logging step's metrics go (a workflow's `tracking:` section fills it); not in the node key.
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
     # Execution.
     # "auto": fsdp for a GPU stage (see `strategy_for`), ddp on CPU (small models, the demo). Resolved at
@@ -374,6 +383,10 @@ class StageConfig(TaskConfig):
         """Ranks of the stage's Ray Train job."""
         return self.num_workers
 
+    def batches_per_epoch(self, cache_rows: int) -> int:
+        """The micro-batches of every rank one pass over a logit cache of `cache_rows` rows gives."""
+        return cache_rows // (self.micro_batch * self.world())
+
     def tokens_per_step(self, seq_len: int) -> int:
         return self.micro_batch * self.grad_accum * self.world() * seq_len
 
@@ -382,8 +395,13 @@ class StageConfig(TaskConfig):
         out = {}
         if self.strategy == "auto":
             out["strategy"] = self.resolved_strategy()
-        if self.early_stop_min_improvement is not None and self.early_stop_window_tokens is None:
-            out["early_stop_window_tokens"] = max(1, self.token_budget // 8)
+        if self.early_stop_min_improvement is not None:
+            window = self.early_stop_window_tokens or max(1, self.token_budget // 8)
+            if self.early_stop_window_tokens is None:
+                out["early_stop_window_tokens"] = window
+            if self.early_stop_min_tokens is None:
+                # Past the freshly cut student's warm-up bump: a quarter of the budget, and at least a window.
+                out["early_stop_min_tokens"] = max(window, self.token_budget // 4)
         return out
 
     @model_validator(mode="after")
@@ -416,9 +434,15 @@ class StageConfig(TaskConfig):
         if self.cut_steps > 1 and self.early_stop_min_improvement is not None:
             raise ValueError("early_stop_min_improvement with cut_steps > 1: every inner cut raises the held-out KL "
                              "the early stop compares against; use one of them per stage")
-        if self.early_stop_window_tokens is not None and self.early_stop_min_improvement is None:
-            raise ValueError("early_stop_window_tokens is set but early_stop_min_improvement is not; set "
-                             "early_stop_min_improvement (e.g. 0.02) or remove early_stop_window_tokens")
+        for name in ("early_stop_window_tokens", "early_stop_min_tokens"):
+            if getattr(self, name) is not None and self.early_stop_min_improvement is None:
+                raise ValueError(f"{name} is set but early_stop_min_improvement is not; set "
+                                 f"early_stop_min_improvement (e.g. 0.02) or remove {name}")
+        if self.early_stop_min_tokens is not None and self.early_stop_min_tokens >= self.token_budget > 1:
+            raise ValueError(f"early_stop_min_tokens={self.early_stop_min_tokens} is not smaller than token_budget="
+                             f"{self.token_budget}, so the early stop can never fire; lower early_stop_min_tokens "
+                             f"(e.g. {max(1, self.token_budget // 4)}) or remove it for the default of a quarter of "
+                             "the budget")
         # A check happens only before a step inside the stage, so a window as long as the budget never gets
         # the second check a decision needs and the stage always runs its full budget. A 1-token budget is
         # a single step: no window fits it, and the default it derives (1) is no one's mistake.
@@ -479,6 +503,18 @@ def stage_steps(cfg: StageConfig, seq_len: int, batches_per_epoch: int, inherite
     return StageSteps(total_steps=total_steps, tokens_per_step=tokens_per_step, planned_tokens=total_steps * tokens_per_step,
                       batches_per_epoch=batches_per_epoch, epochs=round(epochs, 4), seq_len=seq_len,
                       configured_token_budget=cfg.token_budget - inherited_tokens, inherited_tokens=inherited_tokens)
+
+
+def cache_rows_problem(cfg: StageConfig, seq_len: int, cache_rows: int) -> str | None:
+    """What a stage's run refuses of a train logit cache of `cache_rows` rows (`stage_steps`), or None:
+    validation asks it of a finished cache, the plan of each fix it proposes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # wrapping around the cache is allowed; the stage says so when it runs
+        try:
+            stage_steps(cfg, seq_len, cfg.batches_per_epoch(cache_rows))
+        except ValueError as err:
+            return f"the train logit cache holds {cache_rows} rows: {err}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ never asks which strategy it runs; `engine_class` is the one place that chooses.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,11 +74,21 @@ class Engine:
         (loss / self.cfg.grad_accum).backward()
 
     def step(self):
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # The norm is logged every logging step; with clipping off an infinite bound computes it and
+        # clips nothing. Kept as a tensor: reading it here would wait on the device every step.
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        """The gradient norm of the last step, before clipping (the same on every rank)."""
+        norm = getattr(self, "_grad_norm", None)
+        if norm is None:
+            return None
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor whose value the norm's collectives already agreed on
+            norm = norm.full_tensor()
+        return float(norm)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -253,6 +264,10 @@ class DeepSpeedEngine(_WholeStudent):
 
     def step(self):
         pass
+
+    def grad_norm(self) -> float | None:
+        norm = self.model.get_global_grad_norm()  # computed by DeepSpeed when it clips
+        return None if norm is None else float(norm)
 
     def _save_state(self, ckpt_dir, rank):
         # Every rank writes its own ZeRO shard; DeepSpeed's file names carry the rank.

@@ -8,6 +8,7 @@ from the latest one at the exact data position. What depends on the strategy is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,13 +24,14 @@ from slimmoe.tasks.core.kernels import enable_gpu_numerics
 from slimmoe.tasks.core.params import count_parameters
 from slimmoe.tasks.core.runtime import progress_line, rank_and_world
 from slimmoe.tasks.core.storage import write_json_atomic
+from slimmoe.tasks.core.tracking import HISTORY_FILE, TRACKING_DIR, StepHistory, open_metric_logger
 from slimmoe.tasks.data.formats import StageMetrics
 from slimmoe.tasks.data.readers import LogitCacheError, open_logit_cache
 from slimmoe.tasks.slimming.adaptive import EarlyStop, HeldOutKL
 from slimmoe.tasks.slimming.engines import engine_class
 from slimmoe.tasks.slimming.losses import distillation_loss, document_mask, per_token_kl
 from slimmoe.tasks.slimming.moments import MOMENTS_FILE
-from slimmoe.tasks.slimming.stage_run import StageRun, StageWorkerError
+from slimmoe.tasks.slimming.stage_run import StageRun, StageWorkerError, checkpoint_step
 from slimmoe.tasks.slimming.student import cut_record
 
 
@@ -44,6 +46,15 @@ def nonfinite_ranks(loss: torch.Tensor, rank: int, world: int) -> list[int]:
     if world > 1:
         dist.all_reduce(flags)
     return [r for r, bad in enumerate(flags.tolist()) if bad]
+
+
+def _memory_bytes(device) -> int:
+    """The peak device memory this rank has allocated on a GPU; its resident memory now on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _peak_rss_bytes() -> int:
@@ -105,6 +116,8 @@ def train_loop(run: StageRun) -> None:
         raise  # the driver names the damaged file from it
     except Exception as err:
         raise StageWorkerError.of(run.name, loop.rank, loop.world, loop.state["step"], loop.phase, err) from err
+    finally:
+        loop.close_tracking()  # the points logged so far reach the event file whatever ended the loop
 
 
 class _StageLoop:
@@ -126,7 +139,7 @@ class _StageLoop:
         enable_gpu_numerics(self.device)
         self.cache = open_logit_cache(run.cache_dir, expect_teacher_fingerprint=run.teacher_fingerprint,
                                       expect_tokenizer_fingerprint=run.tokenizer_fingerprint)
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._latest_checkpoint()
         self.phase = "cutting the student" if checkpoint is None else "resuming from its checkpoint"
         if checkpoint is None:
             student, moments = self._setup_model(None)
@@ -137,6 +150,17 @@ class _StageLoop:
                 self._setup_optimizer(student, None, Path(ckpt))
                 self._restore_loop(Path(ckpt))
         self._setup_data(student)
+
+    def _latest_checkpoint(self):
+        """The later of the checkpoint Ray Train registered and the one the stage's record names: a driver
+        stopped before the controller's next poll leaves the record ahead (every rank reads the same file)."""
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        recorded = self.run.recorded_checkpoint()
+        if recorded is None or (registered is not None and checkpoint_step(registered.path) >= recorded[0]):
+            return registered
+        return ray.train.Checkpoint.from_directory(str(recorded[1]))
 
     def _setup_model(self, ckpt: Path | None):
         """The student: cut from the stage's input on a fresh start (with the input's moments when they
@@ -177,10 +201,16 @@ class _StageLoop:
         self.early_stop, self.heldout = None, None
         if cfg.early_stop_min_improvement is not None:
             self.early_stop = EarlyStop(cfg.early_stop_min_improvement, cfg.early_stop_window_tokens,
-                                        self.run.steps.tokens_per_step)
+                                        self.run.steps.tokens_per_step, cfg.early_stop_min_tokens)
             self.heldout = HeldOutKL(open_logit_cache(self.run.heldout_cache_dir), cfg.early_stop_rows, self.rank,
                                      self.world, cfg.micro_batch)
         self.t_log, self.tokens_at_log = time.time(), self.state["tokens"]
+        self.tracker, self.history = None, None
+        if self.rank == 0:
+            run_id = hashlib.sha256(str(self.run.work_dir).encode()).hexdigest()[:16]
+            self.tracker = open_metric_logger(cfg.tracking, self.run.work_dir / TRACKING_DIR, self.run.name, run_id,
+                                              self.state["step"])
+            self.history = StepHistory(self.run.work_dir / HISTORY_FILE, self.state["resumed_from_step"])
 
     # -- during training --------------------------------------------------------------------------
 
@@ -209,8 +239,8 @@ class _StageLoop:
             return False
         state["stopped_early_at"] = state["step"]
         c = state["heldout"][-1]
-        self._say(f"held-out KL improved {c['improvement']:.2%} over the last {early_stop.window_steps} steps "
-                  f"(< {self.cfg.early_stop_min_improvement:.2%}): stopping at step {state['step']}/"
+        self._say(f"held-out KL improved {c['improvement']:.2%} on the best earlier check over the last "
+                  f"{early_stop.window_steps} steps (< {self.cfg.early_stop_min_improvement:.2%}): stopping at step {state['step']}/"
                   f"{self.run.steps.total_steps}")
         return True
 
@@ -263,9 +293,19 @@ class _StageLoop:
         self.t_log, self.tokens_at_log = now, state["tokens"]
         row = {"step": state["step"], "tokens": state["tokens"], "lr": self.engine.lr(), "tokens_per_s": round(tps, 1),
                **{k: round(v, 6) for k, v in parts.items()}}
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            row["grad_norm"] = round(norm, 6)
+        row["memory_gb"] = round(_memory_bytes(self.device) / 1e9, 3)
         state["history"].append(row)
+        import ray.train
+
+        # Every rank reports (a report is collective); the row is rank 0's, as in the log.
+        ray.train.report({**row, "stage": self.run.name})
         if self.rank == 0:
             write_json_atomic(self.run.progress_file, row)
+            self.history.append(row)
+            self.tracker.log(state["step"], {k: v for k, v in row.items() if k != "step"})
             eta = (steps.total_steps - state["step"]) * steps.tokens_per_step / max(tps, 1e-9)
             self._say(f"step {state['step']}/{steps.total_steps} tokens {state['tokens']}/{steps.planned_tokens} "
                       f"loss {row['loss']:.4f} kl {row['kl']:.4f} tok/s {tps:.0f} eta {eta:.0f}s")
@@ -283,8 +323,14 @@ class _StageLoop:
                    tmp / f"rng_rank{rank}.pt")
         self.engine.save(tmp, rank)
         ray.train.report({"step": state["step"], "tokens": state["tokens"], "stage": self.run.name},
-                         checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+                         checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                         checkpoint_dir_name=self.run.checkpoint_dir(state["step"]).name)
         shutil.rmtree(tmp, ignore_errors=True)  # uploaded synchronously by now
+        if self.world > 1:
+            dist.barrier()  # every rank's upload is complete before the record names the checkpoint
+        if rank == 0:
+            write_json_atomic(self.run.checkpoint_record, {"step": state["step"]})
+            self._say(f"checkpoint of step {state['step']} saved")
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -297,6 +343,7 @@ class _StageLoop:
             dist.barrier()  # every rank's record is on disk before rank 0 collects them
         self.engine.save_final(run, rank)
         if rank == 0:
+            self.close_tracking()
             if self.cfg.keep_optimizer_state:
                 self.engine.save_moments(run.final_dir / MOMENTS_FILE)
             write_json_atomic(run.metrics_file, self._metrics())
@@ -318,6 +365,11 @@ class _StageLoop:
                                      "window_steps": self.early_stop.window_steps, "rows": cfg.early_stop_rows,
                                      "checks": state["heldout"], "stopped_at_step": state["stopped_early_at"]}
         return StageMetrics(**metrics).model_dump(mode="json")
+
+    def close_tracking(self) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
