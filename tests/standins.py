@@ -96,7 +96,24 @@ def run_stage(ctx):
     (ctx.out_dir / "model.txt").write_text(state["acc"])
     # As a real stage's model dir has: the size it cut to, the file a hand edit would change.
     (ctx.out_dir / "config.json").write_text(json.dumps({"expert_intermediate_size": cfg.expert_intermediate_size}))
+    _write_stage_metrics(ctx, state)
     return {"val_loss": int(state["acc"][:6], 16) / 16**6, "steps": state["step"]}
+
+
+STANDIN_STEP_TOKENS = 4096  # the tokens a stand-in stage step stands for in its metrics.json
+
+
+def _write_stage_metrics(ctx, state) -> None:
+    """A real stage's metrics.json (`StageMetrics`), with a falling KL per step derived from the final state
+    (so a resumed stage writes the same file as an uninterrupted one)."""
+    from slimmoe.tasks.data.formats import STAGE_METRICS, StageMetrics
+
+    base = 0.05 + int(state["acc"][6:10], 16) / 16**4
+    history = [{"step": i, "tokens": i * STANDIN_STEP_TOKENS, "loss": round(2 * base + 1 / i, 6),
+                "kl": round(base + 1 / i, 6), "lr": 1e-3} for i in range(1, state["step"] + 1)]
+    metrics = StageMetrics(stage=ctx.name, steps_done=state["step"], tokens_seen=state["step"] * STANDIN_STEP_TOKENS,
+                           history=history)
+    (ctx.out_dir / STAGE_METRICS).write_text(json.dumps(metrics.model_dump(mode="json"), indent=2))
 
 
 def _digest_remote(a, b):
@@ -112,8 +129,24 @@ def run_eval(ctx):
         (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
         return {"perplexity": 1 + int(text[:6], 16) / 16**6, "ray_nodes": len(ray.nodes())}
     text = _digest(_read_dir(ctx.inputs["model"]), _read_dir(ctx.inputs["tokens"]), ctx.config.max_rows)
-    (ctx.out_dir / "report.json").write_text(json.dumps({"digest": text}))
-    return {"perplexity": 1 + int(text[:6], 16) / 16**6}
+    report = _eval_report(ctx, text)
+    (ctx.out_dir / "report.json").write_text(json.dumps(report))
+    return {"perplexity": report["perplexity"]}
+
+
+def _eval_report(ctx, text: str) -> dict:
+    """The fields of a real evaluate report.json that readers use, with numbers derived from the inputs'
+    digest; parameters follow the model's expert size, as a cut's do."""
+    config = Path(ctx.inputs["model"]) / "config.json"
+    size = json.loads(config.read_text()).get("expert_intermediate_size", 64) if config.is_file() else 64
+    score = int(text[6:12], 16) / 16**6
+    lm_eval = {task: {"status": "ok", "metrics": {"alias": task, "acc,none": round(0.25 + score / 2 + i / 100, 6),
+                                                  "acc_stderr,none": 0.01}}
+               for i, task in enumerate(ctx.config.lm_eval_tasks)}
+    return {"kind": "evaluate", "digest": text, "perplexity": 1 + int(text[:6], 16) / 16**6,
+            "kl_to_teacher": round(0.01 + score / 10, 6), "top1_agreement": round(1 - score / 2, 6),
+            "parameters": {"total": 10_000 + 1_000 * size, "active": 10_000 + 250 * size},
+            "throughput": {"tokens_per_s": round(1_000 + 1_000 * score, 1)}, "lm_eval": lm_eval}
 
 
 def install() -> None:

@@ -10,7 +10,8 @@ import json
 
 import yaml
 
-from slimmoe.workflows.demo import demo_config_path, run_demo, verdict_line
+from slimmoe.workflows.demo import demo_config_path, run_demo
+from slimmoe.workflows.report import verdict_line
 from tiny import TINY_TEACHER
 
 SEQ = 64
@@ -54,9 +55,9 @@ def test_demo_runs_the_real_workflow_then_reuses_every_node(ray_cluster, tmp_pat
     assert all(r["perplexity"] > 1 and r["tokens_per_s"] > 0 for r in result["rows"])
 
     out = tmp_path / "runs" / "demo" / "_demo"
-    assert (out / "results.md").read_text().startswith("| model |")
-    assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
-    assert (out / "distillation_curves.png").stat().st_size > 1000
+    assert (out / "report.md").read_text().startswith("| model |")
+    assert json.loads((out / "report.json").read_text())["rows"] == result["rows"]
+    assert (out / "curves.png").stat().st_size > 1000
     # The table ends with what this run shows, and it agrees with the rows.
     by_ppl = "multi-stage" if s2["perplexity"] < one["perplexity"] else "one-stage"
     by_kl = "multi-stage" if s2["kl_to_teacher"] < one["kl_to_teacher"] else "one-stage"

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only behind an error that names the extra to install: module -> extra.
-OPTIONAL = {"lm_eval": "eval"}
+OPTIONAL = {"lm_eval": "eval", "wandb": "wandb"}
 
 
 def _name(requirement: str) -> str:

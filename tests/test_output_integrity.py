@@ -58,7 +58,7 @@ def test_an_output_edited_by_hand_is_damaged_refused_as_input_and_rerun_fixes_it
     take_calls(calls)
     out = _key_dir(ws / "store", "stage_1")
     marker = json.loads((out / "_SUCCESS").read_text())
-    assert set(marker["checksums"]) == {"config.json", "model.txt"}
+    assert set(marker["checksums"]) == {"config.json", "metrics.json", "model.txt"}
     data = (out / "config.json").read_bytes()
     assert marker["checksums"]["config.json"] == {"bytes": len(data), "checksum": f"crc32:{zlib.crc32(data):08x}"}
 

@@ -253,6 +253,22 @@ def status(
 
 
 @app.command()
+def report(
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    out: Optional[str] = typer.Option(None, "--out", help="directory or URI for report.md, report.json and "
+                                                          "curves.png (default <storage>/<workflow>/_report)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of Markdown"),
+):
+    """Every evaluated model in one table (parameters, perplexity, KL, lm-eval, tokens/s) and the distillation
+    curves, from the nodes that completed; the nodes that did not are listed."""
+    from slimmoe.workflows.report import report_workflow
+
+    result, where = _driver_call(lambda: report_workflow(config, out=out))
+    print(json.dumps(result.to_json(), indent=2) if as_json else result.markdown())
+    typer.echo(f"report written to {where}", err=True)  # stderr: stdout may be one JSON document
+
+
+@app.command()
 def rerun(
     config: Path = typer.Argument(..., help="workflow config (YAML)"),
     node: str = typer.Argument(..., help="the node to recompute"),

@@ -376,7 +376,7 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
         if sizes is None and i > 0:  # no teacher to start from: the previous stage's targets, with no adapter
             prev = cfg.stages[i - 1]
             sizes = ModelSizes(None, prev.expert_intermediate_size, None, prev.num_key_value_heads, None,
-                               cfg.stage_names()[i - 1])
+                               cfg.stage_names()[i - 1], num_experts=prev.num_experts)
         sizes = check(node, sizes, ("stages", i))
     for i, b in enumerate(cfg.baselines):
         if b.kind == "one_stage" and nodes[b.name].task_config is not None:
@@ -417,7 +417,10 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
     if not problems:  # every node is valid: its key, and what the finished data outputs already hold
         _compute_keys(nodes)
         if check_env and store is not None:
-            rows = _output_rows(store, cfg.name, nodes)
+            try:
+                rows = _output_rows(store, cfg.name, nodes)
+            except OSError:
+                rows = {}  # storage that does not answer is reported once: by the probe below, or by status's read
             _row_checks(loaded, nodes, rows, row_problems)
     refused = []
     if check_plan and not problems:  # the plan needs a config that is otherwise valid

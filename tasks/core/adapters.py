@@ -33,6 +33,10 @@ class MoEAdapter:
     expert_size_key: str  # intermediate size of one routed expert
     num_experts_key: str
     top_k_key: str = "num_experts_per_tok"
+    # Group-limited routing (DeepSeek-V3): experts split into `expert_groups_key` contiguous groups, and a
+    # token picks its experts from the best `groups_per_token_key` of them. None: one group.
+    expert_groups_key: str | None = None
+    groups_per_token_key: str | None = None
     shared_expert_attr: str | None = None  # module with gate_proj / up_proj / down_proj
     shared_expert_size_key: str | None = None
     shared_expert_gate_attr: str | None = None
@@ -92,6 +96,12 @@ class MoEAdapter:
 
     def top_k(self, config) -> int:
         return int(getattr(config, self.top_k_key))
+
+    def expert_groups(self, config) -> int:
+        return int(getattr(config, self.expert_groups_key, 1) or 1) if self.expert_groups_key else 1
+
+    def groups_per_token(self, config) -> int:
+        return int(getattr(config, self.groups_per_token_key, 1) or 1) if self.groups_per_token_key else 1
 
     def shared_expert_size(self, config) -> int | None:
         if self.shared_expert_attr is None:
@@ -181,6 +191,7 @@ ADAPTERS: dict[str, MoEAdapter] = {
                                         "cannot be expressed in a plain OlmoeConfig"),
         MoEAdapter("deepseek_v3", moe_attr="mlp", router_attr="gate",
                    expert_size_key="moe_intermediate_size", num_experts_key="n_routed_experts",
+                   expert_groups_key="n_group", groups_per_token_key="topk_group",
                    shared_expert_attr="shared_experts", shared_expert_multiplier_key="n_shared_experts",
                    head_pruning=False,
                    head_pruning_blocker="its multi-head latent attention (MLA) has no separable KV groups"),

@@ -40,8 +40,8 @@ class TrackingConfig(BaseModel):
     def _backend_installed(self):
         # Refused when the workflow is read, not when a stage reaches its first logging step.
         if self.backend == "wandb" and importlib.util.find_spec("wandb") is None:
-            raise ValueError("backend: wandb needs the wandb package, which is not installed; pip install wandb, "
-                             "or use backend: tensorboard")
+            raise ValueError("backend: wandb needs the wandb package, which is not installed; pip install wandb "
+                             "(the extra slimmoe[wandb]), or use backend: tensorboard")
         if self.project is not None and self.backend != "wandb":
             raise ValueError(f"project is W&B's; backend is {self.backend}: remove project or use backend: wandb")
         return self

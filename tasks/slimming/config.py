@@ -43,6 +43,9 @@ class SlimTargets:
     num_key_value_heads: int | None = None
     # Qwen2-MoE style shared experts with their own size key; None keeps them as they are.
     shared_expert_intermediate_size: int | None = None
+    # Routed experts kept per MoE layer (the same in every layer, so the output is a plain config);
+    # None keeps every expert.
+    num_experts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class ModelSizes:
     num_key_value_heads: Optional[int]
     shared_expert_intermediate_size: Optional[int]
     source: str = "the model"  # what these are the sizes of, for messages: "the teacher", "stage_1"
+    num_experts: Optional[int] = None
+    experts_per_token: Optional[int] = None
+    expert_groups: int = 1  # group-limited routing (DeepSeek-V3's n_group); 1 elsewhere
+    groups_per_token: int = 1
 
     @classmethod
     def of(cls, config, source: str = "the model") -> "ModelSizes":
@@ -66,7 +73,8 @@ class ModelSizes:
         adapter = get_adapter(config)
         shared = adapter.shared_expert_size(config) if adapter.shared_expert_size_key else None
         return cls(adapter, adapter.expert_size(config), int(config.num_attention_heads),
-                   int(config.num_key_value_heads), shared, source)
+                   int(config.num_key_value_heads), shared, source, adapter.num_experts(config),
+                   adapter.top_k(config), adapter.expert_groups(config), adapter.groups_per_token(config))
 
     def after(self, targets: SlimTargets, source: str) -> "ModelSizes":
         """The sizes once `targets` is applied: what the next stage inherits."""
@@ -74,7 +82,7 @@ class ModelSizes:
         heads = (self.num_attention_heads // self.num_key_value_heads * kv
                  if self.num_attention_heads and self.num_key_value_heads and kv else self.num_attention_heads)
         return replace(self, expert_intermediate_size=targets.expert_intermediate_size, num_key_value_heads=kv,
-                       num_attention_heads=heads, source=source,
+                       num_attention_heads=heads, source=source, num_experts=targets.num_experts or self.num_experts,
                        shared_expert_intermediate_size=targets.shared_expert_intermediate_size
                        or self.shared_expert_intermediate_size)
 
@@ -126,6 +134,7 @@ def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, 
             raise SlimTargetError(
                 f"shared_expert_intermediate_size={s} must be in 1..{cur_s} ({src}'s {adapter.shared_expert_size_key})",
                 "shared_expert_intermediate_size")
+    _check_num_experts(sizes, targets)
     kv = targets.num_key_value_heads
     if kv is not None:
         if adapter is not None:
@@ -148,6 +157,46 @@ def check_targets(sizes: ModelSizes, targets: SlimTargets, strict: bool = True, 
             f"serve.llama_cpp: llama.cpp builds {adapter.model_type}'s attention at hidden_size x hidden_size, so a "
             f"model with fewer query heads converts to GGUF but does not load; remove num_key_value_heads (keep the "
             "heads), or serve this model with vLLM or SGLang only", "num_key_value_heads")
+
+
+def _check_num_experts(sizes: ModelSizes, targets: SlimTargets) -> None:
+    """The routed experts a cut keeps: no more than there are, at least top-k (top-k is kept), and under
+    group-limited routing (DeepSeek-V3) the same count in every group, enough for the router's choice."""
+    n, src, adapter = targets.num_experts, sizes.source, sizes.adapter
+    if n is None:
+        return
+    key = adapter.num_experts_key if adapter else "num_experts"
+    if n <= 0:
+        raise SlimTargetError(f"num_experts must be a positive integer, got {n}", "num_experts")
+    total, top_k = sizes.num_experts, sizes.experts_per_token
+    if total is not None and n > total:
+        raise SlimTargetError(f"num_experts={n} is more than {src}'s {key}={total}; choose a count up to {total} "
+                              "(or leave num_experts unset to keep every expert)", "num_experts")
+    if top_k is not None and n < top_k:
+        raise SlimTargetError(
+            f"num_experts={n} keeps fewer experts than the {top_k} every token is routed to ({src}'s "
+            f"{adapter.top_k_key if adapter else 'experts per token'}={top_k}, which the cut keeps); choose "
+            f"num_experts of at least {top_k}", "num_experts")
+    if adapter is None or adapter.expert_groups_key is None:
+        return
+    groups, per_token = sizes.expert_groups, sizes.groups_per_token
+    family = f"{adapter.model_type} routes within {adapter.expert_groups_key}={groups} equal groups of experts"
+    if n % groups:
+        lower = n // groups * groups
+        fits = " or ".join(str(c) for c in (lower, lower + groups) if c > 0 and (total is None or c <= total))
+        raise SlimTargetError(f"num_experts={n} does not divide by {src}'s {adapter.expert_groups_key}={groups}: "
+                              f"{family}, and the cut keeps the same count in each; choose {fits}", "num_experts")
+    per_group = n // groups
+    # Its router ranks each group by the sum of the group's two best expert scores.
+    if per_group < 2:
+        raise SlimTargetError(f"num_experts={n} leaves {per_group} expert per routing group: {family} and ranks each "
+                              f"group by its best two experts; choose num_experts of at least {2 * groups}", "num_experts")
+    if top_k is not None and top_k > per_token * per_group:
+        need = -(-top_k // per_token) * groups
+        raise SlimTargetError(
+            f"num_experts={n} leaves {per_token} selectable groups ({adapter.groups_per_token_key}) x {per_group} "
+            f"experts = {per_token * per_group} candidates per token, fewer than {adapter.top_k_key}={top_k}: "
+            f"{family}; choose num_experts of at least {max(need, 2 * groups)}", "num_experts")
 
 
 def _check_serving(sizes: ModelSizes, targets: SlimTargets, tensor_parallel: Sequence[int], block_fp8: bool,
@@ -230,6 +279,13 @@ class StageConfig(TaskConfig):
     distill_only: bool = False
     num_key_value_heads: Optional[int] = Field(default=None, gt=0)
     shared_expert_intermediate_size: Optional[int] = Field(default=None, gt=0)
+    # Routed experts kept per MoE layer (None: all); the router's rows go with their experts, top-k stays.
+    num_experts: Optional[int] = Field(default=None, gt=0)
+    # How the experts a cut drops are ranked, from the calibration pass that gives the Taylor scores:
+    # "taylor" sums the expert's neuron scores, "frequency" is the routing weight it received (trimming's
+    # frequency score), "reconstruction" the norm of its weighted output (trimming's reconstruction score).
+    # benchmarks/expert_ranking.py measures them against each other.
+    expert_score: Literal["taylor", "frequency", "reconstruction"] = "taylor"
     # Scoring. "auto" scores with the next-token loss while the student still is the teacher (there the
     # KD loss and its gradient are exactly zero, so KD scores would be noise and the cut random) and
     # with the KD loss after.
@@ -297,8 +353,8 @@ class StageConfig(TaskConfig):
 
     @model_validator(mode="after")
     def _targets_or_distill_only(self):
-        cut = [f for f in ("expert_intermediate_size", "num_key_value_heads", "shared_expert_intermediate_size")
-               if getattr(self, f) is not None]
+        cut = [f for f in ("expert_intermediate_size", "num_key_value_heads", "shared_expert_intermediate_size",
+                           "num_experts") if getattr(self, f) is not None]
         if self.distill_only and cut:
             raise ValueError(f"distill_only: true keeps every size; remove {', '.join(cut)} or set distill_only: false")
         if not self.distill_only and self.expert_intermediate_size is None:
@@ -438,11 +494,6 @@ class StageConfig(TaskConfig):
             if getattr(self, name) is not None and self.early_stop_min_improvement is None:
                 raise ValueError(f"{name} is set but early_stop_min_improvement is not; set "
                                  f"early_stop_min_improvement (e.g. 0.02) or remove {name}")
-        if self.early_stop_min_tokens is not None and self.early_stop_min_tokens >= self.token_budget > 1:
-            raise ValueError(f"early_stop_min_tokens={self.early_stop_min_tokens} is not smaller than token_budget="
-                             f"{self.token_budget}, so the early stop can never fire; lower early_stop_min_tokens "
-                             f"(e.g. {max(1, self.token_budget // 4)}) or remove it for the default of a quarter of "
-                             "the budget")
         # A check happens only before a step inside the stage, so a window as long as the budget never gets
         # the second check a decision needs and the stage always runs its full budget. A 1-token budget is
         # a single step: no window fits it, and the default it derives (1) is no one's mistake.
@@ -451,11 +502,22 @@ class StageConfig(TaskConfig):
                              f"{self.token_budget}, so the early stop can never fire; lower early_stop_window_tokens to "
                              f"a fraction of the budget (e.g. {max(1, self.token_budget // 8)}) or remove it for the "
                              "default of token_budget / 8")
+        if self.early_stop_min_tokens is not None and self.early_stop_min_tokens >= self.token_budget > 1:
+            raise ValueError(f"early_stop_min_tokens={self.early_stop_min_tokens} is not smaller than token_budget="
+                             f"{self.token_budget}, so the early stop can never fire; lower early_stop_min_tokens "
+                             f"(e.g. {max(1, self.token_budget // 4)}) or remove it for the default of a quarter of "
+                             "the budget")
         return self
 
     @property
     def targets(self) -> SlimTargets:
-        return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size)
+        return SlimTargets(self.expert_intermediate_size, self.num_key_value_heads, self.shared_expert_intermediate_size,
+                           self.num_experts)
+
+    def scored_experts(self) -> Optional[str]:
+        """The expert ranking the calibration pass must collect: `expert_score` when the stage drops
+        experts, else None (a cut that keeps every expert scores exactly as before)."""
+        return self.expert_score if self.num_experts is not None else None
 
 
 def check_score_loss(cfg: "StageConfig", cuts_the_teacher: bool) -> None:
@@ -553,4 +615,6 @@ def gradual_cuts(cfg: StageConfig, sizes: ModelSizes, total_steps: int, dtype: s
     kv = widths(sizes.num_key_value_heads, cfg.num_key_value_heads, "num_key_value_heads", 1)
     shared = widths(sizes.shared_expert_intermediate_size, cfg.shared_expert_intermediate_size,
                     "shared_expert_intermediate_size", align)
-    return [Cut(round(j * total_steps / k), SlimTargets(experts[j], kv[j], shared[j])) for j in range(k)]
+    # Expert counts stay multiples of the routing groups, so every inner cut keeps each group even.
+    counts = widths(sizes.num_experts, cfg.num_experts, "num_experts", sizes.expert_groups)
+    return [Cut(round(j * total_steps / k), SlimTargets(experts[j], kv[j], shared[j], counts[j])) for j in range(k)]

@@ -46,7 +46,8 @@ from slimmoe.tasks.core.runtime import rank_and_world
 from slimmoe.tasks.core.safetensors_files import (MAX_SHARD_BYTES, CheckpointTensors, TensorSpec, hub_tensors,
                                                   spec_of, write_sharded)
 from slimmoe.tasks.core.storage import atomic_output_dir
-from slimmoe.tasks.slimming.scores import Scores
+from slimmoe.tasks.slimming.scores import Scores, expert_importance, routing_watch
+from slimmoe.tasks.trimming.scores import TrimStats
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 
@@ -334,13 +335,15 @@ class _Folder:
 
 
 def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_heads: bool = True,
-                          replicas: int = 1) -> Scores:
+                          replicas: int = 1, expert_score: str | None = None) -> Scores:
     """Taylor scores of an FSDP2 model, identical to `scores.taylor_scores` on the unsharded model over
     the batches of every rank. Every rank of a shard group must pass the same batches in the same order;
     with `replicas` groups (HSDP scoring: the model sharded over its group alone), each group passes
-    its own ranks' batches and the sums of all groups are added."""
+    its own ranks' batches and the sums of all groups are added. With `expert_score`, whole experts are
+    ranked from the same pass, as `taylor_scores` ranks them."""
     _, world = rank_and_world()
     folder = _Folder(model, with_heads)
+    stats = TrimStats()
     handles = []
 
     def hook_for(name: str):
@@ -361,12 +364,13 @@ def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_hea
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"calibration loss is {float(loss)} on batch {folder.scores.batches}")
-            loss.backward()
-            folder.scores.batches += 1
+        with routing_watch(model, expert_score, stats):
+            for batch in batches:
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"calibration loss is {float(loss)} on batch {folder.scores.batches}")
+                loss.backward()
+                folder.scores.batches += 1
     finally:
         for h in handles:
             h.remove()
@@ -375,6 +379,13 @@ def sharded_taylor_scores(model: nn.Module, batches: Iterable, loss_fn, with_hea
     if folder.scores.batches == 0:
         raise ValueError("calibration data is empty: taylor scores need at least one batch")
     scores = folder.scores
+    if expert_score is not None:
+        scores.expert_importance = expert_importance(expert_score, scores, stats)
+        if expert_score != "taylor":
+            # Every rank of a group routed the same batches (the forward is whole on each), where the
+            # Taylor sums below are of each rank's own slices: count a group's routing once.
+            for layer, v in scores.expert_importance.items():
+                scores.expert_importance[layer] = v / (world // replicas)
     # Each rank holds the sums of its own slices over its group's batches; the world's sum adds the
     # slices and, under HSDP, the groups' batches. Every rank needs all of them.
     if world > 1:

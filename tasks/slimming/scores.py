@@ -9,6 +9,7 @@ gradient changes sign across batches still counts as important.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -20,21 +21,24 @@ from torch import nn
 from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
 from slimmoe.tasks.core.runtime import rank_and_world
 from slimmoe.tasks.slimming.losses import kd_loss, next_token_loss
+from slimmoe.tasks.trimming.scores import TrimStats, watching_routing
 
 
 @dataclass
 class Scores:
-    """Per-layer importance: expert neurons [E, I], shared-expert neurons [I_s], KV groups [n_kv]."""
+    """Per-layer importance: expert neurons [E, I], shared-expert neurons [I_s], KV groups [n_kv], and
+    whole routed experts [E] (`expert_importance`, only when the cut drops experts)."""
 
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
     method: str = "taylor"
+    expert_importance: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def _items(self) -> dict[str, torch.Tensor]:
         out = {}
-        for kind in ("experts", "shared", "kv_groups"):
+        for kind in ("experts", "shared", "kv_groups", "expert_importance"):
             for layer, t in getattr(self, kind).items():
                 out[f"{kind}.{layer}"] = t
         return out
@@ -144,6 +148,34 @@ def _structure_sums(model: nn.Module, values, with_heads: bool) -> Scores:
     return out
 
 
+EXPERT_SCORES = ("taylor", "frequency", "reconstruction")
+
+
+def expert_importance(kind: str, scores: Scores, stats: TrimStats | None = None) -> dict[int, torch.Tensor]:
+    """[E] per MoE layer, higher = keep: the ranking `StageConfig.expert_score` names. Every value is a
+    sum over the calibration tokens, so it adds up over batches and ranks like the neuron scores:
+    "taylor" sums the expert's neuron scores; "frequency" is the routing weight the expert received
+    (trimming's frequency score times the token count: the same order); "reconstruction" the squared
+    norm of its weighted output (the square of trimming's reconstruction score: the same order)."""
+    if kind == "taylor":
+        return {layer: t.sum(dim=1) for layer, t in scores.experts.items()}
+    if kind not in EXPERT_SCORES:
+        raise ValueError(f"expert_score {kind!r} is unknown; choose one of {', '.join(EXPERT_SCORES)}")
+    if stats is None:
+        raise ValueError(f"expert_score: {kind} ranks experts by their routing on calibration data, and there is "
+                         "none; give calibration data or use expert_score: taylor")
+    sums = stats.expert_weight_sum if kind == "frequency" else stats.expert_recon_sq
+    return {layer: v.float() for layer, v in sums.items()}
+
+
+def routing_watch(model: nn.Module, expert_score: str | None, stats: TrimStats):
+    """The routing statistics `expert_score` needs, collected over the passes made inside (none for
+    "taylor", which needs only the neuron scores)."""
+    if expert_score in (None, "taylor"):
+        return nullcontext(stats)
+    return watching_routing(model, stats, reconstruction=expert_score == "reconstruction")
+
+
 def _taylor_values(param: torch.Tensor) -> torch.Tensor:
     if param.grad is None:
         return torch.zeros_like(param, dtype=torch.float32)
@@ -162,8 +194,10 @@ def taylor_scores(
     batches: Iterable,
     loss_fn: Callable[[nn.Module, object], torch.Tensor],
     with_heads: bool = True,
+    expert_score: str | None = None,
 ) -> Scores:
-    """Accumulate |w * dL/dw| over `batches`. `loss_fn(model, batch)` returns a scalar loss.
+    """Accumulate |w * dL/dw| over `batches`. `loss_fn(model, batch)` returns a scalar loss. With
+    `expert_score`, the same pass also ranks whole experts (`expert_importance`).
 
     Gradients are taken for every parameter but nothing is updated; the model's grads are cleared
     before and after."""
@@ -173,19 +207,23 @@ def taylor_scores(
     was_training = model.training
     model.eval()  # no dropout, deterministic routing (PhiMoE's sparsemixer jitters in train mode)
     acc = Scores(method="taylor")
+    stats = TrimStats()
     model.zero_grad(set_to_none=True)
-    for batch in batches:
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"calibration loss is {float(loss)} on batch {acc.batches}")
-        loss.backward()
-        with torch.no_grad():
-            _add_into(acc, _structure_sums(model, _taylor_values, with_heads))
-        model.zero_grad(set_to_none=True)
-        acc.batches += 1
+    with routing_watch(model, expert_score, stats):
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"calibration loss is {float(loss)} on batch {acc.batches}")
+            loss.backward()
+            with torch.no_grad():
+                _add_into(acc, _structure_sums(model, _taylor_values, with_heads))
+            model.zero_grad(set_to_none=True)
+            acc.batches += 1
     model.train(was_training)
     if acc.batches == 0:
         raise ValueError("calibration data is empty: taylor scores need at least one batch")
+    if expert_score is not None:
+        acc.expert_importance = expert_importance(expert_score, acc, stats)
     return acc
 
 
@@ -235,8 +273,12 @@ def kd_score_loss(temperature: float = 1.0, next_token_weight: float = 0.0) -> C
 
 
 def score_model(model: nn.Module, batches: Iterable | None, loss_fn=next_token_score_loss,
-                with_heads: bool = True) -> Scores:
-    """Taylor scores over `batches`, or weight magnitudes when there is no calibration data."""
+                with_heads: bool = True, expert_score: str | None = None) -> Scores:
+    """Taylor scores over `batches`, or weight magnitudes when there is no calibration data. With
+    `expert_score`, whole experts are ranked too (by magnitude only as "taylor")."""
     if batches is None:
-        return magnitude_scores(model, with_heads=with_heads)
-    return taylor_scores(model, batches, loss_fn, with_heads=with_heads)
+        scores = magnitude_scores(model, with_heads=with_heads)
+        if expert_score is not None:
+            scores.expert_importance = expert_importance(expert_score, scores)
+        return scores
+    return taylor_scores(model, batches, loss_fn, with_heads=with_heads, expert_score=expert_score)

@@ -63,8 +63,9 @@ def _pieces(src: CheckpointTensors, name: str, cut: "_Cut | None", shape: tuple[
         for start in range(0, rows, step):
             yield _checked(name, src.read(name, (slice(start, min(start + step, rows)),)), shape, False)
     elif cut.per_expert:
-        for e in range(cut.index.shape[0]):
-            key = (e,) + (slice(None),) * (cut.axis - 1) + (cut.index[e].tolist(),)
+        for j in range(cut.index.shape[0]):
+            e = j if cut.experts is None else int(cut.experts[j])
+            key = (e,) + (slice(None),) * (cut.axis - 1) + (cut.index[j].tolist(),)
             yield _checked(name, src.read(name, key), shape, True)
     else:
         yield _checked(name, src.read(name, (slice(None),) * cut.axis + (cut.index.tolist(),)), shape, False)
@@ -90,18 +91,22 @@ def _out_bytes(entry: TensorEntry, shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class _Cut:
-    """Keep `index` along `axis` of the source tensor; per expert (index [E, k], axis counted with the
-    expert axis 0) for fused expert tensors."""
+    """Keep `index` along `axis` of the source tensor; per expert (index [E', k], axis counted with the
+    expert axis 0) for fused expert tensors, output expert j read from source expert `experts[j]`
+    (None: every expert, in place)."""
 
     axis: int
     index: torch.Tensor
     source: tuple[int, ...]  # the shape the source config implies
     expected: tuple[int, ...]  # the output shape the slimmed config implies
     per_expert: bool = False
+    experts: torch.Tensor | None = None
 
     def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         out = list(shape)
         out[self.axis] = self.index.shape[-1]
+        if self.per_expert:
+            out[0] = self.index.shape[0]
         return tuple(out)
 
 
@@ -123,6 +128,11 @@ class _Layout:
     cuts: dict[str, _Cut] = field(default_factory=dict)
     modules: list[_Module] = field(default_factory=list)
     experts: dict[int, tuple[str, ...]] = field(default_factory=dict)  # layer -> (fused prefix, per-expert prefix)
+    routers: dict[int, str] = field(default_factory=dict)  # layer -> router module prefix
+    # Dropping experts: a kept expert's per-expert tensors take its new number (on-disk name -> output
+    # name), and the dropped experts' tensors are not written.
+    renames: dict[str, str] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
     shared: dict[int, str] = field(default_factory=dict)  # layer -> shared-expert module prefix
     attention: dict[int, str] = field(default_factory=dict)  # layer -> attention module prefix
     model_names: dict[str, str] = field(default_factory=dict)  # on-disk name -> the model's name
@@ -147,6 +157,7 @@ def _walk(config, trust_remote_code: bool = False) -> tuple[MoEAdapter, nn.Modul
         fused = names[id(block.experts)]
         per_expert = adapter.checkpoint_name(fused) if adapter.checkpoint_expert_names else None
         layout.experts[idx] = (fused, per_expert)
+        layout.routers[idx] = names[id(adapter.router(block))]
         shared = adapter.shared_expert(block)
         if shared is not None:
             layout.shared[idx] = names[id(shared)]
@@ -168,20 +179,24 @@ def _plan_cuts(config, plan: KeepPlan, layout: _Layout, slim_shapes: dict[str, t
                experts_module) -> None:
     adapter, shapes = layout.adapter, layout.shapes
 
-    def add(model_name: str, axis: int, index: torch.Tensor, per_expert: bool = False) -> tuple[str, ...]:
+    def add(model_name: str, axis: int, index: torch.Tensor, per_expert: bool = False,
+            experts: torch.Tensor | None = None) -> tuple[str, ...]:
         forms = _forms(adapter, model_name)
         for disk in forms:
-            layout.cuts[disk] = _Cut(axis, index, shapes[model_name], slim_shapes[model_name], per_expert)
+            layout.cuts[disk] = _Cut(axis, index, shapes[model_name], slim_shapes[model_name], per_expert, experts)
         return forms
 
     n_experts, inter = adapter.num_experts(config), adapter.expert_size(config)
     for idx, (fused, per_expert) in layout.experts.items():
         keep = plan.experts[idx]
+        ids = plan.expert_ids.get(idx)
         rows = adapter.neuron_rows(keep, inter)
-        fused_set = [add(fused + "gate_up_proj", adapter.gate_up_axis(), rows, True),
-                     add(fused + "down_proj", adapter.down_axis(), keep, True)]
+        fused_set = [add(fused + "gate_up_proj", adapter.gate_up_axis(), rows, True, ids),
+                     add(fused + "down_proj", adapter.down_axis(), keep, True, ids)]
         if getattr(experts_module(idx), "gate_up_proj_bias", None) is not None:
-            fused_set.append(add(fused + "gate_up_proj_bias", 1, rows, True))
+            fused_set.append(add(fused + "gate_up_proj_bias", 1, rows, True, ids))
+        if ids is not None:
+            _plan_expert_rows(layout, idx, ids, fused, add)
         layouts = {"fused": fused_set}
         supported = f"fused {fused}gate_up_proj / down_proj"
         if per_expert is not None:
@@ -189,10 +204,15 @@ def _plan_cuts(config, plan: KeepPlan, layout: _Layout, slim_shapes: dict[str, t
             _, two_i, hidden = shapes[fused + "gate_up_proj"]
             k = slim_shapes[fused + "gate_up_proj"][1] // 2
             split = _expert_names(adapter, per_expert, n_experts)
-            for e, (gate, up, down) in enumerate(split):
-                layout.cuts[gate] = _Cut(0, keep[e], (two_i // 2, hidden), (k, hidden))
-                layout.cuts[up] = _Cut(0, keep[e], (two_i // 2, hidden), (k, hidden))
-                layout.cuts[down] = _Cut(1, keep[e], (hidden, two_i // 2), (hidden, k))
+            source = list(range(n_experts)) if ids is None else ids.tolist()
+            for j, e in enumerate(source):
+                gate, up, down = split[e]
+                layout.cuts[gate] = _Cut(0, keep[j], (two_i // 2, hidden), (k, hidden))
+                layout.cuts[up] = _Cut(0, keep[j], (two_i // 2, hidden), (k, hidden))
+                layout.cuts[down] = _Cut(1, keep[j], (hidden, two_i // 2), (hidden, k))
+                if j != e:
+                    layout.renames.update(zip(split[e], split[j]))
+            layout.dropped.update(n for e in set(range(n_experts)) - set(source) for n in split[e])
             layouts["per-expert"] = [(n,) for triple in split for n in triple]
             g, u, d = adapter.checkpoint_expert_names
             supported += f", or per-expert {per_expert}<e>.{g}.weight / {u}.weight / {d}.weight"
@@ -225,6 +245,22 @@ def _plan_cuts(config, plan: KeepPlan, layout: _Layout, slim_shapes: dict[str, t
                 + "".join(f", {prefix}{n}" for n in adapter.per_head_attention_params), {"as named": required}))
 
 
+def _plan_expert_rows(layout: _Layout, idx: int, ids: torch.Tensor, fused: str, add) -> None:
+    """Layer `idx` keeps the experts `ids`: its router's tensors (one row per expert: weight, bias,
+    DeepSeek-V3's e_score_correction_bias) and the experts' other per-expert tensors (GPT-OSS's
+    down_proj_bias) keep those rows. The router is guarded like the modules the cut shrinks."""
+    router = layout.routers[idx]
+    cut = {fused + n for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias")}
+    required = []
+    for name in layout.shapes:
+        if name.startswith(router) or (name.startswith(fused) and name not in cut):
+            forms = add(name, 0, ids)
+            if name.startswith(router):
+                required.append(forms)
+    layout.modules.append(_Module(f"layer {idx}'s router", _forms(layout.adapter, router),
+                                  " / ".join(forms[-1] for forms in required), {"as named": required}))
+
+
 def _check_plan_fits(config, plan: KeepPlan, layout: _Layout) -> None:
     validate_targets(config, plan.targets, strict=False)
     missing = sorted(set(layout.experts) - set(plan.experts))
@@ -232,6 +268,11 @@ def _check_plan_fits(config, plan: KeepPlan, layout: _Layout) -> None:
     if missing or extra:
         raise ValueError(f"the keep plan does not fit this model: MoE layers {sorted(layout.experts)}, plan for "
                          f"{sorted(plan.experts)}; build the plan with keep_plan on this model's config")
+    n = plan.targets.num_experts
+    want_ids = set(layout.experts) if n is not None and n != layout.adapter.num_experts(config) else set()
+    if set(plan.expert_ids) != want_ids:
+        raise ValueError(f"the keep plan drops experts in layers {sorted(plan.expert_ids)}, this cut needs "
+                         f"{sorted(want_ids)}; build the plan with keep_plan on this model's config")
     want_shared = set(layout.shared) if plan.targets.shared_expert_intermediate_size is not None or \
         layout.adapter.shared_expert_multiplier_key else set()
     if set(plan.shared) != want_shared:
@@ -245,13 +286,15 @@ def _check_plan_fits(config, plan: KeepPlan, layout: _Layout) -> None:
 
 
 def _resolve(src: CheckpointTensors, layout: _Layout, slim_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple], dict]:
-    """For every source tensor: its output shape and its cut (None: copied as it is), and the layout
-    each cut module is stored in. Raises CheckpointLayoutError for anything that cannot be cut
-    correctly, before a byte is written."""
+    """For every written tensor, by its output name: its source tensor, its output shape and its cut
+    (None: copied as it is); and the layout each cut module is stored in. Raises CheckpointLayoutError
+    for anything that cannot be cut correctly, before a byte is written."""
     out: dict[str, tuple] = {}
     guarded = [(p, m) for m in layout.modules for p in m.prefixes]
     kind = layout.adapter.model_type
     for name in src.ordered():
+        if name in layout.dropped:
+            continue
         entry = src.entries[name]
         cut = layout.cuts.get(name)
         if cut is not None:
@@ -261,7 +304,7 @@ def _resolve(src: CheckpointTensors, layout: _Layout, slim_shapes: dict[str, tup
             shape = cut.out_shape(entry.shape)
             if shape != cut.expected:  # a bug here, not the user's: never write it
                 raise RuntimeError(f"{name} would be written as {shape}, the slimmed config needs {cut.expected}")
-            out[name] = (shape, cut)
+            out[layout.renames.get(name, name)] = (name, shape, cut)
             continue
         model_name = layout.model_names.get(name)
         expected = slim_shapes.get(model_name) if model_name else None
@@ -275,7 +318,7 @@ def _resolve(src: CheckpointTensors, layout: _Layout, slim_shapes: dict[str, tup
         if expected is not None and expected != entry.shape:
             raise CheckpointLayoutError(f"{name} has shape {entry.shape}, but the slimmed config needs {expected} and "
                                         f"the streaming surgery does not know how to cut it for {kind}")
-        out[name] = (entry.shape, None)
+        out[name] = (name, entry.shape, None)
     used = {}
     for module in layout.modules:
         have = {k: [any(n in src for n in forms) for forms in required] for k, required in module.layouts.items()}
@@ -319,12 +362,12 @@ def stream_slim(model_dir: str | Path, out_dir: str | Path, plan: KeepPlan, *,
     _plan_cuts(config, plan, layout, slim_shapes, lambda idx: blocks[idx].experts)
     src = CheckpointTensors(model_dir, adapter)
     resolved, layouts = _resolve(src, layout, slim_shapes)
-    specs = [TensorSpec(name, src.entries[name].dtype, shape, _out_bytes(src.entries[name], shape))
-             for name, (shape, _) in resolved.items()]
+    specs = [TensorSpec(name, src.entries[source].dtype, shape, _out_bytes(src.entries[source], shape))
+             for name, (source, shape, _) in resolved.items()]
 
     def pieces(spec: TensorSpec) -> Iterator[torch.Tensor]:
-        shape, cut = resolved[spec.name]
-        return _pieces(src, spec.name, cut, shape)
+        source, shape, cut = resolved[spec.name]
+        return _pieces(src, source, cut, shape)
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         save_config(new_config, tmp)
@@ -334,7 +377,7 @@ def stream_slim(model_dir: str | Path, out_dir: str | Path, plan: KeepPlan, *,
         copy_tokenizer_files(tokenizer_from if tokenizer_from is not None else model_dir, tmp)
     return {
         "tensors": len(resolved),
-        "cut": sum(1 for _, cut in resolved.values() if cut is not None),
+        "cut": sum(1 for _, _, cut in resolved.values() if cut is not None),
         "bytes": written.bytes,
         "files": written.files,
         "expert_layouts": sorted(set(layouts.values())),

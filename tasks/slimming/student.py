@@ -40,7 +40,8 @@ def scoring_loss(cfg, cuts_the_teacher: bool):
 def _calibration_scores(model, cfg, cache, rank: int, world: int, loss_fn, seed_offset: int):
     batches = cache.iter_batches(cfg.micro_batch, rank=rank, world_size=world, shuffle=True, seed=cfg.seed + seed_offset)
     calib = [b for _, b in zip(range(cfg.calibration_batches), batches)]
-    return all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None))
+    return all_reduce_scores(score_model(model, calib, loss_fn, with_heads=cfg.num_key_value_heads is not None,
+                                         expert_score=cfg.scored_experts()))
 
 
 def cut_whole(run: StageRun, cache, device, rank: int, world: int):
@@ -153,7 +154,7 @@ def cut_sharded(run: StageRun, cache, device, rank: int, world: int):
         batches = fsdp.every_rank_batches(cache, cfg.micro_batch, world, cfg.calibration_batches,
                                           cfg.seed + CALIBRATION_SEED_OFFSET, ranks=range(first, first + group))
         scores = fsdp.sharded_taylor_scores(model, batches, loss_fn, with_heads=cfg.num_key_value_heads is not None,
-                                            replicas=world // group)
+                                            replicas=world // group, expert_score=cfg.scored_experts())
         # The unsharded definition counts one batch per rank; so does this, for the same batches.
         prepare = {"score_loss": loss_name, "calibration_batches": scores.batches, "params_before": params_before}
         if rank == 0:

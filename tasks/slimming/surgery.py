@@ -1,6 +1,8 @@
-"""Expert slimming surgery: keep the best neurons within each expert and the best KV groups.
+"""Expert slimming surgery: keep the best neurons within each expert and the best KV groups, and
+optionally the best experts.
 
-Every expert keeps its routing and its place; only its intermediate width shrinks. Attention
+Every kept expert keeps its routing (its router row goes with it) and only its intermediate width
+shrinks; a cut with `num_experts` drops the other experts whole, top-k unchanged. Attention
 loses whole KV groups (a KV head with the query heads that share it). Which indices survive is a
 `KeepPlan` (`keep_plan`); applying it here builds a fresh model from a config with the new sizes,
 so it is exactly what `from_pretrained` rebuilds. `streaming.stream_slim` applies the same plan to
@@ -21,6 +23,7 @@ from slimmoe.tasks.core.adapters import MoEAdapter, get_adapter
 from slimmoe.tasks.core.checkpoint import build_from_state
 from slimmoe.tasks.slimming.config import SlimTargets, validate_targets
 from slimmoe.tasks.slimming.scores import Scores
+from slimmoe.tasks.trimming.surgery import choose_experts, select_experts
 
 
 def _top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,6 +37,8 @@ def slimmed_config(config, targets: SlimTargets):
     adapter = get_adapter(config)
     new = copy.deepcopy(config)
     setattr(new, adapter.expert_size_key, targets.expert_intermediate_size)
+    if targets.num_experts is not None:
+        setattr(new, adapter.num_experts_key, targets.num_experts)
     if targets.shared_expert_intermediate_size is not None:
         setattr(new, adapter.shared_expert_size_key, targets.shared_expert_intermediate_size)
     if targets.num_key_value_heads is not None and targets.num_key_value_heads != config.num_key_value_heads:
@@ -49,18 +54,20 @@ def slimmed_config(config, targets: SlimTargets):
 
 @dataclass
 class KeepPlan:
-    """The indices a cut keeps, per layer, ascending: routed-expert neurons [E, k], shared-expert
-    neurons [k_s] (only layers whose shared expert shrinks), KV groups [kv] (only when heads are cut)."""
+    """The indices a cut keeps, per layer, ascending: routed experts [E'] (only when experts are
+    dropped), their neurons [E', k] (E' = every expert otherwise), shared-expert neurons [k_s] (only
+    layers whose shared expert shrinks), KV groups [kv] (only when heads are cut)."""
 
     targets: SlimTargets
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     shared: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_ids: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"{kind}.{layer}": t.contiguous() for kind in ("experts", "shared", "kv_groups")
+        tensors = {f"{kind}.{layer}": t.contiguous() for kind in ("experts", "shared", "kv_groups", "expert_ids")
                    for layer, t in getattr(self, kind).items()}
         save_file(tensors, str(path), metadata={"targets": json.dumps(asdict(self.targets))})
 
@@ -90,9 +97,25 @@ def _check_score_shape(what: str, layer: int, score: torch.Tensor, expected: tup
                          f"{expected}; were they computed on this model?")
 
 
+def kept_experts(config, scores: Scores, layers: list[int], num_experts: int) -> dict[int, torch.Tensor]:
+    """The `num_experts` most important experts of every MoE layer, ascending, by `scores.expert_importance`;
+    under group-limited routing (DeepSeek-V3) as many from every group (trimming's `choose_experts`)."""
+    n_experts = get_adapter(config).num_experts(config)
+    for idx in layers:
+        if idx not in scores.expert_importance:
+            raise ValueError(f"scores have no expert importance for layer {idx}, so the experts to drop cannot be "
+                             "chosen; score with num_experts set (the calibration pass then ranks the experts)")
+        _check_score_shape("expert importance", idx, scores.expert_importance[idx], (n_experts,))
+    removed = choose_experts(config, {idx: scores.expert_importance[idx].cpu() for idx in layers},
+                             n_experts - num_experts)
+    return {idx: torch.tensor([e for e in range(n_experts) if e not in set(out)], dtype=torch.long)
+            for idx, out in removed.items()}
+
+
 def keep_plan(config, scores: Scores, targets: SlimTargets, *, strict: bool = True,
               model: nn.Module | None = None) -> KeepPlan:
-    """The indices `targets` keeps: the best-scoring neurons per expert and KV groups per layer.
+    """The indices `targets` keeps: the best experts per layer (when `num_experts` drops some), the
+    best-scoring neurons of each kept expert, and the best KV groups per layer.
 
     Validates `targets` first. The layers are walked on `model` when given, else on a meta-device
     model built from `config` (no weights)."""
@@ -101,11 +124,17 @@ def keep_plan(config, scores: Scores, targets: SlimTargets, *, strict: bool = Tr
     walk = model if model is not None else meta_model(config)
     plan = KeepPlan(targets)
     n_experts, inter = adapter.num_experts(config), adapter.expert_size(config)
-    for idx, block in adapter.moe_blocks(walk):
+    blocks = list(adapter.moe_blocks(walk))
+    if targets.num_experts is not None and targets.num_experts != n_experts:
+        plan.expert_ids = kept_experts(config, scores, [idx for idx, _ in blocks], targets.num_experts)
+    for idx, block in blocks:
         if idx not in scores.experts:
             raise ValueError(f"scores have no expert entry for layer {idx}; were they computed on this model?")
         _check_score_shape("experts", idx, scores.experts[idx], (n_experts, inter))
-        plan.experts[idx] = _top_indices(scores.experts[idx], targets.expert_intermediate_size).cpu()
+        neuron_scores = scores.experts[idx]
+        if idx in plan.expert_ids:
+            neuron_scores = neuron_scores.index_select(0, plan.expert_ids[idx].to(neuron_scores.device))
+        plan.experts[idx] = _top_indices(neuron_scores, targets.expert_intermediate_size).cpu()
         shared = adapter.shared_expert(block)
         if shared is None:
             continue
@@ -189,6 +218,8 @@ def slice_state(model: nn.Module, plan: KeepPlan, state: dict[str, torch.Tensor]
     blocks = dict(adapter.moe_blocks(model))
     for idx, keep in plan.experts.items():
         block = blocks[idx]
+        if idx in plan.expert_ids:  # whole experts first: the neuron indices are per kept expert
+            select_experts(adapter, block, names, plan.expert_ids[idx], adapter.num_experts(config), sd)
         _slice_experts(adapter, names[id(block.experts)], block.experts, keep, sd)
         if idx in plan.shared:
             _slice_shared(names[id(adapter.shared_expert(block))], plan.shared[idx], sd)

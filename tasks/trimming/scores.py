@@ -19,8 +19,9 @@ One no-grad pass over the calibration batches, with forward hooks, collects per 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,47 @@ def _per_token_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.reshape(-1, h).float(), b.reshape(-1, h).float(), dim=-1)
 
 
+@contextmanager
+def watching_routing(model: nn.Module, stats: TrimStats, reconstruction: bool = False) -> Iterator[TrimStats]:
+    """While inside, every forward of `model` adds to the per-expert statistics of `stats` (counts,
+    routing weight sums and, with `reconstruction`, squared contributions): the expert hooks of
+    `collect_stats`, for any pass over the model, with or without gradients (the SlimMoE calibration
+    pass ranks experts with them)."""
+    adapter = get_adapter(model)
+    stats.num_experts = adapter.num_experts(model.config)
+    moe = dict(adapter.moe_blocks(model))
+    for idx in moe:
+        stats.expert_counts[idx] = torch.zeros(stats.num_experts, dtype=torch.float64)
+        stats.expert_weight_sum[idx] = torch.zeros(stats.num_experts, dtype=torch.float64)
+        if reconstruction:
+            stats.expert_recon_sq[idx] = torch.zeros(stats.num_experts, dtype=torch.float64)
+
+    def experts_pre(idx):
+        @torch.no_grad()  # statistics only: nothing here may join a backward graph
+        def hook(mod, args, kwargs):
+            hidden, index, weights = _experts_args(args, kwargs)
+            flat_idx = index.reshape(-1).long().cpu()
+            stats.expert_counts[idx].index_add_(0, flat_idx, torch.ones(flat_idx.numel(), dtype=torch.float64))
+            stats.expert_weight_sum[idx].index_add_(0, flat_idx, weights.reshape(-1).double().cpu())
+            if reconstruction:
+                for e in torch.unique(flat_idx).tolist():
+                    rows, pos = torch.where(index == e)
+                    w = weights[rows, pos].unsqueeze(-1)
+                    only_e = torch.full_like(index[rows, :1], e)
+                    # `.forward` bypasses the hooks (no recursion); the module's own forward keeps
+                    # each family's activation, biases and clamps.
+                    contrib = mod.forward(hidden[rows], only_e, w)
+                    stats.expert_recon_sq[idx][e] += float(contrib.float().pow(2).sum())
+        return hook
+
+    handles = [block.experts.register_forward_pre_hook(experts_pre(idx), with_kwargs=True) for idx, block in moe.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_stats(model: nn.Module, batches: Iterable[torch.Tensor], reconstruction: bool = False) -> TrimStats:
     """Run `batches` ([B, T] token ids) through `model` in eval mode and collect TrimStats."""
@@ -121,12 +163,7 @@ def collect_stats(model: nn.Module, batches: Iterable[torch.Tensor], reconstruct
     layers = adapter.decoder_layers(model)
     moe = dict(adapter.moe_blocks(model))
     device = next(model.parameters()).device
-    E = stats.num_experts
     for idx in moe:
-        stats.expert_counts[idx] = torch.zeros(E, dtype=torch.float64)
-        stats.expert_weight_sum[idx] = torch.zeros(E, dtype=torch.float64)
-        if reconstruction:
-            stats.expert_recon_sq[idx] = torch.zeros(E, dtype=torch.float64)
         stats.moe_change_sum[idx] = 0.0
     for idx in range(len(layers)):
         stats.layer_cos_sum[idx] = 0.0
@@ -154,23 +191,6 @@ def collect_stats(model: nn.Module, batches: Iterable[torch.Tensor], reconstruct
             moe_outputs[idx] = _first(output)
         return hook
 
-    def experts_pre(idx):
-        def hook(mod, args, kwargs):
-            hidden, index, weights = _experts_args(args, kwargs)
-            flat_idx = index.reshape(-1).long().cpu()
-            stats.expert_counts[idx].index_add_(0, flat_idx, torch.ones(flat_idx.numel(), dtype=torch.float64))
-            stats.expert_weight_sum[idx].index_add_(0, flat_idx, weights.reshape(-1).double().cpu())
-            if reconstruction:
-                for e in torch.unique(flat_idx).tolist():
-                    rows, pos = torch.where(index == e)
-                    w = weights[rows, pos].unsqueeze(-1)
-                    only_e = torch.full_like(index[rows, :1], e)
-                    # `.forward` bypasses the hooks (no recursion); the module's own forward keeps
-                    # each family's activation, biases and clamps.
-                    contrib = mod.forward(hidden[rows], only_e, w)
-                    stats.expert_recon_sq[idx][e] += float(contrib.float().pow(2).sum())
-        return hook
-
     handles = []
     try:
         for idx, layer in enumerate(layers):
@@ -178,15 +198,15 @@ def collect_stats(model: nn.Module, batches: Iterable[torch.Tensor], reconstruct
             handles.append(layer.register_forward_hook(layer_post(idx), with_kwargs=True))
         for idx, block in moe.items():
             handles.append(block.register_forward_hook(moe_post(idx)))
-            handles.append(block.experts.register_forward_pre_hook(experts_pre(idx), with_kwargs=True))
         was_training = model.training
         model.eval()  # deterministic routing: PhiMoE's sparsemixer samples in train mode
         try:
-            for batch in batches:
-                ids = batch["input_ids"] if isinstance(batch, dict) else batch
-                model(input_ids=ids.to(device), use_cache=False)
-                stats.tokens += ids.numel()
-                stats.batches += 1
+            with watching_routing(model, stats, reconstruction):
+                for batch in batches:
+                    ids = batch["input_ids"] if isinstance(batch, dict) else batch
+                    model(input_ids=ids.to(device), use_cache=False)
+                    stats.tokens += ids.numel()
+                    stats.batches += 1
         finally:
             model.train(was_training)
     finally:

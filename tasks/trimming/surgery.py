@@ -101,6 +101,25 @@ def choose_experts(config, scores: dict[int, torch.Tensor], n: int) -> dict[int,
     return out
 
 
+def select_experts(adapter, block: nn.Module, prefixes: dict[int, str], keep: torch.Tensor, n_experts: int,
+                   state: dict[str, torch.Tensor]) -> None:
+    """Restrict `state`'s tensors of `block`'s router and experts to the experts `keep` (in that order),
+    in place. Every one of them is per-expert along its first axis (router weight, GPT-OSS router bias,
+    DeepSeek-V3's e_score_correction_bias buffer, fused expert weights and biases); anything else is
+    refused rather than silently left at the old size. Names `state` lacks (a buffer among AdamW's
+    moments) are left out."""
+    for mod in (adapter.router(block), block.experts):
+        prefix = prefixes[id(mod)]
+        for name, t in mod.state_dict().items():
+            if t.dim() == 0 or t.shape[0] != n_experts:
+                raise UnsupportedOperationError(
+                    f"{prefix}{name} has shape {tuple(t.shape)}, not one entry per expert ({n_experts}) along its "
+                    f"first axis; expert drop does not know how to cut it for {adapter.model_type}"
+                )
+            if prefix + name in state:
+                state[prefix + name] = state[prefix + name].index_select(0, keep.to(state[prefix + name].device))
+
+
 @torch.no_grad()
 def expert_drop(model: nn.Module, removed: dict[int, list[int]]) -> nn.Module:
     """A new model without the given experts (the same count in every MoE layer) and their router rows.
@@ -122,15 +141,7 @@ def expert_drop(model: nn.Module, removed: dict[int, list[int]]) -> nn.Module:
     state = dict(model.state_dict())
     for idx, block in blocks.items():
         keep = torch.tensor([e for e in range(E) if e not in set(removed[idx])], dtype=torch.long)
-        for mod in (adapter.router(block), block.experts):
-            prefix = prefixes[id(mod)]
-            for name, t in mod.state_dict().items():
-                if t.dim() == 0 or t.shape[0] != E:
-                    raise UnsupportedOperationError(
-                        f"{prefix}{name} has shape {tuple(t.shape)}, not one entry per expert ({E}) along its first "
-                        f"axis; expert drop does not know how to cut it for {adapter.model_type}"
-                    )
-                state[prefix + name] = t.index_select(0, keep.to(t.device))
+        select_experts(adapter, block, prefixes, keep, E, state)
     new_config = copy.deepcopy(config)
     setattr(new_config, adapter.num_experts_key, E - n)
     return build_from_state(new_config, state, model)
