@@ -20,7 +20,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # The dummy S3 credentials in every worker: Ray Data reads test data from the moto server (`s3_server`)
+        # in workers that may have started before that fixture set them in this process's environment.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": S3_ENV})
     yield ray
     ray.shutdown()
 

@@ -394,7 +394,7 @@ def quantize(
 
 
 @app.command()
-@derive_options(TokenizeConfig)
+@derive_options(TokenizeConfig, hidden=("sources",))  # a blend is a workflow's data.sources: a YAML list
 def tokenize(
     cfg: TokenizeConfig,
     # Named like the field it fills, so the positional DATA is TokenizeConfig.source.

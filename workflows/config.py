@@ -434,6 +434,11 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
         if isinstance(parent, dict) and isinstance(parent.get(loc[-1]), str):
             parent[loc[-1]] = _resolve_local(parent[loc[-1]], base_dir, must_exist=may_be_a_name is True,
                                              hub_id=may_be_a_name == "hub")
+    data = raw.get("data")
+    blend = data.get("sources") if isinstance(data, dict) else None
+    for part in blend if isinstance(blend, list) else ():  # data.sources[i].path, like data.source
+        if isinstance(part, dict) and isinstance(part.get("path"), str):
+            part["path"] = _resolve_local(part["path"], base_dir, must_exist=True)
     return raw
 
 

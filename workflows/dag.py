@@ -25,7 +25,7 @@ from slimmoe.tasks.slimming.config import (ModelSizes, SlimTargetError, StageCon
 from .config import (WORKFLOW_FIELDS, LoadedWorkflow, Problem, WorkflowConfigError, load_workflow_collecting,
                      problems_from_validation)
 from .nodes import NodeKind, get_node_kind
-from .storage import MARKER, Store, StorageError, is_uri
+from .storage import MARKER, Store, StorageError
 from .teacher_checks import demo_teacher_fit_checks, teacher_fit_checks
 
 EXTERNAL = "external"
@@ -42,6 +42,9 @@ class Node:
     facets: dict = field(default_factory=dict)  # external teacher: {"model": fp, "tokenizer": fp} (+ Hub "commit")
     external_path: Optional[str] = None
     hub: Optional[dict] = None  # a Hub teacher: repo_id, revision, the commit it resolved to, its snapshot path
+    # tokenize: each source of the blend as validation listed it (a DataSource; None where it could not
+    # be listed), for the key (a URI source's listing) and the plan (the data's size); None: not listed.
+    data: Optional[list] = None
 
     @property
     def role(self) -> str:
@@ -272,18 +275,23 @@ def _input_identity(parent: Node, role: str):
     return identity
 
 
-def _data_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
-    """The data source is found and readable now, not at tokenize after the teacher and Ray started."""
+def _data_checks(loaded: LoadedWorkflow, tokenize: Node, problems: list[Problem]) -> None:
+    """Every data source is found and readable now, not at tokenize after the teacher and Ray started:
+    each is listed once (a URI too) and the first records of its files are read (of a URI's first
+    files: `DataSource.checked_files`). The listings stay on the tokenize node for its key and the plan."""
     from slimmoe.tasks.data.sources import DataSourceError, check_source, detect_source, readable_text_files
 
     data = loaded.config.data
-    if is_uri(data.source):  # listing a bucket prefix can take minutes: left to the tokenize node
-        return
-    try:
-        source, _ = readable_text_files(detect_source(data.source), data.skip_unreadable)
-        check_source(source, data.text_field)
-    except (DataSourceError, OSError, ValueError) as err:  # ValueError: e.g. a manifest.json that is not JSON
-        problems.append(loaded.problem(("data", "source"), str(err)))
+    tokenize.data = []
+    for i, part in enumerate(data.blend()):
+        source = None
+        try:
+            source = detect_source(part.path)
+            checked, _ = readable_text_files(source, data.skip_unreadable)
+            check_source(checked, data.text_field)
+        except (DataSourceError, OSError, ValueError) as err:  # ValueError: e.g. a manifest.json that is not JSON
+            problems.append(loaded.problem(data.source_loc(i), str(err)))
+        tokenize.data.append(source)
 
 
 def _lm_eval_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
@@ -405,7 +413,7 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
     _size_checks(loaded, nodes, teacher_sizes, problems)
     data_problems: list[Problem] = []
     if check_env:
-        _data_checks(loaded, data_problems)
+        _data_checks(loaded, nodes["tokenize"], data_problems)
         _lm_eval_checks(loaded, problems)
 
     try:
@@ -446,6 +454,8 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
 
 
 def _compute_keys(nodes: dict[str, Node]) -> None:
+    from slimmoe.tasks.data.sources import is_remote
+
     for node in nodes.values():
         if node.is_external:
             node.key = _hash(node.facets) if node.facets else "unchecked"
@@ -455,8 +465,13 @@ def _compute_keys(nodes: dict[str, Node]) -> None:
         for role, name in sorted(node.inputs.items()):
             parent = nodes[name]
             inputs[role] = _input_identity(parent, role)
-        node.key = _hash({"kind": kind.name, "version": kind.version, "config": _keyed_config(node, kind),
-                          "inputs": inputs})
+        identity = {"kind": kind.name, "version": kind.version, "config": _keyed_config(node, kind), "inputs": inputs}
+        if node.data is not None and any(is_remote(part.path) for part in node.task_config.blend()):
+            # A URI's content can change under the same path: its listing (paths, sizes, mtimes) is part of
+            # the key, so a changed corpus is tokenized again. Local data stays keyed on its path (a run
+            # after it was moved goes on); a URI that cannot be listed now cannot be matched to an output.
+            identity["data"] = [s.fingerprint() if s is not None else None for s in node.data]
+        node.key = _hash(identity)
 
 
 def _output_rows(store: Store, workflow: str, nodes: dict[str, Node]) -> dict[str, int]:

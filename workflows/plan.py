@@ -391,6 +391,52 @@ def _name_of(gpu_bytes: int) -> str:
     return f"{gpu_bytes / GB:g} GB GPU"
 
 
+# Bytes of text a token, for the data's size read off its listing: BPE vocabularies of 32k-150k tokens
+# average 3.5-4.5 bytes of English text a token (more for code and other languages: fewer tokens).
+TEXT_BYTES_PER_TOKEN = 4.0
+
+
+@dataclass
+class _ListedData:
+    tokens: Optional[int] = None  # None: not listed (`why` says why)
+    why: str = ""
+    problem: Optional[tuple] = None  # (loc, message) of a source that is not there
+
+
+def _listed_data(loaded: LoadedWorkflow, tokenize) -> _ListedData:
+    """The tokens the data holds, estimated from its listing: each source's text bytes over
+    TEXT_BYTES_PER_TOKEN; a blend holds min over its sources of tokens / share (tasks/data/blend.py).
+    Uses the listing validation made (`Node.data`), else lists the sources itself (no record is read)."""
+    from slimmoe.tasks.data.sources import DataAccessError, DataSourceError, detect_source, is_remote
+
+    data = loaded.config.data
+    parts = data.blend()
+    sources = tokenize.data if tokenize is not None and tokenize.data is not None else None
+    if sources is None:
+        sources = []
+        for i, part in enumerate(parts):
+            try:
+                sources.append(detect_source(part.path))
+            except (DataSourceError, OSError, ValueError) as err:
+                # A local path may be a mount of the cluster's that this machine lacks, and a URI may need
+                # credentials it lacks; a bucket that answers without the data is the same everywhere.
+                if isinstance(err, DataAccessError) or not is_remote(part.path):
+                    return _ListedData(why=f"data not listed here ({err})")
+                return _ListedData(why="data not found", problem=(data.source_loc(i), str(err)))
+    if any(s is None for s in sources):
+        return _ListedData(why="data not listed (see the problems above)")
+    sizes = [s.text_bytes(data.text_field) for s in sources]
+    if any(b is None for b in sizes):
+        return _ListedData(why="a saved dataset's size is not listed")
+    total_weight = sum(part.weight for part in parts)
+    tokens = min(b / TEXT_BYTES_PER_TOKEN / (part.weight / total_weight) for b, part in zip(sizes, parts))
+    files = sum(len(s.files) for s in sources)
+    why = (f"estimated from the data's listing ({files} files, {sum(sizes) / GB:,.2f} GB of text at "
+           f"{TEXT_BYTES_PER_TOKEN:g} bytes a token{', the blend limited by its smallest source for its weight' if len(parts) > 1 else ''}); "
+           "--data-tokens for an exact count")
+    return _ListedData(int(tokens), why)
+
+
 def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = None,
              cache_rows: Optional[int] = None) -> Plan:
     """The plan of a workflow whose DAG `nodes` (name -> Node, in order) was built from `loaded`;
@@ -424,21 +470,26 @@ def plan_dag(loaded: LoadedWorkflow, nodes: dict, options: PlanOptions | None = 
     teacher_config = teacher_model_config(loaded, nodes.get("teacher"))
     budgets = [n.task_config.token_budget for n in nodes.values()
                if n.kind == "stage" and n.task_config is not None]
+    listed = _ListedData() if options.data_tokens else _listed_data(loaded, nodes.get("tokenize"))
     if options.data_tokens:
         data_tokens, basis = int(options.data_tokens), "given (--data-tokens)"
+    elif listed.tokens is not None:
+        data_tokens, basis = listed.tokens, listed.why
     else:
         # Every stage reads the same cache from its start: it holds the largest budget (plus the
         # validation split) for no stage to wrap around.
         train_share = 1 - cfg.data.validation_fraction
         data_tokens = math.ceil(max(budgets, default=0) / train_share)
-        basis = ("the largest token budget of a stage, plus the validation split (no stage wraps around the "
-                 "cache); pass --data-tokens for the data's real size")
+        basis = (f"the largest token budget of a stage, plus the validation split (no stage wraps around the "
+                 f"cache); {listed.why + '; ' if listed.why else ''}pass --data-tokens for the data's real size")
     ctx = _Context(loaded, options, gpu_bytes, cpu_bytes, peak, res.num_workers * res.gpus_per_worker if use_gpu else 0,
                    seq_len, cfg.logits.k, data_tokens, links=links)
     if cache_rows is None and options.data_tokens:
         cache_rows = int(options.data_tokens * (1 - cfg.data.validation_fraction)) // seq_len
     ctx.cache_rows = cache_rows
     ctx.configs["teacher"] = teacher_config
+    if listed.problem is not None:
+        ctx.problems.append(listed.problem)
 
     planned: list[NodePlan] = []
     for name, node in nodes.items():

@@ -15,9 +15,20 @@ from slimmoe.tasks.core.settings import TaskConfig
 GB = 1e9
 
 
+class BlendSource(TaskConfig):
+    """One source of a weighted blend (`data.sources`)."""
+
+    path: str = Field(..., description="a file, directory, glob or URI, as data.source takes")
+    weight: float = Field(..., gt=0, description="its share of the blend's tokens (weights are normalised)")
+
+
 class TokenizeConfig(TaskConfig):
 
-    source: str = Field(..., description="text/JSONL/Parquet file, directory or glob, or a saved `datasets` directory")
+    source: Optional[str] = Field(None, description="text/JSONL/Parquet file, directory or glob (local, s3://, gs:// "
+                                                    "or hf://datasets/...), or a saved `datasets` directory")
+    sources: Optional[list[BlendSource]] = Field(
+        None, min_length=1, description="a weighted blend instead of source: [{path, weight}]; each source gives "
+                                        "its weight's share of the tokens (see tasks/nodes/tokenize.py)")
     text_field: str = "text"
     seq_len: int = Field(512, ge=2)
     validation_fraction: float = Field(0.05, gt=0.0, lt=1.0)
@@ -27,6 +38,21 @@ class TokenizeConfig(TaskConfig):
     skip_unreadable: bool = Field(False, description="skip text files that are not UTF-8 or hold NUL bytes "
                                                      "(counted in the output) instead of refusing them")
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_spelling(self):
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("set exactly one of data.source (one source) and data.sources (a weighted blend: "
+                             "[{path, weight}, ...])")
+        return self
+
+    def blend(self) -> list[BlendSource]:
+        """The sources to read, one with weight 1 for `source`."""
+        return list(self.sources) if self.sources is not None else [BlendSource(path=self.source, weight=1.0)]
+
+    def source_loc(self, i: int) -> tuple:
+        """Where the blend's source `i` is written in the workflow YAML."""
+        return ("data", "source") if self.sources is None else ("data", "sources", i, "path")
 
 
 class TeacherLogitsConfig(TaskConfig):

@@ -5,16 +5,25 @@ saved by `datasets.Dataset.save_to_disk`, or a directory of token shards written
 task (recognised by its `manifest.json`); `check_source` checks what
 can be checked before any work (the text field, the first record of each file). The tokenize task reads the same sources with Ray Data;
 this module is the single-process reader for calibration data and small jobs.
+
+Text, JSONL and Parquet may also live at a URI: `s3://`, `gs://` (pyarrow's filesystems, with the
+credentials and endpoint the environment or the URI's query gives, as the workflow's storage), or
+`hf://datasets/org/name/...` (huggingface_hub's filesystem). Such a source is listed once; its files
+are then read through the same pyarrow filesystem here and by Ray Data.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob as globlib
+import hashlib
+import io
 import json
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -25,11 +34,180 @@ class DataSourceError(ValueError):
     """A data source that is missing, empty, of an unknown kind, or lacks its text field."""
 
 
+class DataAccessError(DataSourceError):
+    """A URI whose filesystem cannot be opened or listed from here (credentials, network, scheme): a
+    machine planning a cluster's workflow may simply lack the access the cluster has."""
+
+
+# A remote source's first records are checked in this many files (the first by path); tokenize checks
+# every record as it reads. A local file's first record costs microseconds, a remote one a request.
+REMOTE_CHECKED_FILES = 32
+
+
 @dataclass(frozen=True)
 class DataSource:
     kind: str  # "text" | "jsonl" | "parquet" | "hf_dataset" | "token_shards"
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # OS paths; for a URI, the paths of its pyarrow filesystem (bucket/key)
     root: str
+    filesystem: Any = field(default=None, compare=False)  # a URI's pyarrow filesystem; None: local files
+    listing: tuple = ()  # a URI's files as (path, size, mtime in ns), from the one listing
+    prefix: str = ""  # what makes a filesystem path a URI again (`s3://`), for messages
+
+    @property
+    def remote(self) -> bool:
+        return self.filesystem is not None
+
+    def display(self, path: str) -> str:
+        return self.prefix + path
+
+    def open(self, path: str):
+        """A binary, line-iterable reader of one file."""
+        if not self.remote:
+            return open(path, "rb")
+        return io.BufferedReader(self.filesystem.open_input_stream(path), HEAD_BYTES)
+
+    def checked_files(self) -> tuple[str, ...]:
+        return self.files[:REMOTE_CHECKED_FILES] if self.remote else self.files
+
+    def checked_note(self) -> str | None:
+        """Which files the checks before any work read, where not all of them."""
+        n = len(self.checked_files())
+        if n == len(self.files):
+            return None
+        return (f"{self.root}: first records checked in {n} of {len(self.files)} files (the first {n} by path); "
+                "tokenize checks every record as it reads")
+
+    def total_bytes(self) -> int | None:
+        if self.remote:
+            return sum(size for _, size, _ in self.listing)
+        if self.kind in ("text", "jsonl", "parquet"):
+            return sum(Path(f).stat().st_size for f in self.files)
+        return None
+
+    def text_bytes(self, text_field: str) -> int | None:
+        """About how many bytes of text the source holds, from its listing: the files' bytes (JSONL's keys
+        and escapes included), Parquet's scaled by the text column's uncompressed share of the checked
+        files (their footers). None where unknown (a saved dataset, token shards)."""
+        total = self.total_bytes()
+        if total is None or self.kind != "parquet":
+            return total
+        import pyarrow.parquet as pq
+
+        text, stored = 0, 0
+        for path in self.checked_files():
+            meta = pq.read_metadata(path, filesystem=self.filesystem)
+            names = [meta.schema.column(c).name for c in range(meta.num_columns)]
+            column = names.index(text_field) if text_field in names else None
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                stored += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+                text += group.column(column).total_uncompressed_size if column is not None else 0
+        return int(total * text / stored) if stored else total
+
+    def fingerprint(self) -> str | None:
+        """A URI source's identity for the tokenize key: every file's path, size and modification time,
+        so a changed corpus is tokenized again. None for local data, whose key is its path (as before)."""
+        if not self.remote:
+            return None
+        lines = "\n".join(f"{p}\t{size}\t{mtime}" for p, size, mtime in self.listing)
+        return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+_LOCAL_SCHEMES = ("file", "local")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and urlsplit(path).scheme not in _LOCAL_SCHEMES
+
+
+def _local(path: str) -> str:
+    """A `file://` URI as the OS path it names; anything else unchanged."""
+    if "://" in path and urlsplit(path).scheme in _LOCAL_SCHEMES:
+        return unquote(urlsplit(path).path)
+    return path
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path on it, URI prefix) of a data URI. S3 and GCS come from
+    `FileSystem.from_uri` on the bucket alone (with the URI's query: endpoint_override, region, scheme),
+    so glob characters in the key never reach pyarrow's URI parser; hf:// is huggingface_hub's
+    fsspec filesystem behind pyarrow's adapter."""
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(uri)
+    try:
+        if parts.scheme == "hf":
+            from huggingface_hub import HfFileSystem
+
+            return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), unquote(parts.netloc + parts.path), "hf://"
+        bucket = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+        fs, _ = pafs.FileSystem.from_uri(bucket)
+    except Exception as err:  # pyarrow raises several types for unknown schemes and missing credentials
+        raise DataAccessError(f"data {uri!r} cannot be opened ({type(err).__name__}: {err}); give a URI pyarrow "
+                              "reads (s3://bucket/prefix, gs://..., hf://datasets/org/name/...) and its credentials "
+                              "(AWS_* variables or AWS_ENDPOINT_URL / ?endpoint_override= for an S3-compatible "
+                              "store)") from err
+    return fs, unquote(parts.netloc + parts.path), f"{parts.scheme}://"
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as `glob.glob(recursive=True)` reads it: `*` within one path component, `**/` any depth.
+    (No `?`: in a URI it starts the query.)"""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 1)) > i:
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _list_remote(fs, path: str) -> list:
+    """The FileInfos of a URI's files (a file, every file under a prefix, or a glob's matches), from
+    one listing; names starting with a dot are left out, as locally."""
+    import pyarrow.fs as pafs
+
+    parts = path.split("/")
+    glob_at = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*[")), None)
+    if glob_at is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [info]
+        if info.type != pafs.FileType.Directory:
+            return []
+        base, match = path.rstrip("/"), None
+    else:
+        base, match = "/".join(parts[:glob_at]), _glob_regex(path)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sorted((i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")
+                   and (match is None or match.match(i.path))), key=lambda i: i.path)
+
+
+def _detect_remote(uri: str) -> DataSource:
+    fs, path, prefix = _filesystem(uri)
+    try:
+        infos = _list_remote(fs, path)
+    except Exception as err:  # OSError from pyarrow: access denied, no such bucket, network
+        raise DataAccessError(f"data {uri!r} cannot be listed ({type(err).__name__}: {err}); check the URI and "
+                              "that this machine has the credentials to read it") from err
+    if not infos:
+        raise DataSourceError(f"data path {uri!r} matches no files; give a file, a prefix or a glob such as "
+                              "'s3://bucket/corpus/*.jsonl'")
+    files = [i.path for i in infos]
+    listing = tuple((i.path, i.size, i.mtime_ns or 0) for i in infos)
+    return DataSource(_kind_of(uri, files), tuple(files), uri, filesystem=fs, listing=listing, prefix=prefix)
 
 
 def _expand(path: str) -> list[str]:
@@ -44,7 +222,9 @@ def _expand(path: str) -> list[str]:
 
 
 def detect_source(path: str | Path) -> DataSource:
-    path = str(path)
+    path = _local(str(path))
+    if is_remote(path):
+        return _detect_remote(path)
     p = Path(path)
     if p.is_dir() and (p / "manifest.json").exists():
         manifest = json.loads((p / "manifest.json").read_text())
@@ -57,13 +237,17 @@ def detect_source(path: str | Path) -> DataSource:
     files = _expand(path)
     if not files:
         raise DataSourceError(f"data path {path!r} matches no files; give a file, a directory or a glob such as 'data/*.jsonl'")
+    return DataSource(_kind_of(path, files), tuple(files), path)
+
+
+def _kind_of(path: str, files: list[str]) -> str:
+    """text, jsonl or parquet, by the files' suffixes (one kind per source)."""
     suffixes = {Path(f).suffix.lower() for f in files}
     for kind, allowed in (("parquet", PARQUET_SUFFIXES), ("jsonl", JSONL_SUFFIXES)):
         if suffixes <= set(allowed):
-            return DataSource(kind, tuple(files), path)
-    text_files = [f for f in files if Path(f).suffix.lower() in TEXT_SUFFIXES or not Path(f).suffix]
-    if len(text_files) == len(files):
-        return DataSource("text", tuple(files), path)
+            return kind
+    if all(Path(f).suffix.lower() in TEXT_SUFFIXES or not Path(f).suffix for f in files):
+        return "text"
     raise DataSourceError(
         f"data path {path!r} mixes file kinds {sorted(suffixes)}; point it at one kind: text "
         f"({', '.join(TEXT_SUFFIXES)}), JSONL, Parquet, a saved `datasets` directory, or token shards"
@@ -106,12 +290,12 @@ def readable_text_files(source: DataSource, skip: bool = False) -> tuple[DataSou
     if source.kind != "text":
         return source, []
     bad = []
-    for f in source.files:
-        with open(f, "rb") as fh:
+    for f in source.checked_files():  # a remote file past them is checked as tokenize decodes it
+        with source.open(f) as fh:
             head = fh.read(HEAD_BYTES)
         problem = text_problem(head, complete=len(head) < HEAD_BYTES)
         if problem is not None:
-            bad.append((f, problem))
+            bad.append((source.display(f), problem))
     if bad and not skip:
         others = f" (and {len(bad) - 1} more file{'s' if len(bad) > 2 else ''} of the {len(source.files)})" \
             if len(bad) > 1 else ""
@@ -120,7 +304,8 @@ def readable_text_files(source: DataSource, skip: bool = False) -> tuple[DataSou
         raise DataSourceError(f"data {source.root}: none of its {len(bad)} files is text ({bad[0][0]} "
                               f"{bad[0][1]}); point data.source at text files")
     skipped = {f for f, _ in bad}
-    return replace(source, files=tuple(f for f in source.files if f not in skipped)), sorted(skipped)
+    return (replace(source, files=tuple(f for f in source.files if source.display(f) not in skipped)),
+            sorted(skipped))
 
 
 def check_text(value, text_field: str, where: str) -> str:
@@ -134,11 +319,15 @@ def check_text(value, text_field: str, where: str) -> str:
     return value
 
 
-def _first_json_line(path: str) -> tuple[int, str] | None:
-    with open(path, encoding="utf-8") as fh:
+def _first_json_line(source: DataSource, path: str) -> tuple[int, str] | None:
+    with source.open(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
-                return lineno, line
+                try:
+                    return lineno, line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataSourceError(f"{source.display(path)}:{lineno} is not UTF-8 text (byte "
+                                          f"0x{line[err.start]:02x}); JSONL is UTF-8: fix or remove that line") from None
     return None
 
 
@@ -200,12 +389,13 @@ def parse_json_line(line: str, text_field: str, where: str, first: bool = False)
     raise DataSourceError(f"text field {text_field!r} is missing in {where} (its keys: {keys}); {fix}")
 
 
-def _check_parquet_field(files: tuple[str, ...], text_field: str) -> None:
+def _check_parquet_field(source: DataSource, files: tuple[str, ...], text_field: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for f in files:
-        schema = pq.read_schema(f)
+    for path in files:
+        schema = pq.read_schema(path, filesystem=source.filesystem)
+        f = source.display(path)
         if text_field not in schema.names:
             raise DataSourceError(f"text field {text_field!r} is missing in {f} (columns: {', '.join(schema.names)}); set text_field")
         t = schema.field(text_field).type
@@ -232,15 +422,15 @@ def check_source(source: DataSource, text_field: str):
     if source.kind == "token_shards":
         raise DataSourceError(f"{source.root} already holds token shards; give the text the shards were made from")
     if source.kind == "parquet":
-        _check_parquet_field(source.files, text_field)
+        _check_parquet_field(source, source.checked_files(), text_field)
     elif source.kind == "jsonl":
-        first = next((hit for f in source.files if (hit := _first_json_line(f)) is not None), None)
-        if first is None:
+        hits = [hit for f in source.checked_files() if (hit := _first_json_line(source, f)) is not None]
+        if not hits and len(source.checked_files()) == len(source.files):
             raise DataSourceError(f"data {source.root} is empty: its JSONL files hold no lines")
-        for f in source.files:  # the first record of each file: catches the usual wrong text_field early
-            hit = _first_json_line(f)
+        for f in source.checked_files():  # the first record of each file: catches the usual wrong text_field early
+            hit = _first_json_line(source, f)
             if hit is not None:
-                parse_json_line(hit[1], text_field, f"{f}:{hit[0]}", first=True)
+                parse_json_line(hit[1], text_field, f"{source.display(f)}:{hit[0]}", first=True)
     elif source.kind == "hf_dataset":
         ds = load_hf_dataset(source.root, text_field)
         if len(ds) == 0:
@@ -253,22 +443,25 @@ def iter_documents(source: DataSource, text_field: str = "text") -> Iterator[str
     """Every document of a text-bearing source, in a fixed order."""
     if source.kind == "text":
         for f in source.files:
-            yield decode_text(Path(f).read_bytes(), f)
+            with source.open(f) as fh:
+                yield decode_text(fh.read(), source.display(f))
     elif source.kind == "jsonl":
         for f in source.files:
-            with open(f, encoding="utf-8") as fh:
+            with source.open(f) as fh:
                 first = True
                 for lineno, line in enumerate(fh, 1):
                     if line.strip():
-                        yield parse_json_line(line, text_field, f"{f}:{lineno}", first=first)
+                        where = f"{source.display(f)}:{lineno}"
+                        yield parse_json_line(line.decode("utf-8"), text_field, where, first=first)
                         first = False
     elif source.kind == "parquet":
         import pyarrow.parquet as pq
 
-        _check_parquet_field(source.files, text_field)
+        _check_parquet_field(source, source.files, text_field)
         for f in source.files:
-            for value in pq.read_table(f, columns=[text_field]).column(text_field).to_pylist():
-                yield check_text(value, text_field, f)
+            table = pq.read_table(f, columns=[text_field], filesystem=source.filesystem)
+            for value in table.column(text_field).to_pylist():
+                yield check_text(value, text_field, source.display(f))
     elif source.kind == "hf_dataset":
         for value in load_hf_dataset(source.root, text_field)[text_field]:
             yield check_text(value, text_field, source.root)

@@ -17,6 +17,10 @@ part) scales out while the output stays byte-for-byte reproducible. Writing the 
 also gives deterministic names and atomic files, which `write_parquet` (uuid names, no atomicity)
 does not.
 
+A blend (`data.sources`) runs one such pipeline per source and interleaves their documents on the
+driver by the rule in `tasks/data/blend.py` (each source's tokens follow its weight; nothing is
+repeated); the manifest records each source's realised share.
+
 The validation split is a fixed rule on content: a document goes to validation when the first 64
 bits of the SHA-1 of its text fall under `validation_fraction`. The same input always gives the same
 split, and duplicated documents never straddle train and validation.
@@ -33,6 +37,7 @@ import numpy as np
 from slimmoe.tasks.core.fingerprint import tokenizer_fingerprint
 from slimmoe.tasks.core.runtime import Progress, ensure_ray, quiet_ray_data_progress
 from slimmoe.tasks.core.storage import ensure_free_output
+from slimmoe.tasks.data.blend import Blend
 from slimmoe.tasks.data.calibration import load_tokenizer
 from slimmoe.tasks.data.config import TokenizeConfig
 from slimmoe.tasks.data.formats import TokenizedDatasetManifest
@@ -53,13 +58,13 @@ def read_documents(source: DataSource, text_field: str, hf_dataset=None):
     field (not only the text field) fails the whole read with an Arrow type error."""
     import ray
 
-    files = list(source.files)
+    files, fs = list(source.files), source.filesystem  # fs: a URI's filesystem, None for local files
     if source.kind == "text":
-        return ray.data.read_binary_files(files, include_paths=True), "bytes"
+        return ray.data.read_binary_files(files, include_paths=True, filesystem=fs), "bytes"
     if source.kind == "jsonl":
-        return ray.data.read_text(files, include_paths=True, drop_empty_lines=True), "jsonl"
+        return ray.data.read_text(files, include_paths=True, drop_empty_lines=True, filesystem=fs), "jsonl"
     if source.kind == "parquet":
-        ds = ray.data.read_parquet(files, include_paths=True, file_extensions=None)
+        ds = ray.data.read_parquet(files, include_paths=True, file_extensions=None, filesystem=fs)
         return ds.select_columns([text_field, "path"]), "column"
     if source.kind == "hf_dataset":
         return ray.data.from_huggingface(hf_dataset), "column"
@@ -73,8 +78,9 @@ class _Tokenize:
     """Decode and check records, assign each document its split by the SHA-1 of its text, tokenize."""
 
     def __init__(self, tokenizer, mode: str, text_field: str, root: str, validation_fraction: float,
-                 skip_unreadable: bool = False):
+                 skip_unreadable: bool = False, prefix: str = ""):
         self.tok = tokenizer
+        self.prefix = prefix  # a URI source's scheme, so messages name `s3://bucket/key`
         self.mode = mode
         self.skip_unreadable = skip_unreadable
         self.text_field = text_field
@@ -83,7 +89,8 @@ class _Tokenize:
 
     def _texts(self, batch) -> list[str]:
         n = batch.num_rows
-        paths = batch.column("path").to_pylist() if "path" in batch.column_names else [self.root] * n
+        paths = ([self.prefix + p for p in batch.column("path").to_pylist()] if "path" in batch.column_names
+                 else [self.root] * n)
         if self.mode == "bytes":
             return [decode_text(b, p, self.skip_unreadable) for b, p in zip(batch.column("bytes").to_pylist(), paths)]
         if self.mode == "jsonl":
@@ -125,39 +132,63 @@ def find_data_source_error(err: BaseException) -> DataSourceError | None:
     return None
 
 
+def checked_sources(cfg: TokenizeConfig) -> list[tuple[DataSource, list[str], Any]]:
+    """Every source of the blend, listed and checked before Ray starts: (source, the unreadable text
+    files left out, the loaded `datasets` dataset if any)."""
+    out = []
+    for part in cfg.blend():
+        source, unreadable = readable_text_files(detect_source(part.path), cfg.skip_unreadable)
+        out.append((source, unreadable, check_source(source, cfg.text_field)))
+    return out
+
+
+def _tokenized(source: DataSource, hf, cfg: TokenizeConfig, tok):
+    """One source's tokenized documents, in input order, as a Ray Dataset."""
+    import ray
+
+    records, mode = read_documents(source, cfg.text_field, hf)
+    docs = records.map_batches(
+        _Tokenize, batch_format="pyarrow", batch_size=cfg.docs_per_batch,
+        compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_workers),
+        fn_constructor_kwargs=dict(tokenizer=tok, mode=mode, text_field=cfg.text_field, root=source.root,
+                                   validation_fraction=cfg.validation_fraction,
+                                   skip_unreadable=cfg.skip_unreadable, prefix=source.prefix),
+    )
+    # Rows must not depend on which worker finished first: consume blocks in input order.
+    docs.context.execution_options.preserve_order = True
+    # A bad record raises DataSourceError in a worker: keep it, not a generic UserCodeException.
+    docs.context.raise_original_map_exception = True
+    quiet_ray_data_progress(docs.context)
+    return docs
+
+
 def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Tokenize `cfg.source` with the tokenizer in `tokenizer_dir` into `out_dir`/{train,validation}."""
+    """Tokenize `cfg.source` (or the blend `cfg.sources`) with the tokenizer in `tokenizer_dir` into
+    `out_dir`/{train,validation}."""
     out_dir = Path(out_dir)
     ensure_free_output(out_dir)
-    source, unreadable = readable_text_files(detect_source(cfg.source), cfg.skip_unreadable)
-    hf = check_source(source, cfg.text_field)
+    sources = checked_sources(cfg)
+    for source, _, _ in sources:
+        if (note := source.checked_note()) is not None:
+            print(f"tokenize: {note}")
     tok = load_tokenizer(tokenizer_dir, trust_remote_code=cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
     eos = tok.eos_token_id
 
     import pyarrow as pa
-    import ray
 
     ensure_ray()
     packers = [Packer(cfg.seq_len, eos) for _ in SPLITS]
     writers = [ShardWriter(out_dir / name, cfg.seq_len, cfg.rows_per_file) for name in SPLITS]
+    blend = None
     try:
-        records, mode = read_documents(source, cfg.text_field, hf)
-        docs = records.map_batches(
-            _Tokenize, batch_format="pyarrow", batch_size=cfg.docs_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=cfg.tokenize_workers),
-            fn_constructor_kwargs=dict(tokenizer=tok, mode=mode, text_field=cfg.text_field, root=source.root,
-                                       validation_fraction=cfg.validation_fraction,
-                                       skip_unreadable=cfg.skip_unreadable),
-        )
-        # Rows must not depend on which worker finished first: consume blocks in input order.
-        docs.context.execution_options.preserve_order = True
-        # A bad record raises DataSourceError in a worker: keep it, not a generic UserCodeException.
-        docs.context.raise_original_map_exception = True
-        quiet_ray_data_progress(docs.context)
+        streams = [_tokenized(source, hf, cfg, tok).iter_batches(batch_format="pyarrow", batch_size=None)
+                   for source, _, hf in sources]
+        if len(streams) > 1:
+            blend = Blend(streams, [part.weight for part in cfg.blend()], skipped=SKIPPED)
         progress = Progress("tokenize", None, "documents")
         skipped_late = 0
-        for batch in docs.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in blend if blend is not None else streams[0]:
             split = batch.column("split").to_numpy(zero_copy_only=False)
             skipped_late += int((split == SKIPPED).sum())
             ids = batch.column("input_ids")
@@ -176,7 +207,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
             raise found from None
         raise
     if sum(p.documents for p in packers) == 0:
-        raise DataSourceError(f"data {cfg.source} holds no documents (every file or record is empty)")
+        raise DataSourceError(f"data {_named(cfg)} holds no documents (every file or record is empty)")
     for name, packer, writer in zip(SPLITS, packers, writers):
         if writer.rows + writer.pending_rows == 0:
             raise DataSourceError(
@@ -184,7 +215,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
                 f"sequence of seq_len={cfg.seq_len}; give more data or lower seq_len"
                 + (", or raise validation_fraction" if name == "validation" else "")
             )
-    skipped = len(unreadable) + skipped_late
+    skipped = sum(len(unreadable) for _, unreadable, _ in sources) + skipped_late
     split_info = {}
     for name, packer, writer in zip(SPLITS, packers, writers):
         m = writer.finish(tok_fp, eos, {"split": name, "documents": packer.documents, "dropped_tail_tokens": len(packer.tail)})
@@ -192,7 +223,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
     TokenizedDatasetManifest(
         seq_len=cfg.seq_len, tokenizer_fingerprint=tok_fp, tokenizer_path=str(Path(tokenizer_dir).resolve()),
         eos_token_id=eos, vocab_size=len(tok), splits=split_info,
-        source={"path": cfg.source, "kind": source.kind, "text_field": cfg.text_field,
+        source={**_source_record(cfg, sources, blend), "text_field": cfg.text_field,
                 **({"skipped_unreadable_files": skipped} if cfg.skip_unreadable else {})}, config=cfg.model_dump(),
     ).write(out_dir)
     return {
@@ -200,6 +231,23 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer_dir: str | Path, out_dir: str | 
         "train_tokens": split_info["train"]["tokens"], "validation_tokens": split_info["validation"]["tokens"],
         "documents": sum(v["documents"] for v in split_info.values()), "seq_len": cfg.seq_len,
         "tokenizer_fingerprint": tok_fp, **({"skipped_unreadable_files": skipped} if cfg.skip_unreadable else {}),
+        **({"blend": {r["path"]: r["share"] for r in _source_record(cfg, sources, blend)["blend"]}} if blend else {}),
     }
+
+
+def _named(cfg: TokenizeConfig) -> str:
+    return cfg.source or ", ".join(part.path for part in cfg.blend())
+
+
+def _source_record(cfg: TokenizeConfig, sources: list, blend: Blend | None) -> dict:
+    """What the manifest says about the input: the source, or each source of the blend with its share."""
+    if blend is None:
+        return {"path": cfg.source, "kind": sources[0][0].kind}
+    parts = cfg.blend()
+    report = blend.report([part.path for part in parts], [part.weight for part in parts])
+    for row, (source, _, _) in zip(report, sources):
+        row["kind"] = source.kind
+    return {"blend": report, "rule": "documents interleaved so each source's tokens follow its weight; ends "
+                                     "when the source needed next runs out (tasks/data/blend.py)"}
 
 
