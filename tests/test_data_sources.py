@@ -111,7 +111,7 @@ def test_jsonl_and_parquet_corpora_on_s3_tokenize_through_the_cli(ray_cluster, s
 
 
 def test_a_blend_of_two_sources_follows_the_weights(ray_cluster, ws, s3_server, bucket, docs, tiny_model_dir):
-    """One source on S3, one local, weights 1:3, run by `slimmoe run` (the real tokenize, stand-ins after it).
+    """One source on S3, one local, weights 1:3, tokenized by the workflow (`slimmoe rerun CONFIG tokenize`).
 
     The rule (tasks/data/blend.py) takes whole documents, always from the source with the fewest tokens per
     unit of weight: so the tokens per unit of weight of the two sources differ by at most one document
@@ -119,7 +119,7 @@ def test_a_blend_of_two_sources_follows_the_weights(ray_cluster, ws, s3_server, 
     from the documents the manifest says each source gave."""
     import standins
     from slimmoe.workflows.dag import build_dag
-    from slimmoe.workflows.driver import plan_workflow, run_workflow
+    from slimmoe.workflows.driver import plan_workflow, rerun_node
     from slimmoe.workflows.nodes import register_node_kind
 
     register_node_kind(standins._REPLACED["tokenize"], replace=True)  # the real tokenize; ws restores the stand-in
@@ -140,7 +140,7 @@ def test_a_blend_of_two_sources_follows_the_weights(ray_cluster, ws, s3_server, 
     assert plan.data_tokens == int(min(a_bytes / 4 / 0.25, b_bytes / 4 / 0.75))
     assert "estimated from the data's listing" in plan.data_tokens_basis
 
-    run_workflow(config, log=lambda s: None)
+    rerun_node(config, "tokenize", log=lambda s: None)
     dag = build_dag(config)
     out = dag.store.local_path(dag.output_path("tokenize"))
     manifest = json.loads(open(f"{out}/manifest.json").read())

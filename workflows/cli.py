@@ -239,10 +239,14 @@ def status(
                                                       "(a killed rerun's work dir); resumable state stays"),
     verify: bool = typer.Option(False, "--verify", help="read every output file against the checksum its marker "
                                                         "recorded (without: only files changed since, by mtime)"),
+    config_package: Optional[str] = typer.Option(None, "--config-package", hidden=True,
+                                                 help="CONFIG is a file in this importable package (set by `submit`)"),
 ):
-    """Each node: done / damaged / missing / running / failed / stale, key, path, time, headline metric."""
+    """Each node: done / damaged / missing / running / failed / stale, key, path, time, headline metric.
+    An external teacher is taken as the last run recorded it in storage, so this works where its files are not."""
     from slimmoe.workflows.driver import clean_workflow, format_status, workflow_status
 
+    config = _workflow_source(config, config_package)
     if clean:
         # On stderr with --json, which keeps stdout one JSON document.
         removed = _driver_call(lambda: clean_workflow(config, log=lambda line: typer.echo(line, err=as_json)))
@@ -274,11 +278,14 @@ def rerun(
     node: str = typer.Argument(..., help="the node to recompute"),
     downstream: bool = typer.Option(False, "--downstream", help="recompute the nodes after it too"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to"),
+    config_package: Optional[str] = typer.Option(None, "--config-package", hidden=True,
+                                                 help="CONFIG is a file in this importable package (set by `submit`)"),
 ):
     """Recompute one node even though it is complete; the old output stays until the new one is."""
     from slimmoe.workflows.driver import rerun_node
 
-    _driver_call(lambda: rerun_node(config, node, downstream=downstream, address=address))
+    _driver_call(lambda: rerun_node(_workflow_source(config, config_package), node, downstream=downstream,
+                                    address=address))
 
 
 @app.command()
@@ -292,15 +299,24 @@ def submit(
                                               help="GPUs reserved for the driver (evaluate/trim/quantize run in it)"),
     allow_infeasible: bool = typer.Option(False, "--allow-infeasible",
                                           help="submit even if `slimmoe plan` says a node does not fit in memory"),
+    command: str = typer.Option("run", "--command", help="what the job runs on the cluster: run, status, or rerun "
+                                                         "(with NODE)"),
+    node: Optional[str] = typer.Argument(None, help="the node to recompute (with --command rerun)"),
+    downstream: bool = typer.Option(False, "--downstream", help="with --command rerun: the nodes after it too"),
 ):
     """Submit the driver as a Ray job (project as working_dir); stream its logs and exit with its status."""
-    from slimmoe.workflows.submit import SubmitError, submit_workflow
+    from slimmoe.workflows.submit import SubmitError, job_command, submit_workflow
 
+    try:
+        job = job_command(command, node, downstream, allow_infeasible)
+    except ValueError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2)
     try:
         job_id, state = _driver_call(lambda: submit_workflow(config, address, wait=not no_wait,
                                                              runtime_env_file=runtime_env, submission_id=submission_id,
                                                              entrypoint_num_gpus=entrypoint_num_gpus,
-                                                             allow_infeasible=allow_infeasible))
+                                                             allow_infeasible=allow_infeasible, command=job))
     except SubmitError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1)

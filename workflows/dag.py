@@ -42,6 +42,10 @@ class Node:
     facets: dict = field(default_factory=dict)  # external teacher: {"model": fp, "tokenizer": fp} (+ Hub "commit")
     external_path: Optional[str] = None
     hub: Optional[dict] = None  # a Hub teacher: repo_id, revision, the commit it resolved to, its snapshot path
+    teacher_config: Optional[dict] = None  # an external teacher's config.json, as validation read it
+    # An external teacher taken from the record of the last run (`status` away from the teacher's files):
+    # when that run recorded it.
+    recorded: Optional[str] = None
     # tokenize: each source of the blend as validation listed it (a DataSource; None where it could not
     # be listed), for the key (a URI source's listing) and the plan (the data's size); None: not listed.
     data: Optional[list] = None
@@ -257,7 +261,8 @@ def _teacher_checks(loaded: LoadedWorkflow, node: Node, problems: list[Problem])
         problems.append(loaded.problem(loc, str(err)))
         return None
     try:
-        return json.loads((path / "config.json").read_text())
+        node.teacher_config = json.loads((path / "config.json").read_text())
+        return node.teacher_config
     except ValueError as err:
         problems.append(loaded.problem(loc, f"{path / 'config.json'} is not valid JSON: {err}"))
         return None
@@ -318,11 +323,16 @@ def _lm_eval_checks(loaded: LoadedWorkflow, problems: list[Problem]) -> None:
         problems.append(loaded.problem(("evaluate", err.field), str(err)))
 
 
-def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem]) -> Optional[ModelSizes]:
-    """The sizes the first stage cuts from: the external teacher's config.json, or the demo teacher's config."""
+def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, problems: list[Problem],
+                   recorded: Optional[dict] = None) -> Optional[ModelSizes]:
+    """The sizes the first stage cuts from: the external teacher's config.json (read, or `recorded` by
+    the last run), or the demo teacher's config."""
     if teacher.is_external:
         if not check_env:
             return None
+        if recorded is not None:
+            _take_recorded_teacher(teacher, recorded)
+            return _sizes_or_problem(loaded, SimpleNamespace(**recorded["config"]), ("teacher", "path"), problems)
         cfg_json = _teacher_checks(loaded, teacher, problems)
         if cfg_json is None:
             return None
@@ -337,11 +347,60 @@ def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, probl
         teacher_fit_checks(loaded, Path(teacher.external_path), cfg_json, problems)
     else:
         demo_teacher_fit_checks(loaded, teacher.task_config, problems)
+    return _sizes_or_problem(loaded, as_config, loc, problems)
+
+
+def _sizes_or_problem(loaded: LoadedWorkflow, as_config, loc: tuple, problems: list[Problem]) -> Optional[ModelSizes]:
     try:
         return ModelSizes.of(as_config, "the teacher")
     except ValueError as err:
         problems.append(loaded.problem(loc, str(err)))
         return None
+
+
+# -- the teacher as the last run recorded it ------------------------------------------------------------
+
+TEACHER_RECORD = "_teacher.json"
+
+
+def teacher_record(loaded: LoadedWorkflow, teacher: Node, when: str) -> dict:
+    """What `status` needs of an external teacher to compute every key without its files: the model as
+    the config names it (resolved, and as written: a copy of the config elsewhere resolves a relative
+    path elsewhere), and what validation derived from its files."""
+    cfg = loaded.config
+    return {"path": cfg.teacher.path, "written": _written_teacher_path(loaded), "revision": cfg.teacher.revision,
+            "facets": teacher.facets, "hub": teacher.hub, "external_path": teacher.external_path,
+            "config": teacher.teacher_config, "recorded": when}
+
+
+def _written_teacher_path(loaded: LoadedWorkflow) -> Optional[str]:
+    teacher = loaded.raw.get("teacher") if isinstance(loaded.raw, dict) else None
+    return teacher.get("path") if isinstance(teacher, dict) else None
+
+
+def _recorded_teacher(loaded: LoadedWorkflow) -> Optional[dict]:
+    """The last run's record of the teacher, when the config still names the model it recorded; else
+    None (the teacher is then read as `run` reads it). Storage that cannot be read gives None too: the
+    status read that follows reports it in one line."""
+    cfg = loaded.config
+    try:
+        store = Store(cfg.storage)
+        text = store.read_text(store.join(cfg.name, TEACHER_RECORD))
+        record = json.loads(text) if text else None
+    except (StorageError, OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not record.get("facets") or not isinstance(record.get("config"), dict):
+        return None
+    same_model = cfg.teacher.path == record.get("path") or _written_teacher_path(loaded) == record.get("written")
+    if not same_model or cfg.teacher.revision != record.get("revision"):
+        return None
+    return record
+
+
+def _take_recorded_teacher(teacher: Node, record: dict) -> None:
+    teacher.facets, teacher.hub = dict(record["facets"]), record.get("hub")
+    teacher.external_path = record.get("external_path") or teacher.external_path
+    teacher.teacher_config, teacher.recorded = record["config"], record["recorded"]
 
 
 def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: Optional[ModelSizes],
@@ -392,13 +451,15 @@ def _size_checks(loaded: LoadedWorkflow, nodes: dict[str, Node], teacher_sizes: 
 
 
 def build_dag(source, overrides: dict | None = None, check_env: bool = True, check_storage: bool = True,
-              check_plan: bool = False) -> Dag:
+              check_plan: bool = False, teacher_from_record: bool = False) -> Dag:
     """Validate a workflow completely and return its DAG with every key computed.
 
     Raises WorkflowConfigError listing every problem (schema, structure, sizes, teacher, storage)
     before any work is done. `check_env=False` skips what needs the teacher and storage (keys of
     nodes after an external teacher are then placeholders): for checking a config on another machine.
-    `check_plan` also refuses nodes the memory plan says do not fit (`slimmoe plan`; run and submit)."""
+    `check_plan` also refuses nodes the memory plan says do not fit (`slimmoe plan`; run and submit).
+    `teacher_from_record` takes an external teacher as the last run recorded it in storage (when the
+    config still names the same model), without reading its files: `status` from any machine."""
     loaded, problems = load_workflow_collecting(source, overrides)
     cfg = loaded.config
     nodes = _nodes_from_config(loaded, problems)
@@ -409,7 +470,8 @@ def build_dag(source, overrides: dict | None = None, check_env: bool = True, che
             except KeyError as err:
                 problems.append(loaded.problem(node.section, str(err.args[0])))
 
-    teacher_sizes = _teacher_sizes(loaded, nodes["teacher"], check_env, problems)
+    recorded = _recorded_teacher(loaded) if teacher_from_record and check_env and nodes["teacher"].is_external else None
+    teacher_sizes = _teacher_sizes(loaded, nodes["teacher"], check_env, problems, recorded)
     _size_checks(loaded, nodes, teacher_sizes, problems)
     data_problems: list[Problem] = []
     if check_env:

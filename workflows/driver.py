@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from slimmoe.tasks.core.storage import atomic_output_dir, file_checksum, write_json_atomic
 
-from .dag import Dag, Node, build_dag
+from .dag import TEACHER_RECORD, Dag, Node, build_dag, teacher_record
 from .nodes import NodeContext, get_node_kind, headline_of
 from .signals import RunStopped, catch_stop_signals, received, signal_name, stop_ray, stop_signals
 from .storage import MARKER, StorageError, Store, leftover
@@ -420,6 +420,7 @@ class Driver:
         self._open_log()
         results: dict[str, NodeResult] = {}
         self.log(f"workflow {self.dag.name}: {len(self.dag.nodes)} nodes, storage {self.store.display(self.store.join(self.dag.name))}")
+        self._record_teacher()
         with stop_signals():
             try:
                 return self._run_nodes(force, targets, results)
@@ -429,6 +430,18 @@ class Driver:
                 stop_ray()
                 raise RunStopped(received(), f"stopped by {signal_name(received())}; `slimmoe run` goes on from "
                                              "the first node whose output is not complete") from None
+
+    def _record_teacher(self) -> None:
+        """The external teacher as this run validated it, in storage: `status` then computes every key
+        from it on a machine without the teacher's files (a laptop beside a cluster run)."""
+        teacher = self.dag.nodes.get("teacher")
+        if teacher is None or not teacher.is_external or not teacher.facets or teacher.recorded is not None:
+            return
+        try:
+            self.store.write_text(self.store.join(self.dag.name, TEACHER_RECORD),
+                                  json.dumps(teacher_record(self.dag.workflow, teacher, _now()), indent=2, sort_keys=True))
+        except Exception as err:  # bookkeeping: without it, status elsewhere reads the teacher as run does
+            self._print(f"warning: could not record the teacher for `status` elsewhere: {err}")
 
     def _run_nodes(self, force, targets, results) -> dict[str, NodeResult]:
         try:
@@ -584,6 +597,9 @@ class Driver:
                    "error": None, "leftovers": []}
             if node.is_external:
                 row["state"] = "done"
+                if node.recorded is not None:
+                    row["error"] = (f"not read here: the teacher as the run of {node.recorded} recorded it (`slimmoe "
+                                    "run` reads its files and reruns what a changed teacher changes)")
                 rows.append(row)
                 continue
             marker = self.marker(name)
@@ -693,7 +709,7 @@ def workflow_status(config, overrides: dict | None = None, verify: bool = False)
     """One row per node: node, kind, state (done/damaged/missing/running/failed/stale), key, path, times,
     metric, and the work dirs that attempts no longer alive left (`leftovers`). `verify` checksums every
     output file (else only those written after their marker)."""
-    dag = build_dag(config, overrides, check_storage=False)
+    dag = build_dag(config, overrides, check_storage=False, teacher_from_record=True)
     with _storage_reads(dag):
         return Driver(dag, log=lambda s: None, command="status").status(verify=verify)
 

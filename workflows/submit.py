@@ -113,15 +113,37 @@ def check_plan(loaded) -> Optional[str]:
     return None
 
 
+def job_command(command: str, node: Optional[str] = None, downstream: bool = False,
+                allow_infeasible: bool = False) -> tuple[list[str], list[str]]:
+    """What a job runs: the `slimmoe` subcommand with its options, and the arguments after the config:
+    `run`, `status` (on the cluster, where storage and the teacher are), or `rerun CONFIG NODE`."""
+    if command == "run":
+        if node is not None:
+            raise ValueError(f"NODE ({node}) goes with --command rerun; remove it to run the workflow")
+        return ["run", *(["--allow-infeasible"] if allow_infeasible else [])], []
+    if command == "status":
+        if node is not None:
+            raise ValueError(f"NODE ({node}) goes with --command rerun; status takes none")
+        return ["status"], []
+    if command == "rerun":
+        if not node:
+            raise ValueError("--command rerun needs the NODE to recompute, e.g. `slimmoe submit CONFIG stage_2 "
+                             "--command rerun --address URL`")
+        return ["rerun", *(["--downstream"] if downstream else [])], [node]
+    raise ValueError(f"--command {command!r} is not one of run, status, rerun")
+
+
 def prepare_submission(config_path, address: str, runtime_env_file: Optional[Path] = None,
                        overrides: dict | None = None, submission_id: Optional[str] = None,
-                       allow_infeasible: bool = False) -> Submission:
-    """Check the config locally (and its memory plan, unless `allow_infeasible`) and build the job's
-    entrypoint and runtime env."""
+                       allow_infeasible: bool = False,
+                       command: Optional[tuple[list[str], list[str]]] = None) -> Submission:
+    """Check the config locally (and its memory plan for what computes, unless `allow_infeasible`) and
+    build the job's entrypoint (`command`, default `run`: see `job_command`) and runtime env."""
+    command = command or job_command("run", allow_infeasible=allow_infeasible)
     loaded = load_workflow(config_path, overrides)
     cfg = loaded.config
     notes: list[str] = []
-    if not allow_infeasible:
+    if not allow_infeasible and command[0][0] != "status":
         note = check_plan(loaded)
         if note:
             notes.append(note)
@@ -159,8 +181,7 @@ def prepare_submission(config_path, address: str, runtime_env_file: Optional[Pat
         notes.append(f"teacher path {cfg.teacher.path} must exist on the cluster's head node")
 
     sid = submission_id or f"slimmoe-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    entrypoint = ["slimmoe", "run", *(["--allow-infeasible"] if allow_infeasible else []),
-                  "--config-package", pkg_name, CONFIG_NAME]
+    entrypoint = ["slimmoe", *command[0], "--config-package", pkg_name, CONFIG_NAME, *command[1]]
     return Submission(entrypoint, runtime_env, sid, cfg.name, notes, pkg)
 
 
@@ -205,9 +226,11 @@ def wait_for_job(client, job_id: str, poll_s: float = 1.0, timeout_s: Optional[f
 def submit_workflow(config_path, address: str, *, wait: bool = True, runtime_env_file: Optional[Path] = None,
                     overrides: dict | None = None, submission_id: Optional[str] = None,
                     entrypoint_num_gpus: float = 0, entrypoint_num_cpus: float = 0, allow_infeasible: bool = False,
+                    command: Optional[tuple[list[str], list[str]]] = None,
                     out: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> tuple[str, str]:
     """Submit the workflow's driver as a Ray job. Returns (job id, final status, or "SUBMITTED" without wait)."""
-    sub = prepare_submission(config_path, address, runtime_env_file, overrides, submission_id, allow_infeasible)
+    sub = prepare_submission(config_path, address, runtime_env_file, overrides, submission_id, allow_infeasible,
+                             command)
     try:
         for note in sub.notes:
             out(f"note: {note}\n")

@@ -179,6 +179,7 @@ def _list_remote(fs, path: str) -> list:
     one listing; names starting with a dot are left out, as locally."""
     import pyarrow.fs as pafs
 
+    path = path.rstrip("/")  # a prefix written as a directory (`s3://bucket/corpus/`)
     parts = path.split("/")
     glob_at = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*[")), None)
     if glob_at is None:
@@ -187,7 +188,7 @@ def _list_remote(fs, path: str) -> list:
             return [info]
         if info.type != pafs.FileType.Directory:
             return []
-        base, match = path.rstrip("/"), None
+        base, match = path, None
     else:
         base, match = "/".join(parts[:glob_at]), _glob_regex(path)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
