@@ -61,9 +61,7 @@ def test_the_report_holds_every_evaluated_model_as_its_evaluate_node_reported_it
 
     out = store / "wf" / "_report"
     assert (out / "report.md").read_text() == result.stdout
-    saved = json.loads((out / "report.json").read_text())
-    as_json = report_cli(str(config), "--json")
-    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == saved
+    saved = json.loads((out / "report.json").read_text())  # `--json` prints the same: the tests below
     for row in saved["rows"]:
         rep = reports[row["model"]]
         assert (row["total_params"], row["active_params"], row["perplexity"], row["kl_to_teacher"], row["tokens_per_s"]) \
