@@ -12,6 +12,7 @@ from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
 from slimmoe.tasks.evaluation.config import EvaluateConfig
 from slimmoe.tasks.mcmoe.config import QuantizeConfig
 from slimmoe.tasks.slimming.config import SlimConfig
+from slimmoe.tasks.slimming.search import SearchConfig
 from slimmoe.tasks.trimming.config import TrimConfig
 from slimmoe.workflows.cli import app
 from slimmoe.workflows.cli_options import derive_options, option_name
@@ -32,6 +33,8 @@ COMMANDS = {
     "teacher-logits": (TeacherLogitsConfig, "slimmoe.tasks.nodes.teacher_logits", "run_teacher_logits",
                        ["teacher", "tokens", "{out}"], {}),
 }
+# Workflow commands whose options are derived too, but that run a workflow rather than one task function.
+WORKFLOW_COMMANDS = {"search": SearchConfig}
 # The fields each config requires that no positional argument fills, with a value the model accepts.
 REQUIRED = {"slim": {"expert_intermediate_size": 24}, "trim": {"method": "layer-drop", "n": 1}}
 
@@ -46,7 +49,7 @@ def _click_command(name: str):
 
 def test_every_by_hand_command_is_derived_from_its_config():
     derived = {name: cb.derived_options.model for name, cb in _callbacks().items() if hasattr(cb, "derived_options")}
-    assert derived == {name: case[0] for name, case in COMMANDS.items()}
+    assert derived == {**{name: case[0] for name, case in COMMANDS.items()}, **WORKFLOW_COMMANDS}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -12,6 +12,7 @@ from slimmoe.tasks.data.config import TeacherLogitsConfig, TokenizeConfig
 from slimmoe.tasks.evaluation.config import EvaluateConfig
 from slimmoe.tasks.mcmoe.config import QuantizeConfig
 from slimmoe.tasks.slimming.config import SlimConfig
+from slimmoe.tasks.slimming.search import SearchConfig
 from slimmoe.tasks.trimming.config import TrimConfig
 from slimmoe.workflows.cli_options import derive_options
 
@@ -229,6 +230,31 @@ def plan(
     _check_plan_numbers(options)
     result = _driver_call(lambda: plan_workflow(config, options))
     print(json.dumps(result.as_dict(), indent=2) if as_json else result.format())
+
+
+@app.command()
+@derive_options(SearchConfig)
+def search(
+    cfg: SearchConfig,
+    config: Path = typer.Argument(..., help="workflow config (YAML)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where the workflow with the chosen shape is written "
+                                                           "(default CONFIG's name + .searched.yaml beside it)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to connect to (default: RAY_ADDRESS, "
+                                                                  "else a local one)"),
+    as_json: bool = typer.Option(False, "--json", help="print the candidates as JSON"),
+):
+    """The best shape (expert width, experts kept, KV heads) for a parameter budget: the shapes within it,
+    cut from one scoring of the stage's input, ranked by the held-out KL to the teacher; writes the workflow
+    with its stages set to the winner."""
+    from slimmoe.workflows.search import search_workflow
+
+    # A refusal (no shape meets the targets) is a ValueError: one line, exit 2.
+    result = _driver_call(lambda: search_workflow(config, cfg, out=out, log=_quiet_if(as_json), address=address))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print(result.table())
+    print(f"best: {result.best.shape.label()}; wrote {result.out}")
 
 
 @app.command()

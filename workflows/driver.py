@@ -667,13 +667,15 @@ class Driver:
 
 
 def run_workflow(config, *, address: Optional[str] = None, overrides: dict | None = None,
-                 log: Callable[[str], None] = print, allow_infeasible: bool = False) -> dict[str, NodeResult]:
+                 log: Callable[[str], None] = print, allow_infeasible: bool = False,
+                 targets: Optional[set[str]] = None) -> dict[str, NodeResult]:
     """Validate the workflow (raises WorkflowConfigError before any work, also for a node the memory
     plan says does not fit unless `allow_infeasible`), then run every node whose output is not
-    complete. `config` is a YAML path, a dict, a WorkflowConfig or a LoadedWorkflow.
+    complete (only the nodes in `targets`, when given: `slimmoe search` runs those up to its cache).
+    `config` is a YAML path, a dict, a WorkflowConfig or a LoadedWorkflow.
     Returns NodeResult per node; raises NodeFailed when a node fails (completed nodes are kept)."""
     dag = build_dag(config, overrides, check_plan=not allow_infeasible)
-    return Driver(dag, log=log, address=address, command="run").run()
+    return Driver(dag, log=log, address=address, command="run").run(targets=targets)
 
 
 def rerun_node(config, node: str, *, downstream: bool = False, address: Optional[str] = None,
