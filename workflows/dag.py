@@ -340,7 +340,7 @@ def _teacher_sizes(loaded: LoadedWorkflow, teacher: Node, check_env: bool, probl
     else:
         pt = teacher.task_config
         as_config, loc = SimpleNamespace(model_type="phimoe", intermediate_size=pt.expert_intermediate_size,
-                                         num_local_experts=pt.num_experts,
+                                         num_local_experts=pt.num_experts, num_experts_per_tok=pt.experts_per_token,
                                          num_attention_heads=pt.num_attention_heads,
                                          num_key_value_heads=pt.num_key_value_heads), ("pretrain_teacher",)
     if teacher.is_external:
