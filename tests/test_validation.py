@@ -56,13 +56,13 @@ def test_a_data_source_that_matches_nothing_is_refused_before_any_node_runs(ws):
     refused(ws, cfg, r"data\.source: text field 'text' is missing in .*a\.jsonl:1")
 
 
-def test_a_uri_source_is_left_to_the_tokenize_node_and_a_tokenized_source_may_go(ws):
-    from slimmoe.workflows.dag import build_dag
+def test_a_uri_source_that_cannot_be_listed_is_refused_and_a_tokenized_source_may_go(ws):
     from slimmoe.workflows.driver import run_workflow
 
     cfg = workflow_dict(ws)
-    cfg["data"]["source"] = "s3://no-such-bucket/corpus/*.jsonl"  # listing it needs the network: not done here
-    assert build_dag(write_config(ws, cfg)).nodes["tokenize"].key
+    # Listed at validation like a local glob: an endpoint that does not answer is refused at data.source.
+    cfg["data"]["source"] = "s3://no-such-bucket/corpus/*.jsonl?endpoint_override=127.0.0.1:9&scheme=http"
+    refused(ws, cfg, r"data\.source: data .*s3://no-such-bucket/corpus/\*\.jsonl.* cannot be", fresh=True)
 
     cfg = workflow_dict(ws)
     run_workflow(write_config(ws, cfg), log=lambda s: None)
