@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from slimmoe.tasks.core.disk import dir_bytes
 from slimmoe.tasks.core.storage import atomic_output_dir, file_checksum, write_json_atomic
 
 from .dag import TEACHER_RECORD, Dag, Node, build_dag, teacher_record
@@ -63,17 +64,6 @@ def _jsonable(obj):
 
 # A forced rerun's work dir is `<key>-rerun-<id>`, fresh each time: Ray Train silently resumes from a reused one.
 RERUN_TAG = "-rerun-"
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:  # removed while we walk
-                pass
-    return total
 
 
 def _format_bytes(n: float) -> str:
@@ -300,7 +290,7 @@ class Driver:
             for entry in entries:
                 path = self.store.sub(node_dir, entry)
                 local = self.store.local_path(path)
-                size = _dir_bytes(Path(local)) if local else None
+                size = dir_bytes(Path(local)) if local else None
                 self.store.delete_dir(path)
                 removed.append((self.store.display(path), size))
         return removed
@@ -389,7 +379,7 @@ class Driver:
         interrupted publish left beside its place); returns (path, bytes) of each removed directory."""
         removed: list[tuple[str, Optional[int]]] = []
         for entry in self._dead_work_dirs(name) + self._dead_staging(name):
-            removed.append((str(entry), _dir_bytes(entry)))
+            removed.append((str(entry), dir_bytes(entry)))
             shutil.rmtree(entry, ignore_errors=True)
         if self.store.exists(self.dag.node_dir(name)):
             removed += self._cleanup(name)
@@ -639,7 +629,7 @@ class Driver:
                                finished=m.get("finished"), metrics=m.get("metrics"),
                                metric=headline_of(node.kind, m.get("metrics")),
                                error=f"config changed: output for key {m.get('key')} exists, current key {node.key}")
-            row["leftovers"] = [{"path": str(p), "bytes": _dir_bytes(p)} for p in self._dead_work_dirs(name)]
+            row["leftovers"] = [{"path": str(p), "bytes": dir_bytes(p)} for p in self._dead_work_dirs(name)]
             if row["leftovers"]:
                 left = ", ".join(f"{x['path']} ({_format_bytes(x['bytes'])})" for x in row["leftovers"])
                 row["error"] = "; ".join(filter(None, [row["error"], f"work dir left by an attempt that is gone: {left}; "
