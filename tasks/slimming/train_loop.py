@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -46,6 +47,13 @@ def nonfinite_ranks(loss: torch.Tensor, rank: int, world: int) -> list[int]:
     if world > 1:
         dist.all_reduce(flags)
     return [r for r, bad in enumerate(flags.tolist()) if bad]
+
+
+def report_every_s() -> float:
+    """The least time between two live-metric reports: past two of Ray Train's health checks, which
+    take one queued report each."""
+    check = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    return max(5.0, 2.5 * check)
 
 
 def _memory_bytes(device) -> int:
@@ -130,8 +138,6 @@ class _StageLoop:
                       "heldout": [], "stopped_early_at": None, "carried_optimizer": None}
 
     def setup(self) -> None:
-        import ray.train
-
         run = self.run
         run.pid_file(self.rank).parent.mkdir(parents=True, exist_ok=True)
         run.pid_file(self.rank).write_text(str(os.getpid()))
@@ -205,6 +211,7 @@ class _StageLoop:
             self.heldout = HeldOutKL(open_logit_cache(self.run.heldout_cache_dir), cfg.early_stop_rows, self.rank,
                                      self.world, cfg.micro_batch)
         self.t_log, self.tokens_at_log = time.time(), self.state["tokens"]
+        self.t_report = -math.inf
         self.tracker, self.history = None, None
         if self.rank == 0:
             run_id = hashlib.sha256(str(self.run.work_dir).encode()).hexdigest()[:16]
@@ -298,10 +305,11 @@ class _StageLoop:
             row["grad_norm"] = round(norm, 6)
         row["memory_gb"] = round(_memory_bytes(self.device) / 1e9, 3)
         state["history"].append(row)
-        import ray.train
+        if self._report_due(now):
+            import ray.train
 
-        # Every rank reports (a report is collective); the row is rank 0's, as in the log.
-        ray.train.report({**row, "stage": self.run.name})
+            # Every rank reports (a report is collective); the row is rank 0's, as in the log.
+            ray.train.report({**row, "stage": self.run.name})
         if self.rank == 0:
             write_json_atomic(self.run.progress_file, row)
             self.history.append(row)
@@ -309,6 +317,21 @@ class _StageLoop:
             eta = (steps.total_steps - state["step"]) * steps.tokens_per_step / max(tps, 1e-9)
             self._say(f"step {state['step']}/{steps.total_steps} tokens {state['tokens']}/{steps.planned_tokens} "
                       f"loss {row['loss']:.4f} kl {row['kl']:.4f} tok/s {tps:.0f} eta {eta:.0f}s")
+
+    def _report_due(self, now: float) -> bool:
+        """Whether this logging step's row goes to `ray.train.report`, the same answer on every rank.
+
+        A worker's report waits in a queue of one until Ray Train's controller takes it, which it does
+        once per health check (every 2 s by default): a report per logging step of a fast stage would
+        stall training there. So the rows go at most every `report_every_s()` seconds (every row still
+        reaches history.jsonl and the tracker), on rank 0's clock, which every rank follows."""
+        due = torch.tensor([1.0 if now - self.t_report >= report_every_s() else 0.0], device=self.device)
+        if self.world > 1:
+            dist.broadcast(due, src=0)
+        if not bool(due.item()):
+            return False
+        self.t_report = now
+        return True
 
     def checkpoint(self) -> None:
         import ray.train
