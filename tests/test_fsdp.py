@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from slimmoe.tasks.nodes.stage import run_stage
 from slimmoe.tasks.slimming.scores import Scores, next_token_score_loss, taylor_scores
 from slimmoe.tasks.slimming.surgery import keep_plan
-from stage_helpers import held_out_kl, stage_cfg
+from stage_helpers import SEQ, held_out_kl, stage_cfg
 from tiny import FAMILIES, checkpoint_tensors, tiny_model
 
 SCORE_FAMILIES = ["phimoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
@@ -187,3 +187,24 @@ def test_activation_checkpointing_needs_fsdp_and_zero3_points_at_it():
         stage_cfg(strategy="deepspeed", zero_stage=3)
     assert stage_cfg(use_gpu=True, num_workers=2).strategy == "fsdp"
     assert stage_cfg(use_gpu=False, num_workers=2).strategy == "ddp"
+
+
+def test_an_fsdp_stage_drops_experts_and_slims_them_in_one_cut(pipeline, tmp_path):
+    """Two gloo ranks, 4 experts kept down to 2 (top-2 stays): the router's rows go with the kept experts,
+    the student distills, and the output loads with plain from_pretrained."""
+    out = tmp_path / "out"
+    cfg = stage_cfg(strategy="fsdp", num_experts=2, token_budget=6 * 8 * SEQ * 2, checkpoint_interval=100)
+    run_stage(cfg, pipeline["teacher"], pipeline["logits"], out, tmp_path / "work", teacher_fingerprint=pipeline["fp"],
+              name="fsdp_experts")
+    teacher = AutoModelForCausalLM.from_pretrained(pipeline["teacher"])
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert (student.config.num_local_experts, student.config.num_experts_per_tok) == (2, 2)
+    assert student.config.intermediate_size == 16
+    kept = Scores.load(out / "scores.safetensors")
+    plan = keep_plan(teacher.config, kept, cfg.targets)
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert plan.expert_ids and all(len(ids) == 2 for ids in plan.expert_ids.values())
+    for layer, ids in plan.expert_ids.items():
+        router = f"model.layers.{layer}.mlp.router.weight"
+        assert torch.equal(pruned.state_dict()[router], teacher.state_dict()[router][ids.tolist()]), layer
+    assert held_out_kl(out, pipeline["logits"]) < held_out_kl(out / "pruned", pipeline["logits"])
