@@ -204,7 +204,7 @@ def test_the_next_forward_runs_while_a_batch_is_finished(four_layer_teacher):
         actor = _TeacherActor(str(four_layer_teacher), k=4, dtype="float32", device="cpu", gpus=0,
                               experts_implementation="grouped_mm", trust_remote_code=False, torch_threads=1,
                               vocab_size=config.vocab_size, split_of_path={_norm("x"): 0}, pipeline_depth=depth)
-        events, finishing = [], threading.Event()
+        events, finishing, forward_1 = [], threading.Event(), threading.Event()
         forward, finish = actor.forward, actor.finish
 
         def traced_forward(batch):
@@ -212,11 +212,17 @@ def test_the_next_forward_runs_while_a_batch_is_finished(four_layer_teacher):
             if i == 1:
                 finishing.wait(timeout=5)  # on a serial actor: times out, finish 0 has not started
             events.append(f"forward {i} start")
+            if i == 1:
+                forward_1.set()
             return forward(batch)
 
         def traced_finish(batch, staged):
             i = batch.column("row_id")[0].as_py() // 2
             finishing.set()
+            if i == 0 and depth > 1:
+                # A finish can end before a loaded machine wakes the next forward's thread: hold it until
+                # that forward has started (an actor that cannot overlap them never gets there).
+                forward_1.wait(timeout=30)
             out = finish(batch, staged)
             events.append(f"finish {i} end")
             return out

@@ -69,8 +69,10 @@ class TensorBoardLogger(MetricLogger):
         from tensorboardX import SummaryWriter
 
         # A resumed stage repeats the steps after its checkpoint: purge_step makes TensorBoard drop the
-        # points the interrupted attempt wrote from that step on, so each step shows once.
-        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=start_step or None, flush_secs=10**6)
+        # points the interrupted attempt wrote from that step on, so each step shows once. The
+        # checkpoint's own step was logged before the checkpoint was taken and is not repeated.
+        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=start_step + 1 if start_step else None,
+                                    flush_secs=10**6)
         self.prefix = run_name
 
     def log(self, step, scalars):
