@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from slimmoe.tasks.core.adapters import get_adapter
@@ -22,7 +21,7 @@ from slimmoe.tasks.slimming.scores import Scores, magnitude_scores, next_token_s
 from slimmoe.tasks.slimming.streaming import stream_slim
 from slimmoe.tasks.slimming.surgery import keep_plan, slim_model, slimmed_config
 from slimmoe.tasks.trimming.scores import collect_stats
-from tiny import FAMILIES, checkpoint_tensors, tiny_model
+from tiny import FAMILIES, checkpoint_tensors, save_fused, tiny_model
 
 KEPT = 3  # of the tiny models' 4 experts: the dropped one differs by layer
 
@@ -43,16 +42,6 @@ def _targets(model, num_experts: int | None = KEPT) -> SlimTargets:
                        num_key_value_heads=1 if adapter.head_pruning else None,
                        shared_expert_intermediate_size=24 if adapter.shared_expert_size_key else None,
                        num_experts=num_experts)
-
-
-def _save_fused(model, out: Path) -> Path:
-    """The model's own state-dict names (fused experts), with its config."""
-    model.save_pretrained(out)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    return out
 
 
 def _router_rows_follow(teacher, student, kept: dict[int, torch.Tensor]) -> None:
@@ -79,7 +68,7 @@ def test_a_combined_cut_is_the_same_in_memory_and_streamed_and_loads(family, lay
     assert any(ids.tolist() != list(range(KEPT)) for ids in plan.expert_ids.values())  # not just a prefix
     slim = slim_model(teacher, scores, targets).eval()
     _router_rows_follow(teacher, slim, plan.expert_ids)
-    src = _save_fused(teacher, tmp_path / "src") if layout == "fused" else teacher.save_pretrained(tmp_path / "src")
+    save_fused(teacher, tmp_path / "src") if layout == "fused" else teacher.save_pretrained(tmp_path / "src")
     stream_slim(tmp_path / "src", tmp_path / "out", plan)
     got = checkpoint_tensors(tmp_path / "out")
     if layout == "fused":

@@ -18,7 +18,7 @@ from slimmoe.tasks.slimming.scores import Scores, magnitude_scores
 from slimmoe.tasks.slimming.streaming import CheckpointLayoutError, stream_slim, streaming_magnitude_scores
 from slimmoe.tasks.slimming.surgery import KeepPlan, keep_plan, slim_model
 from slimmoe.workflows.cli import app
-from tiny import FAMILIES, checkpoint_tensors, tiny_model
+from tiny import FAMILIES, checkpoint_tensors, save_fused, tiny_model
 
 runner = CliRunner()
 
@@ -36,16 +36,6 @@ def _targets(model) -> SlimTargets:
     return SlimTargets(adapter.expert_size(model.config) // 2,
                        num_key_value_heads=1 if adapter.head_pruning else None,
                        shared_expert_intermediate_size=24 if adapter.shared_expert_size_key else None)
-
-
-def save_fused(model, out: Path) -> Path:
-    """The model's own state-dict names (fused experts), with its config."""
-    model.save_pretrained(out)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    return out
 
 
 def save_per_expert_by_hand(model, out: Path) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 VOCAB = 96
@@ -105,4 +106,14 @@ def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def save_fused(model, out: Path) -> Path:
+    """The model's own state-dict names (fused experts), with its config."""
+    model.save_pretrained(out)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     return out
